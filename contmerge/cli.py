@@ -1,0 +1,240 @@
+"""The ``contmerge`` command line. Every command has ``--help``.
+
+Commands that live in optional parts (serve, simulate, demo) are imported only when used, so
+``contmerge merge`` needs nothing beyond the core dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import ContmergeError
+from .registry import available, parse_value
+
+#: command -> (module, function adding its parser); the function sets ``func`` on the parser
+EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("contmerge.server.cli", "add_serve_parser"),
+    "simulate": ("contmerge.simulations.cli", "add_simulate_parser"),
+    "demo": ("contmerge.simulations.cli", "add_demo_parser"),
+}
+
+
+def _parse_settings(pairs: Sequence[str]) -> dict[str, object]:
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        settings[key.strip()] = parse_value(value.strip())
+    return settings
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merger import Merger
+
+    settings = _parse_settings(args.set)
+    with Merger(
+        args.base,
+        args.strategy,
+        args.state,
+        linear=args.linear,
+        max_relative_delta=None if args.any_base else args.max_relative_delta,
+        progress=not args.quiet,
+        **settings,
+    ) as merger:
+        print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
+        failures = 0
+        for checkpoint in args.checkpoints:
+            try:
+                result = merger.fold(checkpoint)
+            except ContmergeError as exc:
+                failures += 1
+                print(f"rejected {checkpoint}: {exc}", file=sys.stderr)
+                if not args.keep_going:
+                    return 1
+                continue
+            what = "already folded as" if result.status == "duplicate" else "folded as"
+            print(f"{what} #{result.index}: {checkpoint} ({result.seconds:.2f} s)")
+        if args.out:
+            print(f"merged model written to {merger.emit(args.out)}")
+    return 1 if failures else 0
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from .merger import Merger
+
+    with Merger(args.base or _base_of(args.state), state_dir=args.state) as merger:
+        path = merger.emit(args.out)
+        print(f"merged model of {merger.count} checkpoint(s) written to {path}")
+    return 0
+
+
+def _base_of(state: str) -> str:
+    manifest = json.loads((Path(state) / "manifest.json").read_text())
+    return manifest["base"]["source"]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        manifest = json.loads((Path(args.state) / "manifest.json").read_text())
+    except FileNotFoundError:
+        print(f"{args.state}: not a contmerge state directory", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    base = manifest["base"]
+    print(f"strategy:  {manifest['strategy']}")
+    print(
+        f"base:      {base['source']} ({base['tensors']} tensors, "
+        f"{base['linear_weights']} linear weights)"
+    )
+    print(f"           fingerprint {base['fingerprint'][:16]}…")
+    globals_ = {k: v for k, v in manifest["globals"].items() if k != "count"}
+    print(
+        f"folded:    {manifest['globals']['count']} checkpoint(s)"
+        + (f"; globals {globals_}" if globals_ else "")
+    )
+    for record in manifest["arrivals"]:
+        print(
+            f"  #{record['index']:<4} {record['folded_at']}  {record['hash'][:12]}  "
+            f"Δ/θ0={record['relative_delta']:.4f}  {record['source']}"
+        )
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    for name, target in sorted(available().items()):
+        print(f"{name:18s} {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="contmerge",
+        description="Fold fine-tuned checkpoints of one base into a merged model, in constant "
+        "memory, durably, one checkpoint at a time.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = sub.add_parser(
+        "merge",
+        help="fold checkpoints into a merge state (creates or resumes)",
+        description="Fold checkpoints, in the order given, into the state "
+        "directory; creates it on first use and resumes it afterwards. A "
+        "checkpoint folded before is skipped.",
+    )
+    merge.add_argument(
+        "--base",
+        required=True,
+        help="base model: .safetensors, .bin, sharded index, or model directory",
+    )
+    merge.add_argument(
+        "--strategy",
+        help="strategy spec, e.g. opcm, 'opcm(alpha=0.3)', "
+        "'chain(dare(p=0.9), ties())' (needed only when creating the state)",
+    )
+    merge.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a hyper-parameter of the strategy (repeatable)",
+    )
+    merge.add_argument("--state", required=True, help="state directory")
+    merge.add_argument(
+        "--linear",
+        help="regex of tensor names to treat as nn.Linear weights "
+        "(default: exact from a module/model directory, else 2-D *.weight)",
+    )
+    merge.add_argument(
+        "--max-relative-delta",
+        type=float,
+        default=1.0,
+        help="refuse a checkpoint whose ‖θ−θ0‖/‖θ0‖ exceeds this (default 1.0)",
+    )
+    merge.add_argument(
+        "--any-base",
+        action="store_true",
+        help="do not refuse checkpoints that look fine-tuned from another base",
+    )
+    merge.add_argument(
+        "--keep-going", action="store_true", help="report a bad checkpoint and go on with the next"
+    )
+    merge.add_argument("--out", help="also write the merged model here after folding")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    merge.set_defaults(func=cmd_merge)
+
+    emit = sub.add_parser(
+        "emit",
+        help="write the current merged model",
+        description="Write the merged model of a state directory.",
+    )
+    emit.add_argument("--state", required=True, help="state directory")
+    emit.add_argument(
+        "--out",
+        required=True,
+        help="a .safetensors file, or a directory "
+        "(gets the base's config files when the base was a model directory)",
+    )
+    emit.add_argument("--base", help="base model, if it moved since the state was created")
+    emit.set_defaults(func=cmd_emit)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="show what a state holds",
+        description="Show the strategy, base and every folded checkpoint.",
+    )
+    inspect.add_argument("--state", required=True, help="state directory")
+    inspect.add_argument("--json", action="store_true", help="print the raw manifest")
+    inspect.set_defaults(func=cmd_inspect)
+
+    strategies = sub.add_parser(
+        "strategies",
+        help="list available strategies",
+        description="List built-in and installed strategies.",
+    )
+    strategies.set_defaults(func=cmd_strategies)
+
+    for name, (module, function) in EXTERNAL_COMMANDS.items():
+        _add_external(sub, name, module, function)
+    return parser
+
+
+def _add_external(sub: argparse._SubParsersAction, name: str, module: str, function: str) -> None:
+    try:
+        adder: Callable[[argparse._SubParsersAction], None] = getattr(
+            importlib.import_module(module), function
+        )
+    except (ImportError, AttributeError) as exc:
+        missing = sub.add_parser(name, help=f"(unavailable: {exc})")
+        missing.set_defaults(func=lambda _args, exc=exc: _unavailable(name, exc))
+        return
+    adder(sub)
+
+
+def _unavailable(name: str, exc: Exception) -> int:
+    print(
+        f"contmerge {name} is unavailable: {exc}. Install the extras: pip install 'contmerge[dev]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ContmergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

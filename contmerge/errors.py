@@ -1,0 +1,22 @@
+"""Errors that name what was wrong: the file, the tensor and the reason."""
+
+from __future__ import annotations
+
+
+class ContmergeError(Exception):
+    """Base class of every error contmerge raises on purpose."""
+
+
+class CheckpointError(ContmergeError, ValueError):
+    """A checkpoint could not be read or does not fit the base; nothing was merged."""
+
+    def __init__(self, source: str, reason: str, tensor: str | None = None) -> None:
+        self.source = str(source)
+        self.tensor = tensor
+        self.reason = reason
+        where = f"{self.source}" + (f", tensor {tensor!r}" if tensor else "")
+        super().__init__(f"{where}: {reason}")
+
+
+class StateError(ContmergeError):
+    """The merge state directory is missing, corrupt, or belongs to another setup."""

@@ -1,0 +1,400 @@
+"""The Merger: fold checkpoints one at a time into a running merged state, emit at any moment.
+
+Memory while folding the t-th model is the same as while folding the 2nd: one tensor of the
+base, of the arrival, and of the state (old and new) at a time; the state itself lives in a
+durable directory (or in memory when no directory is given). A fold either commits entirely or
+leaves the previous state untouched: validation failures, NaNs, crashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .atomic import atomic_open
+from .errors import CheckpointError, StateError
+from .layout import tensor_infos
+from .registry import parse_strategy
+from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
+from .state import FORMAT, DiskStore, MemoryStore, slot_key
+from .strategy import FoldContext, Strategy, TensorInfo
+from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
+
+Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
+#: an arrival further from the base than this fraction of the base's norm is refused
+DEFAULT_MAX_RELATIVE_DELTA = 1.0
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    status: str  # "folded" or "duplicate"
+    index: int  # position among folded arrivals (of the earlier fold, for a duplicate)
+    content_hash: str
+    source: str
+    seconds: float
+
+
+class Merger:
+    """Fold checkpoints of one base into a merged model with a named strategy.
+
+    ``Merger(base, "opcm", state_dir="run/")`` creates the state, or resumes it when it exists
+    (then ``strategy`` may be omitted, and must match if given). ``state_dir=None`` keeps the
+    state in memory.
+    """
+
+    def __init__(
+        self,
+        base: Source,
+        strategy: str | Strategy | None = None,
+        state_dir: str | Path | None = None,
+        *,
+        linear: str | None = None,
+        max_relative_delta: float | None = DEFAULT_MAX_RELATIVE_DELTA,
+        progress: bool = False,
+        **hparams: Any,
+    ) -> None:
+        self.base = open_checkpoint(base)
+        self.infos = tensor_infos(self.base, linear)
+        self.max_relative_delta = max_relative_delta
+        self.progress = progress
+        self._float_names = [n for n, i in self.infos.items() if i.meta.is_float]
+        directory = Path(state_dir) if state_dir is not None else None
+        if directory is not None and (directory / "manifest.json").exists():
+            self.store: MemoryStore | DiskStore = DiskStore.open(directory)
+            self.strategy = self._resume(strategy, hparams, linear)
+        else:
+            if strategy is None:
+                raise StateError("a strategy is needed to start a new merge state")
+            self.strategy = parse_strategy(strategy, **hparams)
+            manifest = self._new_manifest(linear)
+            initial = {n: self.strategy.init(self.infos[n]) for n in self._float_names}
+            if directory is None:
+                self.store = MemoryStore(manifest, initial)
+            else:
+                self.store = DiskStore.create(directory, manifest, initial, self._slot_metas())
+
+    # --- setup ----------------------------------------------------------------------------
+    def _new_manifest(self, linear: str | None) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "strategy": self.strategy.spec(),
+            "linear_pattern": linear,
+            "base": {
+                "source": self.base.source,
+                "fingerprint": self._fingerprint_base(),
+                "tensors": len(self.infos),
+                "linear_weights": sum(i.is_linear for i in self.infos.values()),
+            },
+            "globals": {**self.strategy.init_globals(), "count": 0},
+            "arrivals": [],
+            "generation": 0,
+            "created": _now(),
+        }
+
+    def _resume(
+        self, strategy: str | Strategy | None, hparams: dict[str, Any], linear: str | None
+    ) -> Strategy:
+        manifest = self.store.manifest
+        saved = parse_strategy(manifest["strategy"])
+        if strategy is not None:
+            wanted = parse_strategy(strategy, **hparams)
+            if wanted.spec() != saved.spec():
+                raise StateError(
+                    f"{self.store.path}: state was made with {saved.spec()}, not {wanted.spec()}"
+                )
+        if linear != manifest.get("linear_pattern"):
+            self.infos = tensor_infos(self.base, manifest.get("linear_pattern"))
+        if self._fingerprint_base() != manifest["base"]["fingerprint"]:
+            raise StateError(
+                f"{self.store.path}: base {self.base.source} is not the base this state was "
+                f"started from ({manifest['base']['source']})"
+            )
+        return saved
+
+    def _fingerprint_base(self) -> str:
+        digest = hashlib.sha256()
+        for name in self.infos:
+            _hash_tensor(digest, name, self.base.read(name))
+        return digest.hexdigest()
+
+    def _slot_metas(self) -> dict[str, TensorMeta]:
+        return {
+            slot_key(name, slot): meta
+            for name in self._float_names
+            for slot, meta in self.strategy.slots(self.infos[name]).items()
+        }
+
+    # --- inspection -----------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.store.manifest
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["globals"]["count"])
+
+    @property
+    def arrivals(self) -> list[dict[str, Any]]:
+        return list(self.manifest["arrivals"])
+
+    # --- folding --------------------------------------------------------------------------
+    def fold(
+        self,
+        source: Source,
+        *,
+        extras: Mapping[str, Source] | None = None,
+        name: str | None = None,
+    ) -> FoldResult:
+        """Fold one checkpoint. Raises CheckpointError (state untouched) if it does not fit."""
+        started = time.perf_counter()
+        arrival = open_checkpoint(source, self.base.meta)
+        label = name or arrival.source
+        opened_extras = self._open_extras(source, extras)
+        try:
+            self._check_layout(arrival)
+            ctx = FoldContext(
+                index=self.count + 1,
+                globals=dict(self.manifest["globals"]),
+                extras=opened_extras,
+                numel=sum(self.infos[n].meta.numel for n in self._float_names),
+                float64=any(
+                    self.infos[n].compute_dtype == torch.float64 for n in self._float_names
+                ),
+            )
+            for sweep in self.strategy.passes(ctx):
+                for info, delta, _ in self._deltas(arrival, "pass"):
+                    sweep.update(info, delta, self.store.read(info.name), ctx)
+                sweep.finish(ctx)
+            return self._fold_pass(arrival, ctx, label, started)
+        finally:
+            arrival.close()
+            for extra in opened_extras.values():
+                extra.close()
+
+    def _fold_pass(
+        self, arrival: Checkpoint, ctx: FoldContext, label: str, started: float
+    ) -> FoldResult:
+        digest = hashlib.sha256()
+        staging = self.store.begin(self._slot_metas())
+        delta_sq = base_sq = 0.0
+        try:
+            for info, delta, base in self._deltas(arrival, f"fold {Path(label).name}", digest):
+                if delta is None:
+                    continue
+                delta_sq += float(torch.sum(delta.double() ** 2))
+                base_sq += float(torch.sum(base.double() ** 2))
+                new_state = self.strategy.fold(info, self.store.read(info.name), delta, base, ctx)
+                staging.write(info.name, new_state)
+            content_hash = digest.hexdigest()
+            for record in self.manifest["arrivals"]:
+                if record["hash"] == content_hash:
+                    staging.abort()
+                    return FoldResult(
+                        "duplicate",
+                        record["index"],
+                        content_hash,
+                        label,
+                        time.perf_counter() - started,
+                    )
+            relative = math.sqrt(delta_sq / base_sq) if base_sq > 0 else 0.0
+            limit = self.max_relative_delta
+            if arrival.carries_full_weights and limit is not None and relative > limit:
+                raise CheckpointError(
+                    label,
+                    f"differs from the base by {relative:.2f}× the base's norm (limit "
+                    f"{limit}): it looks fine-tuned from another base",
+                )
+            self.store.commit(
+                staging,
+                self._next_manifest(
+                    ctx, content_hash, label, relative, time.perf_counter() - started
+                ),
+            )
+        except BaseException:
+            staging.abort()
+            raise
+        return FoldResult("folded", ctx.index, content_hash, label, time.perf_counter() - started)
+
+    def _next_manifest(
+        self, ctx: FoldContext, content_hash: str, label: str, relative: float, seconds: float
+    ) -> dict[str, Any]:
+        manifest = dict(self.manifest)
+        new_globals = self.strategy.end_fold(ctx.globals, ctx)
+        new_globals["count"] = ctx.index
+        manifest["globals"] = new_globals
+        manifest["arrivals"] = [
+            *manifest["arrivals"],
+            {
+                "index": ctx.index,
+                "hash": content_hash,
+                "source": label,
+                "folded_at": _now(),
+                "seconds": round(seconds, 4),
+                "relative_delta": round(relative, 6),
+            },
+        ]
+        manifest["generation"] = int(manifest["generation"]) + 1
+        return manifest
+
+    def _check_layout(self, arrival: Checkpoint) -> None:
+        """Names, shapes and dtypes against the base, from headers only (no tensor data)."""
+        if arrival.carries_full_weights:
+            missing = [n for n in self.infos if n not in arrival.meta]
+            if missing:
+                raise CheckpointError(
+                    arrival.source, f"{len(missing)} tensor(s) of the base are missing", missing[0]
+                )
+        extra = [n for n in arrival.meta if n not in self.infos]
+        if extra:
+            raise CheckpointError(
+                arrival.source, f"{len(extra)} tensor(s) the base does not have", extra[0]
+            )
+        for name, meta in arrival.meta.items():
+            want = self.infos[name].meta
+            if meta.shape != want.shape:
+                raise CheckpointError(
+                    arrival.source,
+                    f"shape {list(meta.shape)}, the base has {list(want.shape)}",
+                    name,
+                )
+            if meta.dtype != want.dtype:
+                raise CheckpointError(
+                    arrival.source,
+                    f"dtype {CODE_BY_DTYPE[meta.dtype]}, the base has {CODE_BY_DTYPE[want.dtype]}",
+                    name,
+                )
+
+    def _deltas(
+        self, arrival: Checkpoint, label: str, digest: Any = None
+    ) -> Iterator[tuple[TensorInfo, torch.Tensor | None, torch.Tensor]]:
+        """(info, θ_t − θ0 in compute dtype, θ0 in compute dtype) per tensor, checked finite.
+
+        Non-float tensors are hashed but yield no delta: they are not merged.
+        """
+        names = self.infos if digest is not None else self._float_names
+        bar = tqdm(names, desc=label, unit="tensor", disable=not self.progress, leave=False)
+        for name in bar:
+            info = self.infos[name]
+            if arrival.carries_full_weights or name in arrival.meta:
+                value = arrival.read(name) if name in arrival.meta else None
+            else:
+                value = None
+            if value is not None and info.meta.is_float and not bool(value.isfinite().all()):
+                raise CheckpointError(arrival.source, "contains NaN or Inf", name)
+            if not info.meta.is_float:
+                if digest is not None and value is not None:
+                    _hash_tensor(digest, name, value)
+                continue
+            base = self.base.read(name).to(info.compute_dtype)
+            if value is not None:
+                delta = value.to(info.compute_dtype) - base
+            else:
+                lowrank = arrival.delta(name, base)
+                delta = torch.zeros_like(base) if lowrank is None else lowrank
+                if not bool(delta.isfinite().all()):
+                    raise CheckpointError(arrival.source, "adapter delta has NaN or Inf", name)
+            if digest is not None:
+                _hash_tensor(digest, name, value if value is not None else delta)
+            yield info, delta, base
+
+    def _open_extras(
+        self, source: Source, extras: Mapping[str, Source] | None
+    ) -> dict[str, Checkpoint]:
+        opened: dict[str, Checkpoint] = {}
+        for kind in self.strategy.needs_extras:
+            given = (extras or {}).get(kind)
+            if given is None and isinstance(source, (str, Path)):
+                sidecar = _sidecar(Path(source), kind)
+                given = sidecar if sidecar.exists() else None
+            if given is not None:
+                opened[kind] = open_checkpoint(given)
+        return opened
+
+    # --- emitting -------------------------------------------------------------------------
+    def iter_merged(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged model, one tensor at a time, in the base's order and dtypes."""
+        globals_ = self.manifest["globals"]
+        for name, info in self.infos.items():
+            base = self.base.read(name)
+            if not info.meta.is_float or self.count == 0:
+                yield name, base
+                continue
+            merged = self.strategy.emit(
+                info, self.store.read(name), base.to(info.compute_dtype), globals_
+            )
+            yield name, merged.to(info.meta.dtype)
+
+    def emit_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.iter_merged())
+
+    def emit(self, out: str | Path) -> Path:
+        """Write the merged model: a ``.safetensors`` file, or a model directory (with the
+        base's config and tokenizer files) when ``out`` has no suffix and the base was one."""
+        out = Path(out)
+        as_directory = out.suffix != ".safetensors"
+        if as_directory:
+            out.mkdir(parents=True, exist_ok=True)
+            if self.base.config_dir is not None:
+                _copy_config(self.base.config_dir, out)
+            target = out / "model.safetensors"
+        else:
+            target = out
+        metas = {name: info.meta for name, info in self.infos.items()}
+        metadata = {
+            "format": "pt",
+            "contmerge_strategy": self.strategy.spec(),
+            "contmerge_count": str(self.count),
+        }
+        with atomic_open(target) as handle:
+            writer = SafetensorsWriter(handle, metas, metadata)
+            for name, tensor in self.iter_merged():
+                writer.write(name, tensor.contiguous())
+            writer.finish()
+        return out
+
+    def close(self) -> None:
+        self.store.close()
+        self.base.close()
+
+    def __enter__(self) -> Merger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    digest.update(f"{name}\0{CODE_BY_DTYPE[tensor.dtype]}\0{list(tensor.shape)}\0".encode())
+    if tensor.numel():
+        digest.update(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+def _sidecar(path: Path, kind: str) -> Path:
+    """``model.safetensors`` brings its ``kind`` statistics in ``model.<kind>.safetensors``."""
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(f"{stem}.{kind}.safetensors")
+
+
+def _copy_config(source: Path, out: Path) -> None:
+    for entry in source.iterdir():
+        if entry.name in CONFIG_FILES_TO_SKIP or entry.suffix in (".safetensors", ".bin"):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, out / entry.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(entry, out / entry.name)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

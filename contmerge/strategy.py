@@ -1,0 +1,231 @@
+"""The strategy protocol: pure per-tensor functions over a state, plus whole-model hooks.
+
+A strategy is a small object, in the spirit of optax's transformations and torch.optim's
+per-parameter state. For every float tensor of the base it declares the state it keeps
+(``slots``), and the engine calls, one tensor at a time:
+
+    init(info)                                -> state
+    fold(info, state, delta, base, ctx)       -> new state      (delta = θ_t − θ0, compute dtype)
+    emit(info, state, base, globals)          -> merged tensor  (compute dtype; the engine casts)
+
+Whole-model quantities (OPCM's norms, TIES' global thresholds) live in ``globals``, a small
+JSON-able dict that the engine persists in the manifest. A strategy that needs statistics of
+the whole arrival before folding any tensor declares ``passes``: each pass sees every tensor's
+delta and state once and writes its result into ``ctx.globals``. ``fold`` must not modify its
+inputs in place: the previous state stays valid until the new one is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .tensorfile import TensorMeta
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a strategy may know about one tensor of the base."""
+
+    name: str
+    meta: TensorMeta
+    #: True for the 2-D weight of an ``nn.Linear`` (OPCM projects only these)
+    is_linear: bool
+    #: dtype the engine computes and keeps state in (float32 for half precision bases)
+    compute_dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+
+@dataclass
+class FoldContext:
+    """Everything about the arrival being folded that is not one tensor."""
+
+    #: 1-based position of this arrival among the folded ones
+    index: int
+    #: whole-model values carried between folds (read freely, update in ``end_fold``)
+    globals: dict[str, Any]
+    #: scratch space accumulated during this fold, handed to ``end_fold``
+    stats: dict[str, Any] = field(default_factory=dict)
+    #: per-arrival side statistics by kind (e.g. "fisher", "gram"), each a Checkpoint
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    #: number of float entries in the whole model, and whether any is computed in float64
+    numel: int = 0
+    float64: bool = False
+
+    def extra(self, kind: str, name: str) -> torch.Tensor:
+        """This arrival's ``kind`` statistic for tensor ``name`` (clear error if absent)."""
+        from .errors import CheckpointError
+
+        source = self.extras.get(kind)
+        if source is None:
+            raise CheckpointError(
+                "<arrival>",
+                f"this strategy needs {kind!r} statistics with each arrival; none were given",
+                name,
+            )
+        if name not in source.meta:
+            raise CheckpointError(source.source, f"no {kind!r} statistic for this tensor", name)
+        return source.read(name)
+
+    def generator(self, salt: str) -> torch.Generator:
+        """A generator that depends only on the arrival index and ``salt`` (seed, tensor name)."""
+        digest = hashlib.sha256(f"{self.index}:{salt}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def add_stat(self, key: str, value: float) -> None:
+        self.stats[key] = self.stats.get(key, 0.0) + float(value)
+
+
+class Pass:
+    """A read-only sweep over the whole arrival before folding (see ``Strategy.passes``)."""
+
+    def update(self, info: TensorInfo, delta: torch.Tensor, state: State, ctx: FoldContext) -> None:
+        raise NotImplementedError
+
+    def finish(self, ctx: FoldContext) -> None:
+        raise NotImplementedError
+
+
+class Strategy:
+    """Base class of merge rules. Subclasses are dataclasses whose fields are hyper-parameters."""
+
+    name: ClassVar[str] = ""
+    #: kinds of per-arrival statistics the rule needs (e.g. ("fisher",))
+    needs_extras: ClassVar[tuple[str, ...]] = ()
+
+    # --- per-tensor functions -------------------------------------------------------------
+    def slots(self, info: TensorInfo) -> dict[str, TensorMeta]:
+        """State tensors kept for this tensor; default: one slot shaped like it."""
+        return {"value": TensorMeta(info.shape, info.compute_dtype)}
+
+    def init(self, info: TensorInfo) -> State:
+        return {k: torch.zeros(m.shape, dtype=m.dtype) for k, m in self.slots(info).items()}
+
+    def fold(
+        self,
+        info: TensorInfo,
+        state: State,
+        delta: torch.Tensor,
+        base: torch.Tensor,
+        ctx: FoldContext,
+    ) -> State:
+        raise NotImplementedError
+
+    def emit(
+        self, info: TensorInfo, state: State, base: torch.Tensor, globals: Mapping[str, Any]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- whole-model hooks ----------------------------------------------------------------
+    def init_globals(self) -> dict[str, Any]:
+        return {}
+
+    def passes(self, ctx: FoldContext) -> Sequence[Pass]:
+        return ()
+
+    def end_fold(self, globals: Mapping[str, Any], ctx: FoldContext) -> dict[str, Any]:
+        """New globals after every tensor of an arrival was folded."""
+        return dict(globals)
+
+    # --- identity -------------------------------------------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    def spec(self) -> str:
+        """A string that ``contmerge.registry.parse_strategy`` turns back into this strategy."""
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{self.name}({args})"
+
+
+class Preprocessor:
+    """A delta transform applied before a rule (DARE, magnitude trim); composes with ``chain``."""
+
+    name: ClassVar[str] = ""
+
+    def transform(self, info: TensorInfo, delta: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    def spec(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{self.name}({args})"
+
+
+class Chain(Strategy):
+    """Pre-processors followed by one rule: ``chain(dare(p=0.9), magmax())``."""
+
+    name = "chain"
+
+    def __init__(self, *parts: Preprocessor | Strategy) -> None:
+        if not parts or not isinstance(parts[-1], Strategy):
+            raise ValueError("chain(...) must end with a merge rule, e.g. chain(dare(), ties())")
+        if not all(isinstance(p, Preprocessor) for p in parts[:-1]):
+            raise ValueError("every part of chain(...) but the last must be a pre-processor")
+        self.pre: tuple[Preprocessor, ...] = tuple(parts[:-1])  # type: ignore[assignment]
+        self.rule: Strategy = parts[-1]  # type: ignore[assignment]
+        self.needs_extras = self.rule.needs_extras  # type: ignore[misc]
+
+    def _pre(self, info: TensorInfo, delta: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
+        for step in self.pre:
+            delta = step.transform(info, delta, ctx)
+        return delta
+
+    def slots(self, info: TensorInfo) -> dict[str, TensorMeta]:
+        return self.rule.slots(info)
+
+    def init(self, info: TensorInfo) -> State:
+        return self.rule.init(info)
+
+    def fold(
+        self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
+    ) -> State:
+        return self.rule.fold(info, state, self._pre(info, delta, ctx), base, ctx)
+
+    def emit(
+        self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
+    ) -> Tensor:
+        return self.rule.emit(info, state, base, globals)
+
+    def init_globals(self) -> dict[str, Any]:
+        return self.rule.init_globals()
+
+    def passes(self, ctx: FoldContext) -> Sequence[Pass]:
+        return [_PreprocessedPass(p, self) for p in self.rule.passes(ctx)]
+
+    def end_fold(self, globals: Mapping[str, Any], ctx: FoldContext) -> dict[str, Any]:
+        return self.rule.end_fold(globals, ctx)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"parts": [p.spec() for p in (*self.pre, self.rule)]}
+
+    def spec(self) -> str:
+        return f"chain({', '.join(p.spec() for p in (*self.pre, self.rule))})"
+
+
+class _PreprocessedPass(Pass):
+    """A rule's pass sees the same pre-processed deltas its fold will see."""
+
+    def __init__(self, inner: Pass, chain: Chain) -> None:
+        self.inner, self.chain = inner, chain
+
+    def update(self, info: TensorInfo, delta: Tensor, state: State, ctx: FoldContext) -> None:
+        self.inner.update(info, self.chain._pre(info, delta, ctx), state, ctx)
+
+    def finish(self, ctx: FoldContext) -> None:
+        self.inner.finish(ctx)
+
+
+def chain(*parts: Preprocessor | Strategy) -> Chain:
+    return Chain(*parts)

@@ -1,0 +1,1 @@
+"""Merge rules, one file each. Find them by name with ``contmerge.registry``."""

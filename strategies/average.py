@@ -1,0 +1,28 @@
+"""Running weight average: merged_t = ((t−1)·merged_{t−1} + θ_t) / t (OPCM's continual baseline)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+
+
+@dataclass
+class Average(Strategy):
+    name = "average"
+
+    def fold(
+        self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
+    ) -> State:
+        # the running mean of task vectors; θ0 + mean(τ) is the mean of the models
+        mean = state["value"]
+        return {"value": mean + (delta - mean) / ctx.index}
+
+    def emit(
+        self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
+    ) -> Tensor:
+        return base + state["value"]

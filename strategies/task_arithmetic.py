@@ -1,0 +1,27 @@
+"""Continual task arithmetic: θ0 + λ·Σ_t τ_t, λ = 0.3 (order does not matter)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+
+
+@dataclass
+class TaskArithmetic(Strategy):
+    name = "task_arithmetic"
+    scaling_factor: float = 0.3
+
+    def fold(
+        self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
+    ) -> State:
+        return {"value": state["value"] + delta}
+
+    def emit(
+        self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
+    ) -> Tensor:
+        return base + self.scaling_factor * state["value"]
