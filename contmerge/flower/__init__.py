@@ -1,0 +1,1 @@
+"""Flower integration: any contmerge strategy as a Flower strategy."""

@@ -1,0 +1,1 @@
+"""Merge server: fold checkpoints as they arrive (inbox directory and HTTP uploads)."""
