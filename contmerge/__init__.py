@@ -1,6 +1,6 @@
 """contmerge: continual and federated model merging in constant memory."""
 
-from .errors import CheckpointError, ContmergeError, StateError
+from .errors import CheckpointError, ContmergeError, StateError, StrategyError
 from .merger import FoldResult, Merger
 from .registry import available, parse_strategy
 from .sources import Checkpoint, open_checkpoint
@@ -18,6 +18,7 @@ __all__ = [
     "Preprocessor",
     "StateError",
     "Strategy",
+    "StrategyError",
     "TensorInfo",
     "available",
     "chain",

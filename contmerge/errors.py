@@ -20,3 +20,7 @@ class CheckpointError(ContmergeError, ValueError):
 
 class StateError(ContmergeError):
     """The merge state directory is missing, corrupt, or belongs to another setup."""
+
+
+class StrategyError(ContmergeError, ValueError):
+    """A strategy name or setting that does not resolve."""

@@ -250,7 +250,9 @@ class Merger:
     def _check_layout(self, arrival: Checkpoint) -> None:
         """Names, shapes and dtypes against the base, from headers only (no tensor data)."""
         if arrival.carries_full_weights:
-            missing = [n for n in self.infos if n not in arrival.meta]
+            # integer buffers are not merged (the base's are emitted), and transformers no
+            # longer saves non-persistent ones such as BERT's ``position_ids``: only floats count
+            missing = [n for n in self._float_names if n not in arrival.meta]
             if missing:
                 raise CheckpointError(
                     arrival.source, f"{len(missing)} tensor(s) of the base are missing", missing[0]
@@ -286,10 +288,9 @@ class Merger:
         bar = tqdm(names, desc=label, unit="tensor", disable=not self.progress, leave=False)
         for name in bar:
             info = self.infos[name]
-            if arrival.carries_full_weights or name in arrival.meta:
-                value = arrival.read(name) if name in arrival.meta else None
-            else:
-                value = None
+            # a LoRA adapter's tensors are factors or replacements: ask it for the delta below
+            full = arrival.carries_full_weights and name in arrival.meta
+            value = arrival.read(name) if full else None
             if value is not None and info.meta.is_float and not bool(value.isfinite().all()):
                 raise CheckpointError(arrival.source, "contains NaN or Inf", name)
             if not info.meta.is_float:

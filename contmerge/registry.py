@@ -16,6 +16,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
+from .errors import StrategyError
 from .strategy import Chain, Preprocessor, Strategy
 
 ENTRY_POINT_GROUP = "contmerge.strategies"
@@ -52,27 +53,27 @@ def lookup(name: str) -> type:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             return ep.load()
-    raise KeyError(f"unknown strategy {name!r}; available: {', '.join(sorted(available()))}")
+    raise StrategyError(f"unknown strategy {name!r}; available: {', '.join(sorted(available()))}")
 
 
 def make(name: str, **hparams: Any) -> Strategy | Preprocessor:
     cls = lookup(name)
     try:
         return cls(**hparams)
-    except TypeError as exc:
-        raise ValueError(f"bad settings for strategy {name!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise StrategyError(f"bad settings for strategy {name!r}: {exc}") from exc
 
 
 def parse_strategy(spec: str | Strategy, **overrides: Any) -> Strategy:
     """Turn a spec string into a strategy; ``overrides`` set hyper-parameters of the rule."""
     if isinstance(spec, Strategy):
         if overrides:
-            raise ValueError("settings can only be given with a strategy name, not an object")
+            raise StrategyError("settings can only be given with a strategy name, not an object")
         return spec
     try:
         tree = ast.parse(spec.strip(), mode="eval").body
     except SyntaxError as exc:
-        raise ValueError(f"cannot parse strategy spec {spec!r}: {exc.msg}") from exc
+        raise StrategyError(f"cannot parse strategy spec {spec!r}: {exc.msg}") from exc
     built = _build(tree, spec)
     if overrides:
         target = built.rule if isinstance(built, Chain) else built
@@ -80,7 +81,7 @@ def parse_strategy(spec: str | Strategy, **overrides: Any) -> Strategy:
         target = make(target.name, **merged)  # type: ignore[assignment]
         built = Chain(*built.pre, target) if isinstance(built, Chain) else target
     if not isinstance(built, Strategy):
-        raise ValueError(f"{spec!r} is a pre-processor; use chain({spec}, <rule>)")
+        raise StrategyError(f"{spec!r} is a pre-processor; use chain({spec}, <rule>)")
     return built
 
 
@@ -90,16 +91,16 @@ def _build(node: ast.expr, spec: str) -> Strategy | Preprocessor:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         if node.func.id == "chain":
             if node.keywords:
-                raise ValueError("chain(...) takes strategies, not settings")
+                raise StrategyError("chain(...) takes strategies, not settings")
             return Chain(*(_build(arg, spec) for arg in node.args))
         if node.args:
-            raise ValueError(f"settings of {node.func.id} must be named, as in opcm(alpha=0.5)")
+            raise StrategyError(f"settings of {node.func.id} must be named, as in opcm(alpha=0.5)")
         try:
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
         except ValueError as exc:
-            raise ValueError(f"settings in {spec!r} must be literals") from exc
+            raise StrategyError(f"settings in {spec!r} must be literals") from exc
         return make(node.func.id, **kwargs)
-    raise ValueError(f"cannot parse strategy spec {spec!r}")
+    raise StrategyError(f"cannot parse strategy spec {spec!r}")
 
 
 def parse_value(text: str) -> Any:

@@ -197,8 +197,12 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(
                 str(directory), f"unsupported PEFT type {config.get('peft_type')}"
             )
-        rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
-        self.scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+        for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias")):
+            if config.get(flag):
+                raise CheckpointError(
+                    str(directory), f"{what} adapters are not supported (not a B·A delta)"
+                )
+        self._config = config
         self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
         weights = directory / "adapter_model.safetensors"
         if weights.is_file():
@@ -209,6 +213,7 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(str(directory), "no adapter_model.safetensors or .bin inside")
         self._pairs: dict[str, tuple[str, str]] = {}
         self._full: dict[str, str] = {}
+        self._scales: dict[str, float] = {}
         pending: dict[str, dict[str, str]] = {}
         for key in self._inner.meta:
             match = self._LORA.match(key)
@@ -221,6 +226,7 @@ class LoraCheckpoint(Checkpoint):
                 raise CheckpointError(self.source, "LoRA factor without its partner", module)
             target = _base_name(module + ".weight", base_meta)
             self._pairs[target] = (parts["A"], parts["B"])
+            self._scales[target] = self._scale_of(module, self._inner.meta[parts["A"]])
         self.meta = {name: base_meta[name] for name in self._pairs if name in base_meta}
         self.meta.update({name: self._inner.meta[key] for name, key in self._full.items()})
         for name in list(self._pairs) + list(self._full):
@@ -230,6 +236,20 @@ class LoraCheckpoint(Checkpoint):
     @property
     def carries_full_weights(self) -> bool:
         return False
+
+    def _scale_of(self, module: str, a_meta: TensorMeta) -> float:
+        """PEFT's ``scaling``: alpha / r (or / √r with rsLoRA), where ``rank_pattern`` and
+        ``alpha_pattern`` may give a module its own r and alpha; r is lora_A's row count."""
+        config = self._config
+        path = _strip_peft_prefix(module)
+        alpha = float(config.get("lora_alpha", config["r"]))
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            # the matching rule of peft.utils.other.get_pattern_key
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                alpha = float(value)
+                break
+        rank = a_meta.shape[0] if a_meta.shape else int(config["r"])
+        return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
 
     def read(self, name: str) -> torch.Tensor:
         return self._inner.read(self._full[name])
@@ -244,7 +264,7 @@ class LoraCheckpoint(Checkpoint):
         if name not in self._pairs:
             return None
         lora_a, lora_b = self.factors(name)
-        update = (lora_b.to(base.dtype) @ lora_a.to(base.dtype)) * self.scale
+        update = (lora_b.to(base.dtype) @ lora_a.to(base.dtype)) * self._scales[name]
         return update.T if self.fan_in_fan_out else update
 
     def close(self) -> None:
@@ -253,16 +273,20 @@ class LoraCheckpoint(Checkpoint):
 
 def _base_name(adapter_key: str, base_meta: Mapping[str, TensorMeta]) -> str:
     """Map PEFT's ``base_model.model.<name>`` (and ``modules_to_save.default``) to a base key."""
-    name = adapter_key.replace(".modules_to_save.default", "")
-    for prefix in ("base_model.model.", "base_model."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
+    # peft < 0.14 saved modules_to_save copies as ``<module>.modules_to_save.<tensor>``
+    name = _strip_peft_prefix(re.sub(r"\.modules_to_save(\.default)?(?=\.)", "", adapter_key))
     if name in base_meta:
         return name
     # PEFT wraps task models (e.g. BertForX) while the base may be the bare encoder, or vice versa
     candidates = [k for k in base_meta if k.endswith("." + name) or name.endswith("." + k)]
     return candidates[0] if len(candidates) == 1 else name
+
+
+def _strip_peft_prefix(name: str) -> str:
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 def open_checkpoint(
@@ -319,7 +343,8 @@ def _linear_names_from_config(path: Path, meta: Mapping[str, TensorMeta]) -> fro
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         with torch.device("meta"):
-            model = (cls or transformers.AutoModel).from_config(config)
+            # model classes have no public ``from_config`` (only the Auto classes do)
+            model = cls(config) if cls else transformers.AutoModel.from_config(config)
     except Exception:  # an unknown architecture falls back to the shape heuristic
         return None
     names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}

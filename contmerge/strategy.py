@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .errors import StrategyError
 from .tensorfile import TensorMeta
 
 State = dict[str, torch.Tensor]
@@ -170,9 +171,9 @@ class Chain(Strategy):
 
     def __init__(self, *parts: Preprocessor | Strategy) -> None:
         if not parts or not isinstance(parts[-1], Strategy):
-            raise ValueError("chain(...) must end with a merge rule, e.g. chain(dare(), ties())")
+            raise StrategyError("chain(...) must end with a merge rule, e.g. chain(dare(), ties())")
         if not all(isinstance(p, Preprocessor) for p in parts[:-1]):
-            raise ValueError("every part of chain(...) but the last must be a pre-processor")
+            raise StrategyError("every part of chain(...) but the last must be a pre-processor")
         self.pre: tuple[Preprocessor, ...] = tuple(parts[:-1])  # type: ignore[assignment]
         self.rule: Strategy = parts[-1]  # type: ignore[assignment]
         self.needs_extras = self.rule.needs_extras  # type: ignore[misc]

@@ -128,9 +128,12 @@ class SafetensorsReader:
                 )
             expected = end
         if self.data_start + expected > size:
+            # name the first tensor whose data is cut, so the message says what was lost
+            cut = next(name for _, end, name in sorted(spans) if self.data_start + end > size)
             raise _fail(
                 self.path,
                 f"truncated: data needs {self.data_start + expected} bytes, file has {size}",
+                cut,
             )
 
     def _check_entry(self, name: str, entry: object) -> tuple[TensorMeta, int, int]:

@@ -1,0 +1,104 @@
+"""The upload spool: where an upload becomes durable before the client is told it was accepted.
+
+An upload streams into ``spool/.<id>.tmp``; once complete it is fsync'd and renamed to
+``spool/<id>__<name>.safetensors`` (then the directory is fsync'd). Only a file with its final
+name counts as accepted; ids start with a zero-padded sequence number, so sorting the names
+gives the arrival order back after a restart. The writer removes a file once it is folded or
+rejected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..atomic import fsync_dir
+
+SPOOL_DIR = "spool"
+SUFFIX = ".safetensors"
+MAX_NAME = 128
+# a plain file name: no separators, no leading dot, no "..", nothing a shell or a log mangles
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{MAX_NAME - 1}}}")
+_SPOOLED = re.compile(r"(?P<id>\d{8,}-[0-9a-f]{6})__(?P<name>.+)" + re.escape(SUFFIX))
+
+
+class BadName(ValueError):
+    """A checkpoint name that could escape the spool or confuse a reader; refused, not fixed."""
+
+
+def check_name(raw: str) -> str:
+    if not raw:
+        raise BadName("empty checkpoint name")
+    if len(raw) > MAX_NAME:
+        raise BadName(f"checkpoint name longer than {MAX_NAME} characters")
+    if "/" in raw or "\\" in raw or ".." in raw or "\0" in raw:
+        raise BadName(f"checkpoint name {raw!r} contains a path (/, \\ or ..): refused")
+    if not _NAME.fullmatch(raw):
+        raise BadName(
+            f"checkpoint name {raw!r} must start with a letter or digit and use only "
+            "letters, digits and . _ + -"
+        )
+    return raw
+
+
+def id_sequence(checkpoint_id: str) -> int:
+    head = checkpoint_id.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class Spooled:
+    id: str
+    name: str
+    path: Path
+
+
+class Spool:
+    def __init__(self, directory: Path, first_sequence: int = 1) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        # temp files of uploads cut short by a crash were never acknowledged: drop them
+        for entry in directory.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                entry.unlink()
+        self._lock = threading.Lock()
+        pending = self.pending()
+        self._next = max([first_sequence, *(id_sequence(s.id) + 1 for s in pending)])
+
+    def new_id(self) -> str:
+        with self._lock:
+            sequence, self._next = self._next, self._next + 1
+        return f"{sequence:08d}-{secrets.token_hex(3)}"
+
+    def open_temp(self, checkpoint_id: str) -> tuple[Path, BinaryIO]:
+        path = self.directory / f".{checkpoint_id}.tmp"
+        return path, open(path, "xb")
+
+    def commit(self, temp: Path, handle: BinaryIO, checkpoint_id: str, name: str) -> Path:
+        """Make the upload durable under its final name (fsync file, rename, fsync dir)."""
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        final = self.directory / f"{checkpoint_id}__{name}{SUFFIX}"
+        os.replace(temp, final)
+        fsync_dir(self.directory)
+        return final
+
+    def discard(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def pending(self) -> list[Spooled]:
+        """Accepted uploads not yet folded or rejected, in arrival order."""
+        found = []
+        for entry in self.directory.iterdir():
+            match = _SPOOLED.fullmatch(entry.name)
+            if match and entry.is_file():
+                found.append(Spooled(match["id"], match["name"], entry))
+        return sorted(found, key=lambda s: (id_sequence(s.id), s.id))

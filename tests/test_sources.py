@@ -1,0 +1,387 @@
+"""Every checkpoint source reads back exactly the tensors that were written.
+
+Real files on disk: safetensors written by contmerge and by the ``safetensors`` package, sharded
+directories (by hand and by transformers), torch files (loaded only with ``weights_only``), and
+PEFT LoRA adapters, whose delta must equal what ``merge_and_unload`` does to the base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from contmerge import CheckpointError, Merger, open_checkpoint
+from contmerge.sources import (
+    LoraCheckpoint,
+    SafetensorsCheckpoint,
+    ShardedCheckpoint,
+    StateDictCheckpoint,
+    TorchFileCheckpoint,
+)
+from contmerge.tensorfile import TensorMeta, write_safetensors
+
+
+def all_kinds() -> dict[str, torch.Tensor]:
+    """One tensor of every dtype and awkward shape the format allows."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "layer.weight": torch.randn(5, 7, generator=g),
+        "f64": torch.randn(3, 4, generator=g, dtype=torch.float64),
+        "f16": torch.randn(6, generator=g).half(),
+        "bf16": torch.randn(2, 3, 4, generator=g).bfloat16(),
+        "f8": torch.randn(8, generator=g).to(torch.float8_e4m3fn),
+        "i64": torch.randint(-(2**40), 2**40, (9,), generator=g),
+        "i32": torch.randint(-(2**30), 2**30, (2, 2), generator=g, dtype=torch.int32),
+        "i16": torch.randint(-(2**14), 2**14, (3,), generator=g, dtype=torch.int16),
+        "i8": torch.randint(-128, 127, (4,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (4,), generator=g, dtype=torch.uint8),
+        "bool": torch.rand(4, 4, generator=g) > 0.5,
+        "scalar": torch.tensor(3.5),
+        "scalar_i64": torch.tensor(-7, dtype=torch.int64),
+        "scalar_bf16": torch.tensor(0.25, dtype=torch.bfloat16),
+        "empty": torch.empty(0, 3),
+        "empty_bf16": torch.empty(4, 0, dtype=torch.bfloat16),
+        "empty_i64": torch.empty(0, dtype=torch.int64),
+    }
+
+
+def assert_identical(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
+    """Same dtype, shape and bytes (bitwise: NaN payloads, -0.0 and f8 compare exactly)."""
+    assert got.dtype == want.dtype, name
+    assert tuple(got.shape) == tuple(want.shape), name
+    as_bytes = [t.contiguous().reshape(-1).view(torch.uint8) for t in (got, want)]
+    assert torch.equal(*as_bytes), name
+
+
+def assert_reads(checkpoint, tensors: dict[str, torch.Tensor]) -> None:
+    assert sorted(checkpoint.keys()) == sorted(tensors)
+    for name, want in tensors.items():
+        assert checkpoint.meta[name] == TensorMeta.of(want), name
+        assert_identical(checkpoint.read(name), want, name)
+
+
+# --- single safetensors files -------------------------------------------------------------
+
+
+def test_own_writer_round_trips_every_dtype_and_shape(tmp_path: Path) -> None:
+    tensors = all_kinds()
+    tensors["special"] = torch.tensor([math.inf, -math.inf, math.nan, -0.0])
+    path = tmp_path / "m.safetensors"
+    with open(path, "wb") as handle:
+        write_safetensors(handle, tensors, {"note": "hi"})
+    with open_checkpoint(path) as checkpoint:
+        assert isinstance(checkpoint, SafetensorsCheckpoint)
+        assert_reads(checkpoint, tensors)
+    # and the official reader agrees with what we wrote
+    official = load_file(path)
+    for name, want in tensors.items():
+        assert_identical(official[name], want, name)
+
+
+def test_reads_files_written_by_the_safetensors_package(tmp_path: Path) -> None:
+    tensors = all_kinds()
+    path = tmp_path / "official.safetensors"
+    save_file(tensors, path, metadata={"format": "pt", "who": "safetensors"})
+    with SafetensorsCheckpoint(path) as checkpoint:
+        assert_reads(checkpoint, tensors)
+        assert checkpoint._reader.metadata == {"format": "pt", "who": "safetensors"}
+
+
+def test_reads_a_tensor_many_times_into_fresh_memory(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(3)}, path)
+    with open_checkpoint(path) as checkpoint:
+        first = checkpoint.read("w")
+        first.mul_(5)  # the caller owns the buffer: writing to it must not leak into later reads
+        assert torch.equal(checkpoint.read("w"), torch.ones(3))
+
+
+# --- sharded directories ----------------------------------------------------------------------
+
+
+def write_shards(directory: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    weight_map: dict[str, str] = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::shards]}
+        save_file(part, directory / shard)
+        weight_map.update({n: shard for n in part})
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_directory_written_by_hand(tmp_path: Path) -> None:
+    tensors = all_kinds()
+    write_shards(tmp_path / "sharded", tensors, shards=3)
+    for given in (tmp_path / "sharded", tmp_path / "sharded" / "model.safetensors.index.json"):
+        with open_checkpoint(given) as checkpoint:
+            assert isinstance(checkpoint, ShardedCheckpoint)
+            assert checkpoint.source == str(tmp_path / "sharded")
+            assert checkpoint.config_dir is None  # no config.json: nothing travels with emit
+            assert_reads(checkpoint, tensors)
+
+
+def test_sharded_index_naming_a_missing_shard_or_tensor_is_refused(tmp_path: Path) -> None:
+    tensors = {"a": torch.ones(2), "b": torch.zeros(3)}
+    write_shards(tmp_path / "d", tensors, shards=2)
+    index_path = tmp_path / "d" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["c"] = index["weight_map"]["a"]  # listed, but the shard lacks it
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"tensor 'c'.*missing"):
+        open_checkpoint(tmp_path / "d")
+    (tmp_path / "d" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002.*missing"):
+        open_checkpoint(tmp_path / "d")
+
+
+def test_sharded_directory_written_by_transformers(tmp_path: Path, minilm_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(minilm_dir)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20MB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    expected: dict[str, torch.Tensor] = {}
+    for shard in shards:  # what transformers wrote, read by the official reader
+        expected.update(load_file(shard))
+    with open_checkpoint(tmp_path / "sharded") as checkpoint:
+        assert isinstance(checkpoint, ShardedCheckpoint)
+        assert checkpoint.config_dir == tmp_path / "sharded"
+        assert_reads(checkpoint, expected)
+        state = model.state_dict()
+        for name in checkpoint.keys():
+            assert torch.equal(checkpoint.read(name), state[name]), name
+
+
+# --- torch files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filename", "zipped", "wrap"),
+    [("m.pt", True, False), ("m.bin", False, False), ("m.pth", True, True), ("m.ckpt", False, True)],
+)
+def test_torch_files_read_with_weights_only(
+    tmp_path: Path, filename: str, zipped: bool, wrap: bool
+) -> None:
+    tensors = all_kinds()
+    payload: object = {"state_dict": tensors, "epoch": 3, "lr": 0.1} if wrap else tensors
+    path = tmp_path / filename
+    torch.save(payload, path, _use_new_zipfile_serialization=zipped)
+    with open_checkpoint(path) as checkpoint:
+        assert isinstance(checkpoint, TorchFileCheckpoint)
+        assert_reads(checkpoint, tensors)
+
+
+class WritesAFile:
+    """A pickle payload: unpickling it calls ``open(marker, "w")``, which creates the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class Harmless:
+    """A custom class: loading it needs this module's code, which weights_only forbids."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+@pytest.mark.parametrize("how", ["torch.save zip", "torch.save legacy", "raw pickle"])
+def test_pickle_that_needs_code_is_refused_and_nothing_runs(tmp_path: Path, how: str) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    payload = {"weight": torch.ones(2), "trap": WritesAFile(marker)}
+    if how == "raw pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=how.endswith("zip"))
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(path)
+    assert str(path) in str(caught.value)
+    assert "refused" in caught.value.reason or "not a readable" in caught.value.reason
+    assert not marker.exists(), "the pickle payload was executed"
+    # the payload is live: an unsafe load does create the file (so the check above means something)
+    if how == "raw pickle":
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_torch_file_with_a_custom_class_is_refused_with_a_clear_reason(tmp_path: Path) -> None:
+    path = tmp_path / "custom.pt"
+    torch.save({"weight": torch.ones(2), "meta": Harmless()}, path)
+    with pytest.raises(CheckpointError, match=r"custom\.pt: refused: .*Harmless"):
+        open_checkpoint(path)
+
+
+def test_torch_file_without_a_state_dict_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([torch.ones(2)], path)
+    with pytest.raises(CheckpointError, match="state dict"):
+        open_checkpoint(path)
+
+
+# --- in-memory sources --------------------------------------------------------------------------
+
+
+def test_module_source_knows_its_linear_weights() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Embedding(5, 4), nn.Linear(4, 2))
+    checkpoint = open_checkpoint(model)
+    assert isinstance(checkpoint, StateDictCheckpoint)
+    assert checkpoint.linear_names == {"0.weight", "3.weight"}
+    assert_reads(checkpoint, {k: v.detach() for k, v in model.state_dict().items()})
+
+
+def test_state_dict_with_a_non_tensor_value_is_refused() -> None:
+    with pytest.raises(CheckpointError, match=r"tensor 'step'.*not a tensor"):
+        open_checkpoint({"w": torch.ones(1), "step": 3})
+
+
+# --- the Merger over every dtype ------------------------------------------------------------------
+
+
+def test_merger_folds_every_dtype_and_shape_and_keeps_them(tmp_path: Path) -> None:
+    base = all_kinds()
+    base_path = tmp_path / "base.safetensors"
+    save_file(base, base_path)
+    arrivals = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        moved = {
+            n: (t.double() + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(
+                t.dtype
+            )
+            if t.is_floating_point()
+            else t
+            for n, t in base.items()
+        }
+        arrivals.append(moved)
+        save_file(moved, tmp_path / f"ft{seed}.safetensors")
+    with Merger(base_path, "average", state_dir=tmp_path / "state") as merger:
+        for seed in (1, 2):
+            assert merger.fold(tmp_path / f"ft{seed}.safetensors").status == "folded"
+        merged = merger.emit_state_dict()
+        merger.emit(tmp_path / "out.safetensors")
+    written = load_file(tmp_path / "out.safetensors")
+    for name, want in base.items():
+        assert_identical(written[name], merged[name], name)
+        assert merged[name].dtype == want.dtype and merged[name].shape == want.shape, name
+        if not want.is_floating_point():
+            assert_identical(merged[name], want, name)  # integer buffers are not merged
+            continue
+        mean = (arrivals[0][name].double() + arrivals[1][name].double()) / 2
+        # f8 keeps three mantissa bits: the mean is only exact to its rounding
+        tol = 0.13 if want.dtype == torch.float8_e4m3fn else 1e-2
+        assert torch.allclose(merged[name].double(), mean, atol=tol, rtol=tol), name
+
+
+# --- PEFT LoRA adapters ---------------------------------------------------------------------
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 12)
+        self.conv = Conv1D(10, 12)  # GPT-2's transposed linear: weight is (in, out) = (12, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(torch.relu(self.fc2(torch.relu(self.fc1(x))))))
+
+
+def make_adapter(tmp_path: Path, safe: bool = True, **config: object):
+    """A saved adapter with nonzero B, the base's tensors, and merge_and_unload's tensors."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = SmallNet()
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(**config))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapter actually change something
+                param.copy_(torch.randn(param.shape, generator=g))
+            elif "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=g))
+    directory = tmp_path / "adapter"
+    model.save_pretrained(directory, safe_serialization=safe)
+    merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    return directory, base_state, merged
+
+
+LORA_CASES = {
+    "plain": dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]),
+    "rslora": dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], use_rslora=True),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["fc1", "fc2"],
+        rank_pattern={"fc2": 2},
+        alpha_pattern={"fc2": 3},
+    ),
+    "fan_in_fan_out": dict(r=3, lora_alpha=6, target_modules=["conv"], fan_in_fan_out=True),
+    "modules_to_save": dict(r=2, lora_alpha=4, target_modules=["fc2"], modules_to_save=["head"]),
+}
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_lora_delta_equals_merge_and_unload(tmp_path: Path, case: str, safe: bool) -> None:
+    directory, base, merged = make_adapter(tmp_path, safe=safe, **LORA_CASES[case])
+    base_meta = StateDictCheckpoint(base).meta
+    with open_checkpoint(directory, base_meta) as adapter:
+        assert isinstance(adapter, LoraCheckpoint)
+        assert not adapter.carries_full_weights
+        changed = {n for n in base if not torch.equal(merged[n], base[n])}
+        assert changed and changed == set(adapter.meta)
+        for name, value in base.items():
+            delta = adapter.delta(name, value)
+            expected = merged[name] - value
+            if delta is None:
+                assert not expected.any(), name
+            else:
+                assert delta.shape == value.shape, name
+                torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_adapter_folds_into_the_base_like_merge_and_unload(tmp_path: Path) -> None:
+    directory, base, merged = make_adapter(tmp_path, **LORA_CASES["modules_to_save"])
+    with Merger(base, "task_arithmetic", tmp_path / "state", scaling_factor=1.0) as merger:
+        merger.fold(directory)
+        out = merger.emit_state_dict()
+    for name in base:
+        torch.testing.assert_close(out[name], merged[name], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_adapter_needs_a_base_and_matching_targets(tmp_path: Path) -> None:
+    directory, base, _ = make_adapter(tmp_path, **LORA_CASES["plain"])
+    with pytest.raises(CheckpointError, match="against a base"):
+        open_checkpoint(directory)
+    other = {k: v for k, v in base.items() if k != "fc2.weight"}
+    with pytest.raises(CheckpointError, match=r"tensor 'fc2.weight'.*base lacks"):
+        open_checkpoint(directory, StateDictCheckpoint(other).meta)
+
+
+def test_dora_adapter_is_refused_not_misread(tmp_path: Path) -> None:
+    directory, base, _ = make_adapter(
+        tmp_path, r=2, lora_alpha=4, target_modules=["fc1"], use_dora=True
+    )
+    with pytest.raises(CheckpointError, match="DoRA"):
+        open_checkpoint(directory, StateDictCheckpoint(base).meta)

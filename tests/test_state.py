@@ -1,0 +1,195 @@
+"""Durability of the state directory: resume, dedupe, locking, and crashes at any point."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fine_tuned, random_base
+from safetensors.torch import load_file, save_file
+
+import contmerge.state
+from contmerge import Merger, StateError
+
+
+def write_models(tmp_path: Path, count: int, scale: int = 1) -> tuple[Path, list[Path]]:
+    base = random_base()
+    if scale > 1:  # larger tensors so a fold takes long enough to be interrupted
+        base["encoder.0.weight"] = torch.randn(256 * scale, 512)
+        base["encoder.1.weight"] = torch.randn(128, 256 * scale)
+        base["encoder.0.bias"] = torch.randn(256 * scale)
+        base["norm.weight"] = torch.ones(256 * scale)
+        base["norm.bias"] = torch.zeros(256 * scale)
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for seed in range(count):
+        path = tmp_path / f"ft{seed}.safetensors"
+        save_file(fine_tuned(base, seed), path)
+        paths.append(path)
+    return tmp_path / "base.safetensors", paths
+
+
+def merged_after(base: Path, paths: list[Path], strategy: str) -> dict[str, torch.Tensor]:
+    merger = Merger(base, strategy)
+    for path in paths:
+        merger.fold(path)
+    return merger.emit_state_dict()
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_after_restart_equals_one_run(tmp_path):
+    base, paths = write_models(tmp_path, 4)
+    state = tmp_path / "state"
+    with Merger(base, "opcm", state) as merger:
+        merger.fold(paths[0])
+        merger.fold(paths[1])
+    with Merger(base, state_dir=state) as merger:  # the strategy comes from the manifest
+        assert merger.count == 2
+        merger.fold(paths[2])
+        merger.fold(paths[3])
+        resumed = merger.emit_state_dict()
+    assert_same(resumed, merged_after(base, paths, "opcm"))
+
+
+def test_manifest_records_every_arrival(tmp_path):
+    base, paths = write_models(tmp_path, 3)
+    state = tmp_path / "state"
+    with Merger(base, "magmax(scaling_factor=0.4)", state) as merger:
+        results = [merger.fold(p) for p in paths]
+    manifest = json.loads((state / "manifest.json").read_text())
+    assert manifest["strategy"] == "magmax(scaling_factor=0.4)"
+    assert [a["index"] for a in manifest["arrivals"]] == [1, 2, 3]
+    assert [a["source"] for a in manifest["arrivals"]] == [str(p) for p in paths]
+    assert [a["hash"] for a in manifest["arrivals"]] == [r.content_hash for r in results]
+    assert len(set(r.content_hash for r in results)) == 3
+    assert manifest["globals"]["count"] == 3
+    # exactly one state file: the one the manifest names
+    files = sorted(p.name for p in state.glob("state-*"))
+    assert files == [manifest["state_file"]]
+
+
+def test_folding_the_same_checkpoint_twice_is_a_no_op(tmp_path):
+    base, paths = write_models(tmp_path, 2)
+    state = tmp_path / "state"
+    with Merger(base, "average", state) as merger:
+        merger.fold(paths[0])
+        before = (state / "manifest.json").read_bytes()
+        again = merger.fold(paths[0])
+        assert again.status == "duplicate" and again.index == 1
+        # the same weights in another format are the same checkpoint
+        torch.save(load_file(paths[0]), tmp_path / "same.pt")
+        assert merger.fold(tmp_path / "same.pt").status == "duplicate"
+        assert (state / "manifest.json").read_bytes() == before
+        assert merger.fold(paths[1]).status == "folded"
+        assert merger.count == 2
+
+
+def test_a_folded_checkpoint_can_be_deleted(tmp_path):
+    base, paths = write_models(tmp_path, 2)
+    state = tmp_path / "state"
+    with Merger(base, "task_arithmetic", state) as merger:
+        merger.fold(paths[0])
+        merger.fold(paths[1])
+    expected = merged_after(base, paths, "task_arithmetic")
+    for path in paths:
+        path.unlink()
+    with Merger(base, state_dir=state) as merger:
+        assert_same(merger.emit_state_dict(), expected)
+
+
+def test_one_writer_per_state_directory(tmp_path):
+    base, _ = write_models(tmp_path, 0)
+    with Merger(base, "average", tmp_path / "state"):
+        with pytest.raises(StateError, match="another process"):
+            Merger(base, state_dir=tmp_path / "state")
+
+
+def test_resume_refuses_another_strategy_or_base(tmp_path):
+    base, paths = write_models(tmp_path, 1)
+    with Merger(base, "opcm", tmp_path / "state") as merger:
+        merger.fold(paths[0])
+    with pytest.raises(StateError, match="made with opcm"):
+        Merger(base, "magmax", tmp_path / "state")
+    with pytest.raises(StateError, match="not the base"):
+        Merger(paths[0], state_dir=tmp_path / "state")
+
+
+def test_a_crash_before_the_manifest_commit_keeps_the_last_state(tmp_path, monkeypatch):
+    base, paths = write_models(tmp_path, 2)
+    state = tmp_path / "state"
+    merger = Merger(base, "opcm", state)
+    merger.fold(paths[0])
+    good = merger.emit_state_dict()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut between the state file and the manifest")
+
+    monkeypatch.setattr(contmerge.state, "atomic_write_bytes", crash)
+    with pytest.raises(KeyboardInterrupt):
+        merger.fold(paths[1])
+    merger.close()
+    monkeypatch.undo()
+    assert len(list(state.glob("state-*"))) == 2  # the new generation was already renamed
+    with Merger(base, state_dir=state) as reopened:
+        assert reopened.count == 1
+        assert_same(reopened.emit_state_dict(), good)
+        assert len(list(state.glob("state-*"))) == 1  # the orphan was swept
+        reopened.fold(paths[1])
+        assert_same(reopened.emit_state_dict(), merged_after(base, paths, "opcm"))
+
+
+FOLDER = textwrap.dedent("""
+    import sys
+    from contmerge import Merger
+    base, state, *paths = sys.argv[1:]
+    with Merger(base, "opcm", state) as merger:
+        for path in paths:
+            merger.fold(path)
+            print("folded", path, flush=True)
+""")
+
+
+def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
+    base, paths = write_models(tmp_path, 6, scale=8)
+    state = tmp_path / "state"
+    script = tmp_path / "folder.py"
+    script.write_text(FOLDER)
+    seen_counts = set()
+    for delay in (0.5, 1.5, 2.5, 3.5, 4.5, 6.0):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(base), str(state), *map(str, paths)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (state / "manifest.json").exists():
+            continue  # killed before the state was created: nothing to check yet
+        with Merger(base, state_dir=state) as merger:
+            count = merger.count
+            order = [Path(a["source"]) for a in merger.arrivals]
+            assert order == paths[:count]
+            assert_same(merger.emit_state_dict(), merged_after(base, paths[:count], "opcm"))
+        seen_counts.add(count)
+    # finish the run: everything pending is folded once, nothing twice
+    with Merger(base, state_dir=state) as merger:
+        results = [merger.fold(p) for p in paths]
+        assert merger.count == len(paths)
+        assert sum(r.status == "folded" for r in results) == len(paths) - max(
+            seen_counts, default=0
+        )
+        assert_same(merger.emit_state_dict(), merged_after(base, paths, "opcm"))
+    assert len(seen_counts) >= 2, f"kills landed at too few distinct points: {seen_counts}"

@@ -1,0 +1,343 @@
+"""Each streaming strategy against a direct computation of its paper's formula, all models in
+memory, on random models with non-square linears, biases, norms, embeddings and int buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contmerge import Merger
+from contmerge.strategy import FoldContext, TensorInfo
+from contmerge.tensorfile import TensorMeta
+from contmerge.strategies.dare import Dare
+from contmerge.strategies.opcm import project_out, split_rank
+from helpers import Model, fine_tuned, float_names, random_base, whole_norm
+
+LINEAR = ("encoder.0.weight", "encoder.1.weight")
+
+
+def run(strategy: str, base: Model, models: list[Model], **kwargs) -> Model:
+    merger = Merger(base, strategy, **kwargs)
+    for model in models:
+        assert merger.fold(model).status == "folded"
+    return merger.emit_state_dict()
+
+
+def deltas(base: Model, models: list[Model]) -> list[Model]:
+    return [{n: m[n].double() - base[n].double() for n in float_names(base)} for m in models]
+
+
+def assert_close(merged: Model, expected: Model, base: Model, tol: float = 1e-5) -> None:
+    for name, value in base.items():
+        if not value.is_floating_point():
+            assert torch.equal(merged[name], value), f"{name}: int buffers are not merged"
+            continue
+        assert merged[name].dtype == value.dtype
+        torch.testing.assert_close(
+            merged[name].double(), expected[name].double(), atol=tol, rtol=tol, msg=name
+        )
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[Model, list[Model]]:
+    base = random_base()
+    return base, [fine_tuned(base, seed) for seed in range(5)]
+
+
+def test_average_is_the_mean_of_the_models(setup):
+    base, models = setup
+    expected = {n: torch.stack([m[n].double() for m in models]).mean(0) for n in float_names(base)}
+    assert_close(run("average", base, models), expected, base)
+
+
+def test_task_arithmetic(setup):
+    base, models = setup
+    taus = deltas(base, models)
+    expected = {n: base[n] + 0.3 * sum(t[n] for t in taus) for n in float_names(base)}
+    assert_close(run("task_arithmetic", base, models), expected, base)
+    expected = {n: base[n] + 0.7 * sum(t[n] for t in taus) for n in float_names(base)}
+    assert_close(run("task_arithmetic", base, models, scaling_factor=0.7), expected, base)
+
+
+def test_magmax_picks_the_largest_magnitude(setup):
+    base, models = setup
+    taus = deltas(base, models)
+    expected = {}
+    for name in float_names(base):
+        stacked = torch.stack([t[name] for t in taus])
+        pick = stacked.abs().argmax(0)
+        expected[name] = base[name] + 0.5 * torch.gather(stacked, 0, pick[None])[0]
+    assert_close(run("magmax", base, models), expected, base)
+
+
+def test_magmax_ties_go_to_the_later_model():
+    # dyadic values keep θ0 ± δ exact, so τ_2 = −τ_1 is a magnitude tie at every entry
+    dyadic = {
+        n: (torch.round(v * 256) / 256 if v.is_floating_point() else v)
+        for n, v in random_base().items()
+    }
+    step = {n: torch.round(torch.randn(v.shape) * 64) / 1024 for n, v in dyadic.items()}
+    first = {n: v + step[n] if v.is_floating_point() else v for n, v in dyadic.items()}
+    mirrored = {n: v - step[n] if v.is_floating_point() else v for n, v in dyadic.items()}
+    merged = run("magmax", dyadic, [first, mirrored])
+    expected = {n: dyadic[n] - 0.5 * step[n] for n in float_names(dyadic)}
+    assert_close(merged, expected, dyadic, tol=0)
+
+
+def reference_opcm(base: Model, models: list[Model], alpha: float) -> Model:
+    """The authors' form: merged model and λ_t, full-matrix SVD of the normalised merged vector."""
+    names = float_names(base)
+    taus = deltas(base, models)
+    merged = {n: models[0][n].double() for n in names}
+    lam, norms = 1.0, [whole_norm(taus[0], names)]
+    for tau in taus[1:]:
+        norms.append(whole_norm(tau, names))
+        unnormalised = {}
+        for n in names:
+            m = merged[n] - base[n].double()
+            if n in LINEAR and m.abs().sum() > 0:
+                u, s, vh = torch.linalg.svd(m, full_matrices=True)
+                share = torch.cumsum(s, 0) / s.sum()
+                r = int(torch.argmax((share > alpha).int()))  # argmax of all-False is 0
+                c = u.T @ tau[n] @ vh.T
+                c[torch.arange(min(c.shape)), torch.arange(min(c.shape))] = 0
+                c[:r, :r] = 0
+                d_clean = u @ c @ vh
+            else:
+                d_clean = tau[n]
+            unnormalised[n] = lam * m + d_clean
+        lam = whole_norm(unnormalised, names) / (sum(norms) / len(norms))
+        merged = {n: base[n].double() + unnormalised[n] / lam for n in names}
+    return merged
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.9])
+def test_opcm_matches_the_authors_form(alpha):
+    # float64 end to end: the thin-SVD streaming form equals the full-SVD λ-recurrence exactly
+    base = random_base(dtype=torch.float64)
+    models = [fine_tuned(base, s) for s in range(5)]
+    merged = run("opcm", base, models, alpha=alpha, linear=r"^encoder\.\d\.weight$")
+    assert_close(merged, reference_opcm(base, models, alpha), base, tol=1e-10)
+
+
+def test_opcm_float32_stays_within_svd_rounding(setup):
+    base, models = setup
+    merged = run("opcm", base, models, linear=r"^encoder\.\d\.weight$")
+    assert_close(merged, reference_opcm(base, models, 0.5), base, tol=2e-4)
+
+
+def test_opcm_only_projects_linear_weights_by_default_heuristic(setup):
+    base, models = setup
+    merger = Merger(base, "opcm")
+    assert {n for n, i in merger.infos.items() if i.is_linear} == set(LINEAR)
+
+
+def test_opcm_emitted_norm_is_the_mean_arrival_norm(setup):
+    base, models = setup
+    merged = run("opcm", base, models)
+    names = float_names(base)
+    merged_tau = {n: merged[n].double() - base[n].double() for n in names}
+    mean_norm = sum(whole_norm(t, names) for t in deltas(base, models)) / len(models)
+    assert whole_norm(merged_tau, names) == pytest.approx(mean_norm, rel=1e-5)
+
+
+def test_opcm_projection_removes_diagonal_and_top_block():
+    g = torch.Generator().manual_seed(3)
+    merged = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    delta = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    kept = project_out(merged, delta, alpha=0.5)
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    r = split_rank(s, 0.5)
+    assert 0 < r < 24
+    coeffs = u.T @ kept @ vh.T
+    assert coeffs.diagonal().abs().max() < 1e-12
+    assert coeffs[:r, :r].abs().max() < 1e-12
+    # everything else of the delta survives untouched
+    original = u.T @ delta @ vh.T
+    mask = torch.ones_like(original, dtype=torch.bool)
+    mask[:r, :r] = False
+    mask.fill_diagonal_(False)
+    torch.testing.assert_close(coeffs[mask], original[mask])
+    outside = delta - u @ original @ vh  # the part of delta outside U's column space
+    torch.testing.assert_close(kept - u @ coeffs @ vh, outside)
+
+
+def test_split_rank_edges():
+    sigma = torch.tensor([5.0, 3.0, 2.0])  # shares 0.5, 0.8, 1.0
+    assert split_rank(sigma, 0.5) == 1  # strictly greater than α
+    assert split_rank(sigma, 0.0) == 0
+    assert split_rank(sigma, 0.8) == 2
+    assert split_rank(sigma, 0.99) == 2
+    with pytest.raises(ValueError, match="alpha"):
+        Merger(random_base(), "opcm", alpha=1.0)
+
+
+def test_opcm_adds_unprojected_where_the_merged_layer_is_all_zero():
+    base = random_base()
+    first = fine_tuned(base, 0)
+    first["encoder.1.weight"] = base["encoder.1.weight"].clone()  # a frozen layer
+    second = fine_tuned(base, 1)
+    merger = Merger(base, "opcm")
+    merger.fold(first)
+    merger.fold(second)
+    state = merger.store.read("encoder.1.weight")["value"]
+    expected = second["encoder.1.weight"] - base["encoder.1.weight"]
+    torch.testing.assert_close(state, expected)
+
+
+def reference_ties(base: Model, models: list[Model], lam=0.3, k=20, merge_func="sum") -> Model:
+    """The authors' continual TIES on whole-model flattened vectors (kthvalue, sign election)."""
+    names = float_names(base)
+    taus = deltas(base, models)
+
+    def flat(model: Model) -> torch.Tensor:
+        return torch.cat([model[n].reshape(-1) for n in names])
+
+    merged_tv = {n: lam * taus[0][n] for n in names}
+    for tau in taus[1:]:
+        rows = torch.stack([flat(merged_tv), flat(tau)])
+        d = rows.shape[1]
+        kth = rows.abs().kthvalue(d - int(d * k / 100), dim=1, keepdim=True).values
+        rows = rows * (rows.abs() >= kth)
+        signs = torch.sign(rows.sum(0))
+        signs[signs == 0] = torch.sign(signs.sum())
+        keep = torch.where(signs > 0, rows > 0, rows < 0)
+        selected = rows * keep
+        combined = selected.sum(0)
+        if merge_func == "mean":
+            combined = combined / (selected != 0).sum(0).clamp(min=1)
+        offset = 0
+        for n in names:
+            size = merged_tv[n].numel()
+            merged_tv[n] = merged_tv[n] + lam * combined[offset : offset + size].view_as(tau[n])
+            offset += size
+    return {n: base[n].double() + merged_tv[n] for n in names}
+
+
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+def test_continual_ties_matches_whole_model_reference(merge_func):
+    base = random_base(dtype=torch.float64)  # float64: the reference's kthvalue is exact too
+    models = [fine_tuned(base, s) for s in range(4)]
+    merged = run("ties", base, models, merge_func=merge_func)
+    assert_close(merged, reference_ties(base, models, merge_func=merge_func), base, tol=1e-10)
+
+
+def test_continual_ties_float32_thresholds_are_exact():
+    base = random_base()
+    models = [fine_tuned(base, s) for s in range(3)]
+    merged = run("ties", base, models, threshold=35.0)
+    assert_close(merged, reference_ties(base, models, k=35), base, tol=1e-5)
+
+
+def test_ties_depends_on_order(setup):
+    base, models = setup
+    forward = run("ties", base, models)
+    backward = run("ties", base, models[::-1])
+    assert not torch.allclose(forward["encoder.0.weight"], backward["encoder.0.weight"])
+
+
+def dare_info(name: str, shape: tuple[int, ...]) -> TensorInfo:
+    return TensorInfo(name, TensorMeta(shape, torch.float32), False, torch.float32)
+
+
+def test_dare_drops_with_probability_p_and_rescales_survivors():
+    delta = torch.randn(200, 300)
+    ctx = FoldContext(index=1, globals={})
+    out = Dare(p=0.9, seed=1).transform(dare_info("w", tuple(delta.shape)), delta, ctx)
+    kept = out != 0
+    assert 0.08 < kept.float().mean() < 0.12
+    torch.testing.assert_close(out[kept], delta[kept] / 0.1)
+    again = Dare(p=0.9, seed=1).transform(dare_info("w", tuple(delta.shape)), delta, ctx)
+    assert torch.equal(out, again)
+    other = Dare(p=0.9, seed=2).transform(dare_info("w", tuple(delta.shape)), delta, ctx)
+    assert not torch.equal(out, other)
+    with pytest.raises(ValueError):
+        Dare(p=1.0)
+
+
+def test_dare_chain_applies_the_rule_to_dropped_deltas(setup):
+    base, models = setup
+    merged = run("chain(dare(p=0.5, seed=3), task_arithmetic())", base, models)
+    dare = Dare(p=0.5, seed=3)
+    expected = {n: base[n].double().clone() for n in float_names(base)}
+    for index, tau in enumerate(deltas(base, models), start=1):
+        ctx = FoldContext(index=index, globals={})
+        for n in float_names(base):
+            dropped = dare.transform(dare_info(n, tuple(base[n].shape)), tau[n].float(), ctx)
+            expected[n] += 0.3 * dropped.double()
+    assert_close(merged, expected, base)
+
+
+def test_fisher_is_the_fisher_weighted_average(setup):
+    base, models = setup
+    g = torch.Generator().manual_seed(9)
+    fishers = [
+        {n: torch.rand(base[n].shape, generator=g) for n in float_names(base)} for _ in models
+    ]
+    for f in fishers:
+        f["norm.bias"][:5] = 0  # where every Fisher is zero: plain average
+    merger = Merger(base, "fisher")
+    for model, fisher in zip(models, fishers):
+        merger.fold(model, extras={"fisher": fisher})
+    merged = merger.emit_state_dict()
+    expected = {}
+    for n in float_names(base):
+        num = sum(f[n].double() * m[n].double() for f, m in zip(fishers, models))
+        den = sum(f[n].double() for f in fishers)
+        mean = sum(m[n].double() for m in models) / len(models)
+        expected[n] = torch.where(den > 0, num / den.clamp(min=1e-300), mean)
+    assert_close(merged, expected, base)
+
+
+def test_regmean_solves_the_regression_for_linear_weights(setup):
+    base, models = setup
+    g = torch.Generator().manual_seed(11)
+    grams = []
+    for _ in models:
+        grams.append({})
+        for n in LINEAR:
+            x = torch.randn(64, base[n].shape[1], generator=g)
+            grams[-1][n] = x.T @ x
+    merger = Merger(base, "regmean", linear=r"^encoder\.\d\.weight$")
+    for model, gram in zip(models, grams):
+        merger.fold(model, extras={"gram": gram})
+    merged = merger.emit_state_dict()
+    expected = {}
+    for n in float_names(base):
+        if n in LINEAR:
+            weighted = sum(m[n].double() @ gr[n].double() for m, gr in zip(models, grams))
+            total = sum(gr[n].double() for gr in grams)
+            expected[n] = torch.linalg.solve(total, weighted.T).T
+        else:
+            expected[n] = sum(m[n].double() for m in models) / len(models)
+    assert_close(merged, expected, base, tol=1e-4)
+
+
+def test_strategy_needing_statistics_says_so(setup):
+    base, models = setup
+    with pytest.raises(Exception, match="fisher"):
+        Merger(base, "fisher").fold(models[0])
+
+
+@pytest.mark.parametrize("strategy", ["average", "magmax", "opcm", "ties", "task_arithmetic"])
+def test_disk_and_memory_states_agree_exactly(setup, tmp_path, strategy):
+    base, models = setup
+    in_memory = run(strategy, base, models)
+    on_disk = run(strategy, base, models, state_dir=tmp_path / "state")
+    for name in base:
+        assert torch.equal(in_memory[name], on_disk[name]), name
+
+
+@pytest.mark.parametrize("strategy", ["average", "magmax", "opcm", "ties"])
+def test_half_precision_bases_merge_in_float32(strategy):
+    base = random_base(dtype=torch.bfloat16)
+    models = [fine_tuned(base, s) for s in range(3)]
+    merged = run(strategy, base, models)
+    as_float = run(
+        strategy,
+        {k: (v.float() if v.is_floating_point() else v) for k, v in base.items()},
+        [{k: (v.float() if v.is_floating_point() else v) for k, v in m.items()} for m in models],
+    )
+    for name in float_names(base):
+        assert merged[name].dtype == torch.bfloat16
+        assert torch.equal(merged[name], as_float[name].to(torch.bfloat16)), name
