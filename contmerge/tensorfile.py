@@ -40,7 +40,7 @@ DTYPE_BY_CODE: dict[str, torch.dtype] = {
 }
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-SAFETENSORS_MAGIC_HINTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
+FOREIGN_SIGNATURES = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,19 @@ class SafetensorsReader:
         prefix = self._handle.read(8)
         if len(prefix) < 8:
             raise _fail(self.path, f"truncated: {size} bytes is too short for a safetensors file")
-        if prefix.startswith(SAFETENSORS_MAGIC_HINTS):
-            raise _fail(self.path, "this is a pickle/zip (torch.save) file, not safetensors")
         (header_len,) = struct.unpack("<Q", prefix)
+        raw = self._handle.read(header_len) if header_len <= MAX_HEADER_BYTES else b""
+        # the first 8 bytes are a length, so a pickle/zip signature there proves nothing by
+        # itself: name the format only once the file has failed to parse as safetensors
+        foreign = prefix.startswith(FOREIGN_SIGNATURES) and not raw.startswith(b"{")
+        if foreign:
+            raise _fail(self.path, "this is a pickle/zip (torch.save) file, not safetensors")
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise _fail(
                 self.path,
                 f"malformed or truncated header (declares {header_len} header bytes, "
                 f"file has {size})",
             )
-        raw = self._handle.read(header_len)
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -193,3 +193,20 @@ def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
         )
         assert_same(merger.emit_state_dict(), merged_after(base, paths, "opcm"))
     assert len(seen_counts) >= 2, f"kills landed at too few distinct points: {seen_counts}"
+
+
+@pytest.mark.parametrize("header_bytes", [0x280, 0x480, 0x580])
+def test_headers_whose_length_looks_like_a_pickle_opcode_still_read(tmp_path, header_bytes):
+    """A header length of 0x480 starts the file with 80 04, the opening of pickle protocol 4."""
+    from contmerge.tensorfile import SafetensorsReader
+
+    tensors = {"w": torch.arange(16.0).reshape(4, 4)}
+    for pad in range(header_bytes):
+        save_file(tensors, tmp_path / "x.safetensors", metadata={"pad": "x" * pad})
+        raw = (tmp_path / "x.safetensors").read_bytes()
+        if int.from_bytes(raw[:8], "little") == header_bytes:
+            break
+    else:
+        pytest.skip("could not hit the header length exactly")
+    with SafetensorsReader(tmp_path / "x.safetensors") as reader:
+        assert torch.equal(reader.read("w"), tensors["w"])
