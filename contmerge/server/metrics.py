@@ -30,7 +30,11 @@ def _number(value: float) -> str:
 
 class Counter:
     def __init__(
-        self, name: str, help: str, labelnames: Sequence[str] = (), known: Sequence[LabelValues] = ()
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        known: Sequence[LabelValues] = (),
     ) -> None:
         self.name, self.help, self.labelnames = name, help, tuple(labelnames)
         self._lock = threading.Lock()
@@ -60,16 +64,21 @@ class Counter:
 
 
 class Gauge:
-    """A value computed when scraped (queue depth, state count): never stale."""
+    """A value set by the server, or computed when scraped (queue depth): never stale."""
 
-    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
+    def __init__(self, name: str, help: str, read: Callable[[], float] | None = None) -> None:
         self.name, self.help, self._read = name, help, read
+        self._value = 0.0
+
+    def set(self, value: float) -> None:
+        self._value = float(value)
 
     def render(self) -> list[str]:
+        value = self._read() if self._read is not None else self._value
         return [
             f"# HELP {self.name} {self.help}",
             f"# TYPE {self.name} gauge",
-            f"{self.name} {_number(self._read())}",
+            f"{self.name} {_number(value)}",
         ]
 
 
@@ -120,3 +129,65 @@ class Registry:
 
     def render(self) -> str:
         return "\n".join(line for m in self._metrics for line in m.render()) + "\n"
+
+
+ORIGINS = (("http",), ("inbox",))
+
+
+class ServerMetrics:
+    """The merge server's metrics; gauges that read live values are added by the service."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        add = self.registry.add
+        self.accepted = add(
+            Counter(
+                "contmerge_accepted_total",
+                "Checkpoints accepted into the queue.",
+                ("origin",),
+                ORIGINS,
+            )
+        )
+        self.folded = add(
+            Counter(
+                "contmerge_folded_total", "Checkpoints folded into the state.", ("origin",), ORIGINS
+            )
+        )
+        self.duplicates = add(
+            Counter(
+                "contmerge_duplicates_total",
+                "Arrivals already folded (no-ops).",
+                ("origin",),
+                ORIGINS,
+            )
+        )
+        self.rejected = add(
+            Counter(
+                "contmerge_rejected_total",
+                "Arrivals rejected, with nothing merged.",
+                ("origin",),
+                ORIGINS,
+            )
+        )
+        self.busy = add(
+            Counter("contmerge_backpressure_total", "Uploads refused with 503 (queue full).")
+        )
+        self.upload_bytes = add(
+            Counter("contmerge_upload_bytes_total", "Bytes of accepted uploads.")
+        )
+        self.fold_seconds = add(
+            Histogram(
+                "contmerge_fold_seconds",
+                "Seconds per fold (duplicates included).",
+                (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            )
+        )
+        self.last_fold = add(
+            Gauge("contmerge_last_fold_timestamp_seconds", "Unix time of the last fold.")
+        )
+
+    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self.registry.add(Gauge(name, help, read))
+
+    def render(self) -> str:
+        return self.registry.render()

@@ -71,6 +71,11 @@ class Spool:
         pending = self.pending()
         self._next = max([first_sequence, *(id_sequence(s.id) + 1 for s in pending)])
 
+    def continue_after(self, sequence: int) -> None:
+        """Never reuse an id the journal has seen (ids label arrivals in the manifest)."""
+        with self._lock:
+            self._next = max(self._next, sequence + 1)
+
     def new_id(self) -> str:
         with self._lock:
             sequence, self._next = self._next, self._next + 1

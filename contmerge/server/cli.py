@@ -1,0 +1,177 @@
+"""``contmerge serve``: the merge server from the command line.
+
+Only argparse at import time: ``contmerge.cli`` imports this module to build its parser for
+every command, so FastAPI, uvicorn and torch are imported when ``serve`` actually runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+
+DEFAULT_PORT = 8470
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the merge server (watched inbox + authenticated HTTP uploads)",
+        description="Fold checkpoints as they arrive, one at a time, into a durable merge "
+        "state: from a watched inbox directory and from authenticated HTTP uploads. Crash-safe: "
+        "accepted uploads are spooled before they are acknowledged and a restart folds what "
+        "was pending. Needs a token (--token-file or $CONTMERGE_TOKEN) unless "
+        "--insecure-no-auth on a loopback host.",
+    )
+    serve.add_argument("--state", required=True, help="state directory (created or resumed)")
+    serve.add_argument("--base", required=True, help="base model (file, sharded index or dir)")
+    serve.add_argument("--strategy", help="strategy spec, e.g. opcm (needed to create the state)")
+    serve.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a hyper-parameter of the strategy (repeatable)",
+    )
+    serve.add_argument("--linear", help="regex of tensor names to treat as nn.Linear weights")
+    serve.add_argument(
+        "--max-relative-delta",
+        type=float,
+        default=1.0,
+        help="reject a checkpoint whose ‖θ−θ0‖/‖θ0‖ exceeds this (default 1.0)",
+    )
+    serve.add_argument(
+        "--any-base", action="store_true", help="do not reject checkpoints far from the base"
+    )
+    serve.add_argument("--inbox", help="directory to watch for checkpoints (renamed into place)")
+    serve.add_argument(
+        "--poll-interval", type=float, default=1.0, help="seconds between inbox scans (default 1)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port ({DEFAULT_PORT}; 0 picks a free one)"
+    )
+    serve.add_argument("--token-file", help="file holding the bearer token (else $CONTMERGE_TOKEN)")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="no authentication; refused unless --host is a loopback address",
+    )
+    serve.add_argument("--tls-cert", help="TLS certificate (PEM); serve HTTPS with --tls-key")
+    serve.add_argument("--tls-key", help="TLS private key (PEM)")
+    serve.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=None,
+        help="largest upload accepted, in bytes (default 16 GiB); larger ones get 413",
+    )
+    serve.add_argument(
+        "--queue-size",
+        type=int,
+        default=None,
+        help="checkpoints that may wait for the writer (default 64); beyond it uploads get 503",
+    )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for folding (default: torch's choice; on a busy shared machine 1 "
+        "avoids threads spinning against each other)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.set_defaults(func=run_serve)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so that ``--port 0`` can report the port it got."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own log lines (folds, rejections, recovery), without touching the root
+    logger of whatever process runs this."""
+    logger = logging.getLogger("contmerge.server")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..cli import _parse_settings
+    from .app import create_app
+    from .auth import AuthSetupError, is_loopback, load_token
+    from .service import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, MergeService, ServeSettings
+
+    _log_to_stderr(args.log_level)
+    try:
+        token = load_token(args.token_file, args.insecure_no_auth, args.host)
+    except AuthSetupError as exc:
+        print(f"contmerge serve: {exc}", file=sys.stderr)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("contmerge serve: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if token is not None and not args.tls_cert and not is_loopback(args.host):
+        print(
+            "contmerge serve: warning: the token and the weights travel in clear text; "
+            "use --tls-cert/--tls-key (or a TLS proxy) off loopback",
+            file=sys.stderr,
+        )
+    settings = ServeSettings(
+        state=Path(args.state),
+        base=args.base,
+        strategy=args.strategy,
+        hparams=_parse_settings(args.set),
+        linear=args.linear,
+        max_relative_delta=None if args.any_base else args.max_relative_delta,
+        inbox=Path(args.inbox) if args.inbox else None,
+        poll_interval=args.poll_interval,
+        max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
+        queue_size=args.queue_size or DEFAULT_QUEUE_SIZE,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sock = _bind(args.host, args.port)
+    try:
+        service = MergeService(settings)  # ContmergeError (bad state, base) → exit 1 in main()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        config = uvicorn.Config(
+            create_app(service, token),
+            ssl_certfile=args.tls_cert,
+            ssl_keyfile=args.tls_key,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=10,
+        )
+        scheme = "https" if args.tls_cert else "http"
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(
+            f"contmerge serve: listening on {scheme}://{shown}:{port} "
+            f"(state {settings.state}, {service.merger.count} folded, "
+            f"{len(service.queue)} pending)",
+            flush=True,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.stop()
+        service.close()
+        sock.close()
+    return 0

@@ -1,0 +1,370 @@
+"""The merge service: the Merger, its writer thread, the queue, the spool, the journal and the
+inbox wired together, with the recovery that makes a restart pick up where a crash left off.
+
+The HTTP layer (app.py) only calls into this object; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import CheckpointError
+from ..merger import Merger
+from ..tensorfile import SafetensorsReader
+from .inbox import InboxEntry, InboxWatcher, is_ignored
+from .journal import FINAL_EVENTS, JOURNAL_FILE, Journal
+from .metrics import ServerMetrics
+from .spool import SPOOL_DIR, Spool, Spooled, id_sequence
+from .status import StatusBoard
+from .worker import Writer
+from .workqueue import WorkItem, WorkQueue
+
+log = logging.getLogger("contmerge.server")
+EMIT_DIR = "server-cache"
+DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024**3
+DEFAULT_QUEUE_SIZE = 64
+
+
+@dataclass
+class ServeSettings:
+    state: Path
+    base: str
+    strategy: str | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    linear: str | None = None
+    max_relative_delta: float | None = 1.0
+    inbox: Path | None = None
+    poll_interval: float = 1.0
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    queue_size: int = DEFAULT_QUEUE_SIZE
+
+
+class UploadRejected(Exception):
+    """An upload refused before it was queued; ``record`` is its journal line."""
+
+    def __init__(self, status_code: int, record: dict[str, Any]) -> None:
+        super().__init__(record.get("reason"))
+        self.status_code = status_code
+        self.record = record
+
+
+class MergeService:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.started = time.time()
+        # opening the Merger takes the state's lock: a second server on this state fails here
+        self.merger = Merger(
+            settings.base,
+            settings.strategy,
+            settings.state,
+            linear=settings.linear,
+            max_relative_delta=settings.max_relative_delta,
+            **settings.hparams,
+        )
+        try:
+            self._setup(settings)
+        except BaseException:
+            self.merger.close()
+            raise
+
+    def _setup(self, settings: ServeSettings) -> None:
+        state = settings.state
+        self.journal = Journal(state / JOURNAL_FILE)
+        self.board = StatusBoard()
+        self.metrics = ServerMetrics()
+        self.queue = WorkQueue(settings.queue_size)
+        self.spool = Spool(state / SPOOL_DIR)
+        self.writer = Writer(
+            self.merger, self.queue, self.journal, self.board, self.metrics, state / EMIT_DIR
+        )
+        self.inbox: InboxWatcher | None = None
+        if settings.inbox is not None:
+            self.inbox = InboxWatcher(
+                settings.inbox,
+                self._submit_inbox,
+                settings.poll_interval,
+                self.merger.strategy.needs_extras,
+            )
+        self._add_gauges()
+        self._recover()
+
+    def _add_gauges(self) -> None:
+        gauge = self.metrics.gauge
+        gauge("contmerge_queue_depth", "Checkpoints waiting for the writer.", self.queue.__len__)
+        gauge("contmerge_queue_capacity", "Bound of the queue.", lambda: self.queue.capacity)
+        gauge(
+            "contmerge_state_count",
+            "Checkpoints folded into the state.",
+            lambda: self.writer.manifest["globals"]["count"],
+        )
+        gauge(
+            "contmerge_state_generation",
+            "Commits of the state.",
+            lambda: self.writer.manifest["generation"],
+        )
+        gauge(
+            "contmerge_writer_busy", "1 while a fold runs.", lambda: self.board.current is not None
+        )
+        gauge("contmerge_start_time_seconds", "Unix time the server started.", lambda: self.started)
+
+    # --- recovery ---------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Re-queue what was accepted and not finished; finish what was finished but not cleared."""
+        spooled = self.spool.pending()
+        spool_ids = {s.id for s in spooled}
+        inbox_names = set()
+        if self.settings.inbox is not None:
+            inbox_names = {n for n in os.listdir(self.settings.inbox) if not is_ignored(n)}
+        last_of: dict[str, dict[str, Any]] = {}
+        self._inbox_memory: dict[str, dict[str, Any]] = {}
+        tail: deque[dict[str, Any]] = deque(maxlen=1000)
+        highest = 0
+        for record in self.journal.records():
+            checkpoint_id = str(record.get("id", ""))
+            highest = max(highest, id_sequence(checkpoint_id))
+            if checkpoint_id in spool_ids:
+                last_of[checkpoint_id] = record
+            elif record.get("origin") == "inbox" and record.get("name") in inbox_names:
+                self._inbox_memory[record["name"]] = record
+            tail.append(record)
+        for record in tail:
+            self.board.record(record)
+        self.spool.continue_after(highest)
+        for spooled_item in spooled:
+            last = last_of.get(spooled_item.id)
+            if last is not None and last.get("event") in FINAL_EVENTS:
+                self.spool.discard(spooled_item.path)  # journaled, then killed before clearing
+                continue
+            if last is None:  # renamed into the spool, then killed before the journal line
+                self._journal(
+                    {
+                        "event": "accepted",
+                        "id": spooled_item.id,
+                        "origin": "http",
+                        "name": spooled_item.name,
+                        "label": upload_label(spooled_item.id, spooled_item.name),
+                        "bytes": spooled_item.path.stat().st_size,
+                        "recovered": True,
+                    }
+                )
+            extra = {"sha256": last["sha256"]} if last and "sha256" in last else {}
+            self.queue.put_recovered(self._upload_item(spooled_item, extra))
+        if spooled:
+            log.info("re-queued %d upload(s) from the spool", len(self.queue))
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.writer.start()
+        if self.inbox is not None:
+            self.inbox.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking work; let a running fold commit (it is atomic either way)."""
+        if self.inbox is not None:
+            self.inbox.stop()
+        self.writer.stop()
+        if self.writer.is_alive():
+            self.writer.join(timeout)
+        if self.inbox is not None and self.inbox.is_alive():
+            self.inbox.join(timeout)
+
+    def close(self) -> None:
+        if not self.writer.is_alive():
+            self.merger.close()
+        self.journal.close()
+
+    # --- arrivals -----------------------------------------------------------------------------
+    def _journal(self, record: dict[str, Any]) -> dict[str, Any]:
+        written = self.journal.append(record)
+        self.board.record(written)
+        return written
+
+    def _upload_item(self, spooled: Spooled, extra: dict[str, Any]) -> WorkItem:
+        return WorkItem(
+            id=spooled.id,
+            name=spooled.name,
+            origin="http",
+            path=spooled.path,
+            label=upload_label(spooled.id, spooled.name),
+            finish=lambda _event, _reason: self.spool.discard(spooled.path),
+            extra=extra,
+        )
+
+    def reserve_upload(self) -> bool:
+        """Hold a queue slot for an upload about to stream in; False (and counted) when full."""
+        if self.queue.reserve():
+            return True
+        self.metrics.busy.inc()
+        return False
+
+    def reject_upload(
+        self, status_code: int, checkpoint_id: str, name: str, reason: str, **fields: Any
+    ) -> UploadRejected:
+        record = self._journal(
+            {
+                "event": "rejected",
+                "id": checkpoint_id,
+                "origin": "http",
+                "name": name[:200],
+                "reason": reason,
+                **fields,
+            }
+        )
+        self.metrics.rejected.inc(1, "http")
+        return UploadRejected(status_code, record)
+
+    def accept_upload(
+        self,
+        temp: Path,
+        handle: IO[bytes],
+        checkpoint_id: str,
+        name: str,
+        size: int,
+        sha256: str,
+        client: str | None,
+    ) -> dict[str, Any]:
+        """Validate, make durable, journal and queue an upload whose slot is reserved.
+
+        Blocking (fsync): call it from a worker thread. Raises UploadRejected (422) for a body
+        that is not a readable safetensors file; the caller releases the slot on any error.
+        """
+        handle.flush()
+        try:
+            SafetensorsReader(temp).close()  # the header: truncation, garbage, pickles
+        except CheckpointError as exc:
+            handle.close()
+            self.spool.discard(temp)
+            raise self.reject_upload(
+                422, checkpoint_id, name, exc.reason, bytes=size, sha256=sha256
+            ) from exc
+        path = self.spool.commit(temp, handle, checkpoint_id, name)
+        extra = {"sha256": sha256}
+        record = self._journal(
+            {
+                "event": "accepted",
+                "id": checkpoint_id,
+                "origin": "http",
+                "name": name,
+                "label": upload_label(checkpoint_id, name),
+                "bytes": size,
+                "client": client,
+                **extra,
+            }
+        )
+        self.metrics.accepted.inc(1, "http")
+        self.metrics.upload_bytes.inc(size)
+        self.queue.put_reserved(self._upload_item(Spooled(checkpoint_id, name, path), extra))
+        return record
+
+    def _submit_inbox(self, entry: InboxEntry) -> bool:
+        """Called by the inbox watcher for a complete entry; False when the queue is full."""
+        assert self.inbox is not None
+        inbox = self.inbox
+        memory = self._inbox_memory.pop(entry.name, None)
+        if memory is not None and memory.get("signature") != entry.signature:
+            memory = None  # same name, different file: a new arrival
+        if memory is not None and memory.get("event") in FINAL_EVENTS:
+            # journaled before a crash, not moved yet
+            inbox.settle(entry, memory["id"], memory["event"], memory.get("reason"))
+            return True
+        if not self.queue.reserve():
+            if memory is not None:
+                self._inbox_memory[entry.name] = memory
+            return False
+        checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
+        extra = {"signature": entry.signature}
+        if memory is None:
+            self._journal(
+                {
+                    "event": "accepted",
+                    "id": checkpoint_id,
+                    "origin": "inbox",
+                    "name": entry.name,
+                    "label": inbox_label(checkpoint_id, entry.name),
+                    **extra,
+                }
+            )
+            self.metrics.accepted.inc(1, "inbox")
+        self.queue.put_reserved(
+            WorkItem(
+                id=checkpoint_id,
+                name=entry.name,
+                origin="inbox",
+                path=entry.path,
+                label=inbox_label(checkpoint_id, entry.name),
+                finish=lambda event, reason: inbox.settle(entry, checkpoint_id, event, reason),
+                extra=extra,
+            )
+        )
+        return True
+
+    # --- reading ------------------------------------------------------------------------------
+    def lookup(self, checkpoint_id: str) -> dict[str, Any] | None:
+        return self.board.lookup(checkpoint_id)
+
+    def manifest(self) -> dict[str, Any]:
+        return self.writer.manifest
+
+    def open_merged(self, timeout: float = 3600.0) -> tuple[IO[bytes], dict[str, int]]:
+        """The current merged model, emitted by the writer between two folds."""
+        return self.queue.call(self.writer.open_merged).result(timeout)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one fold, at least 1, at most 60."""
+        return int(min(60, max(1, round(self.metrics.fold_seconds.mean() + 0.5))))
+
+    def healthy(self) -> bool:
+        return self.writer.is_alive()
+
+    def status(self) -> dict[str, Any]:
+        manifest = self.writer.manifest
+        folded = manifest["arrivals"][-20:]
+        metrics = self.metrics
+        inbox = self.inbox
+        return {
+            "state": {
+                "directory": str(self.settings.state),
+                "strategy": manifest["strategy"],
+                "base": manifest["base"]["source"],
+                "count": manifest["globals"]["count"],
+                "generation": manifest["generation"],
+            },
+            "queue": {
+                "depth": len(self.queue),
+                "capacity": self.queue.capacity,
+                "folding": self.board.current,
+            },
+            "totals": {  # since this process started; the journal has the whole history
+                "accepted": int(metrics.accepted.total()),
+                "folded": int(metrics.folded.total()),
+                "duplicates": int(metrics.duplicates.total()),
+                "rejected": int(metrics.rejected.total()),
+                "backpressure": int(metrics.busy.total()),
+            },
+            "last_error": self.board.last_error,
+            "recent": self.board.recent(),
+            "folded": folded[::-1],
+            "inbox": None
+            if inbox is None
+            else {
+                "directory": str(inbox.directory),
+                "scans": inbox.scans,
+                "waiting": inbox.waiting,
+            },
+            "limits": {"max_upload_bytes": self.settings.max_upload_bytes},
+            "uptime_seconds": round(time.time() - self.started, 3),
+        }
+
+
+def upload_label(checkpoint_id: str, name: str) -> str:
+    return f"upload/{checkpoint_id}/{name}"
+
+
+def inbox_label(checkpoint_id: str, name: str) -> str:
+    return f"inbox/{checkpoint_id}/{name}"

@@ -1,0 +1,56 @@
+"""What the server can say about arrivals without reading the journal: recent outcomes by id,
+the checkpoint being folded, the last error. Bounded, so a long-running server stays small; the
+journal keeps the full history."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+from .journal import FINAL_EVENTS
+
+
+class StatusBoard:
+    def __init__(self, remember: int = 10_000, recent: int = 20) -> None:
+        self._lock = threading.Lock()
+        self._by_id: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        self._remember = remember
+        self._current: dict[str, Any] | None = None
+        self.last_error: dict[str, Any] | None = None
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Note a journal record (accepted or final) under its arrival id."""
+        with self._lock:
+            key = str(record.get("id"))
+            self._by_id[key] = record
+            self._by_id.move_to_end(key)
+            while len(self._by_id) > self._remember:
+                self._by_id.popitem(last=False)
+            if record.get("event") in FINAL_EVENTS:
+                self._recent.appendleft(record)
+            if record.get("event") == "rejected":
+                self.last_error = record
+
+    def lookup(self, checkpoint_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._by_id.get(checkpoint_id)
+
+    def folding(self, checkpoint_id: str | None, name: str | None = None) -> None:
+        with self._lock:
+            self._current = (
+                None
+                if checkpoint_id is None
+                else {"id": checkpoint_id, "name": name, "since": time.time()}
+            )
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        with self._lock:
+            return dict(self._current) if self._current else None
+
+    def recent(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._recent)
