@@ -1,0 +1,617 @@
+"""Side by side with FusionBench: its OPCM and MagMax vs ours, on the same checkpoints.
+
+What it does, in one run:
+
+1. Creates (or reuses) a separate venv for FusionBench (default
+   ``~/.cache/contmerge/fusionbench-venv``): ``pip install torch==2.13.0`` first (so pip keeps
+   the CPU build), then ``pip install fusion-bench``.
+2. Takes the continual scenario's real checkpoints (``contmerge.simulations``: the MLP backbone
+   pretrained, then fine-tuned independently per task; trained once and cached) and copies the
+   base and the fine-tuned backbones, byte for byte, into a temp dir in one fixed arrival order
+   (the scenario's first order).
+3. Runs FusionBench's own ``OPCM`` (``fusion_bench.method.opcm.opcm_general``, α) and
+   ``MagMaxAlgorithm`` (λ) on those files inside its venv (``_fusionbench_runner.py``), then ours
+   (``contmerge.Merger``) on the same files in the same order, in this process.
+4. Prints, per method, the max |difference| of the merged weights (overall, linear weights,
+   other tensors) and the fold times (ours / theirs, per fold and in total).
+
+If FusionBench cannot be installed or run, it prints the failing step and the error and exits 0
+(that is not a bug of ours); it exits non-zero only when our side fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "_fusionbench_runner.py"
+DEFAULT_VENV = Path(
+    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "contmerge", "fusionbench-venv"
+)
+TORCH_PIN = "torch==2.13.0"
+FUSION_BENCH = "fusion-bench"
+# fusion-bench 0.2.33 requires an unpinned transformers, but importing its OPCM package pulls in
+# its CLIP task pool, which imports transformers' CLIPVisionTransformer: gone in transformers 5
+# (ImportError). Its algorithm code itself does not use transformers.
+TRANSFORMERS_PIN = "transformers<5"
+# what must import for the comparison: the two algorithm modules, not just the package
+PROBE_IMPORTS = "fusion_bench.method.opcm.opcm_general, fusion_bench.method.magmax"
+QUICK_MODELS = 4  # 1 initial + 3 projected folds: still exercises OPCM's SVD path
+# no hub, no telemetry: the runner must work offline (and say so if it does not)
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class TheirFailure(Exception):
+    """FusionBench could not be installed or run: reported, not our bug."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(f"{step}: {detail}")
+        self.step, self.detail = step, detail
+
+
+# --------------------------------------------------------------------------------------------
+# FusionBench's venv
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _run_step(step: str, cmd: list[str], log: Path, timeout: float) -> None:
+    """Run one install step, appending to the log; raise TheirFailure with its error text."""
+    with log.open("a") as handle:
+        handle.write(f"\n$ {' '.join(cmd)}\n")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise TheirFailure(step, f"timed out after {timeout:.0f} s: {' '.join(cmd)}") from exc
+    except OSError as exc:
+        raise TheirFailure(step, f"could not start {cmd[0]}: {exc}") from exc
+    with log.open("a") as handle:
+        handle.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise TheirFailure(
+            step,
+            f"exit code {proc.returncode} from `{' '.join(cmd)}`\n"
+            + _tail(proc.stderr or proc.stdout),
+        )
+
+
+def _venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def _probe(python: Path) -> dict[str, str] | None:
+    """Versions in the venv when torch and FusionBench's two algorithms import, else None."""
+    code = (
+        f"import json, importlib.metadata as m, torch, {PROBE_IMPORTS};"
+        "print(json.dumps({'torch': torch.__version__, 'fusion_bench': m.version('fusion-bench'),"
+        " 'transformers': m.version('transformers')}))"
+    )
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **OFFLINE_ENV},
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_venv(venv: Path, timeout: float) -> dict[str, str]:
+    """Reuse the venv when FusionBench imports there; otherwise create it and install."""
+    python = _venv_python(venv)
+    if python.exists():
+        versions = _probe(python)  # usable as it is (ours, or one the user made)
+        if versions is not None:
+            return versions
+    venv.mkdir(parents=True, exist_ok=True)
+    log = venv / "contmerge-install.log"
+    print(f"  installing FusionBench into {venv} (log: {log}); this takes a few minutes")
+    if not python.exists():
+        # the interpreter under our venv, so FusionBench gets the same Python version
+        base = getattr(sys, "_base_executable", sys.executable)
+        _run_step("create the venv", [base, "-m", "venv", str(venv)], log, timeout)
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+    # torch first: pip then keeps the pinned CPU build instead of resolving its own
+    _run_step(f"pip install {TORCH_PIN}", [*pip, TORCH_PIN], log, timeout)
+    _run_step(
+        f"pip install {FUSION_BENCH} '{TRANSFORMERS_PIN}'",
+        [*pip, FUSION_BENCH, TRANSFORMERS_PIN],
+        log,
+        timeout,
+    )
+    versions = _probe(python)
+    if versions is None:
+        proc = subprocess.run(
+            [str(python), "-c", f"import torch, {PROBE_IMPORTS}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **OFFLINE_ENV},
+        )
+        raise TheirFailure(f"import {PROBE_IMPORTS} in its venv", _tail(proc.stderr))
+    return versions
+
+
+# --------------------------------------------------------------------------------------------
+# Our checkpoints
+
+
+@dataclass
+class Exported:
+    base: Path
+    models: list[tuple[str, Path]]  # (task name, path) in arrival order
+    linear_names: list[str]
+
+
+def backbone_layout(module: nn.Module) -> tuple[dict[str, Any], list[str]]:
+    """Leaf modules with constructor arguments (for the runner) and the linear weight names."""
+    leaves: list[dict[str, Any]] = []
+    linear: list[str] = []
+    owned: set[str] = set()
+    for name, sub in module.named_modules():
+        if list(sub.children()) or not list(sub.parameters(recurse=False)):
+            continue
+        owned.update(f"{name}.{p}" for p, _ in sub.named_parameters(recurse=False))
+        if isinstance(sub, nn.Linear):
+            kwargs = {
+                "in_features": sub.in_features,
+                "out_features": sub.out_features,
+                "bias": sub.bias is not None,
+            }
+            leaves.append({"name": name, "type": "Linear", "kwargs": kwargs})
+            linear.append(f"{name}.weight")
+        elif isinstance(sub, nn.LayerNorm):
+            kwargs = {
+                "normalized_shape": list(sub.normalized_shape),
+                "eps": sub.eps,
+                "elementwise_affine": sub.elementwise_affine,
+            }
+            leaves.append({"name": name, "type": "LayerNorm", "kwargs": kwargs})
+        elif isinstance(sub, nn.Embedding):
+            kwargs = {"num_embeddings": sub.num_embeddings, "embedding_dim": sub.embedding_dim}
+            leaves.append({"name": name, "type": "Embedding", "kwargs": kwargs})
+        else:
+            raise ValueError(f"backbone leaf {name} is a {type(sub).__name__}: not supported")
+    direct = {n: list(p.shape) for n, p in module.named_parameters() if n not in owned}
+    if any(True for _ in module.buffers()):
+        raise ValueError("the backbone has buffers; the runner's layout does not carry them")
+    return {"leaves": leaves, "direct_params": direct}, linear
+
+
+def scenario_checkpoints(full: bool, cache_dir: str | None, order_seed: int) -> tuple[Any, ...]:
+    """(base path, [(task, path)] in the scenario's first arrival order, description)."""
+    from contmerge.simulations.continual import ContinualConfig, default_cache_dir, make_orders
+    from contmerge.simulations.data import load_suite
+    from contmerge.simulations.models import ModelConfig
+    from contmerge.simulations.train import CheckpointCache
+
+    config = ContinualConfig(quick=not full, order_seed=order_seed, progress=False)
+    data_cfg, train_cfg = config.data_config(), config.train_config()
+    suite = load_suite(data_cfg)
+    cache = CheckpointCache(
+        suite,
+        data_cfg,
+        ModelConfig(),
+        train_cfg,
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        progress=False,
+    )
+    ckpts = cache.prepare(sequential=False)  # trains only what is not cached yet
+    order = make_orders(suite.names, 1, order_seed)[0]
+    desc = (
+        f"continual scenario ({'full' if full else 'demo'} training config, {suite.sources}), "
+        f"independent fine-tuning, cache {ckpts.root}"
+    )
+    return ckpts.pretrained, [(n, ckpts.independent[n]) for n in order], desc
+
+
+def export_checkpoints(
+    out: Path, base: Path, models: list[tuple[str, Path]], linear: list[str], float64: bool
+) -> Exported:
+    """Copy the files byte for byte, or cast them to float64 (the reference runs)."""
+    out.mkdir(parents=True)
+
+    def put(src: Path, name: str) -> Path:
+        dst = out / f"{name}.safetensors"
+        if float64:
+            state = safetensors.torch.load_file(str(src))
+            safetensors.torch.save_file({k: v.double() for k, v in state.items()}, str(dst))
+        else:
+            shutil.copyfile(src, dst)
+        return dst
+
+    exported = [(task, put(path, f"{i:02d}_{task}")) for i, (task, path) in enumerate(models, 1)]
+    return Exported(put(base, "00_base"), exported, linear)
+
+
+# --------------------------------------------------------------------------------------------
+# The two sides
+
+
+@dataclass
+class SideResult:
+    merged: dict[str, torch.Tensor]
+    folds: list[float]  # seconds per fold, the fastest of the repeats
+    other_seconds: float  # ours: the emit; theirs: the whole run()
+
+
+def run_theirs(
+    python: Path,
+    runs: list[tuple[str, Exported, int]],
+    args: argparse.Namespace,
+    layout: dict[str, Any],
+    workdir: Path,
+) -> list[SideResult]:
+    """All of FusionBench's runs in one subprocess (its imports take ~20 s)."""
+    job = {
+        "threads": args.threads,
+        "alpha": args.alpha,
+        "scaling_factor": args.scaling_factor,
+        "layout": layout,
+        "report": str(workdir / "theirs_report.json"),
+        "runs": [
+            {
+                "method": method,
+                "base": str(ex.base),
+                "models": [[f"m{i:02d}_{n}", str(p)] for i, (n, p) in enumerate(ex.models, 1)],
+                "repeat": repeat,
+                "out": str(workdir / f"theirs_{k}_{method}.safetensors"),
+            }
+            for k, (method, ex, repeat) in enumerate(runs)
+        ],
+    }
+    job_path = workdir / "theirs_job.json"
+    job_path.write_text(json.dumps(job, indent=2))
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "CUDA_VISIBLE_DEVICES": "",  # CPU only, as ours
+    }
+    step = "run FusionBench's OPCM/MagMax in its venv"
+    try:
+        proc = subprocess.run(
+            [str(python), str(RUNNER), str(job_path)],
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+            env=env,
+            cwd=workdir,  # anything it writes (outputs/, lightning_logs/) lands in the temp dir
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise TheirFailure(step, f"timed out after {args.timeout:.0f} s") from exc
+    report_path = Path(job["report"])
+    if not report_path.exists():
+        raise TheirFailure(
+            f"{step} (the runner died before reporting)",
+            f"exit code {proc.returncode}\n{_tail(proc.stderr or proc.stdout)}",
+        )
+    report = json.loads(report_path.read_text())
+    if not report["ok"]:
+        raise TheirFailure(report["step"], f"{report['error']}\n{_tail(report['trace'], 15)}")
+    return [
+        SideResult(safetensors.torch.load_file(r["out"]), r["folds"], r["run_seconds"])
+        for r in report["runs"]
+    ]
+
+
+def run_ours(ex: Exported, method: str, args: argparse.Namespace, repeat: int) -> SideResult:
+    from contmerge import Merger
+
+    hparams = {"alpha": args.alpha} if method == "opcm" else {"scaling_factor": args.scaling_factor}
+    # the exact nn.Linear weights, as FusionBench's isinstance check sees them
+    linear = "^(" + "|".join(re.escape(n) for n in ex.linear_names) + ")$"
+    repeats: list[list[float]] = []
+    emits: list[float] = []
+    merged: dict[str, torch.Tensor] = {}
+    for _ in range(max(1, repeat)):
+        folds: list[float] = []
+        with Merger(str(ex.base), method, None, linear=linear, **hparams) as merger:
+            for _, path in ex.models:
+                started = time.perf_counter()
+                merger.fold(str(path))
+                folds.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            merged = merger.emit_state_dict()
+            emits.append(time.perf_counter() - started)
+        repeats.append(folds)
+    # per fold, the fastest repeat, as on FusionBench's side
+    return SideResult(
+        merged, [min(r[i] for r in repeats) for i in range(len(ex.models))], min(emits)
+    )
+
+
+def sensitivity(ex64: Exported, method: str, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Ours in float64 on the checkpoints with every entry moved by ~1 float32 ulp (seeded).
+
+    How far that moves the result is the spread any float32 implementation must expect: a gap
+    between two float32 implementations below it is not an algorithmic difference.
+    """
+    from contmerge import Merger
+
+    hparams = {"alpha": args.alpha} if method == "opcm" else {"scaling_factor": args.scaling_factor}
+    linear = "^(" + "|".join(re.escape(n) for n in ex64.linear_names) + ")$"
+    gen = torch.Generator().manual_seed(0)
+    ulp = torch.finfo(torch.float32).eps / 2
+
+    def nudged(path: Path) -> dict[str, torch.Tensor]:
+        state = safetensors.torch.load_file(str(path))
+        return {
+            k: v * (1 + ulp * torch.randn(v.shape, generator=gen, dtype=v.dtype))
+            for k, v in state.items()
+        }
+
+    with Merger(str(ex64.base), method, None, linear=linear, **hparams) as merger:
+        for _, path in ex64.models:
+            merger.fold(nudged(path))
+        return merger.emit_state_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison
+
+KINDS = ("all", "linear weights", "others")
+
+
+def max_abs_diff(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], linear: set[str]
+) -> dict[str, float]:
+    """max |a − b| overall, over the nn.Linear weights, and over every other tensor."""
+    if set(a) != set(b):
+        raise AssertionError(f"different tensor names: {sorted(set(a) ^ set(b))}")
+    per = {n: float((a[n].double() - b[n].double()).abs().max()) for n in a}
+    return {
+        "all": max(per.values()),
+        "linear weights": max((v for n, v in per.items() if n in linear), default=0.0),
+        "others": max((v for n, v in per.items() if n not in linear), default=0.0),
+    }
+
+
+def update_scale(
+    merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], linear: set[str]
+) -> dict[str, float]:
+    """max |merged − base| per kind: the size a difference should be judged against."""
+    zero = {n: torch.zeros_like(v) for n, v in base.items()}
+    delta = {n: merged[n].double() - base[n].double() for n in base}
+    return max_abs_diff(delta, zero, linear)
+
+
+def _row(label: str, values: dict[str, float], fmt: str = "{:>16.3e}") -> str:
+    return f"  {label:<38}" + "".join(fmt.format(values[k]) for k in KINDS)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:6.2f}x" if b > 0 else "   n/a"
+
+
+@dataclass
+class MethodResult:
+    ours: SideResult
+    theirs: SideResult
+    ours64: SideResult | None
+    theirs64: SideResult | None
+    nudged64: dict[str, torch.Tensor] | None
+
+
+def report_method(
+    method: str, res: MethodResult, ex: Exported, base: dict[str, torch.Tensor]
+) -> None:
+    linear = set(ex.linear_names)
+    print(f"\n== {'OPCM' if method == 'opcm' else 'MagMax'} ==")
+    print(f"  {'merged weights':<38}" + "".join(f"{k:>16}" for k in KINDS))
+    print(
+        _row("max |ours − FusionBench|", max_abs_diff(res.ours.merged, res.theirs.merged, linear))
+    )
+    scale = update_scale(res.theirs.merged, base, linear)
+    print(_row("  (scale: max |merged − base|)", scale, "{:>16.3g}"))
+    verdict = ""
+    if res.ours64 is not None and res.theirs64 is not None:
+        agree = max_abs_diff(res.ours64.merged, res.theirs64.merged, linear)
+        print(_row("same, both in float64", agree))
+        ref = res.theirs64.merged  # FusionBench's own code in float64: a neutral reference
+        print(_row("max |ours − float64 result|", max_abs_diff(res.ours.merged, ref, linear)))
+        print(
+            _row("max |FusionBench − float64 result|", max_abs_diff(res.theirs.merged, ref, linear))
+        )
+        if res.nudged64 is not None:
+            # the method's own sensitivity to float32-sized changes of its inputs
+            spread = max_abs_diff(res.nudged64, ref, linear)
+            print(_row("float64, inputs moved by ~1 f32 ulp", spread))
+        same = agree["all"] <= 1e-9 * max(scale["all"], 1e-30)
+        verdict = (
+            "same algorithm (they agree in float64); the float32 gap is float32 rounding, "
+            "as amplified by the method (see each side's distance to the float64 result)"
+            if same
+            else "THE ALGORITHMS DIFFER: they disagree in float64 too"
+        )
+    if verdict:
+        print(f"  verdict: {verdict}")
+    print("  fold times (s), fastest of the repeats:")
+    for i, ((name, _), a, b) in enumerate(zip(ex.models, res.ours.folds, res.theirs.folds), 1):
+        print(
+            f"    fold {i:2d} {name:<18} ours {a:8.4f}  FusionBench {b:8.4f}  "
+            f"ours/theirs {_ratio(a, b)}"
+        )
+    ta, tb = sum(res.ours.folds), sum(res.theirs.folds)
+    print(f"    total{'':<21} ours {ta:8.4f}  FusionBench {tb:8.4f}  ours/theirs {_ratio(ta, tb)}")
+    print(
+        f"    (not in the folds: our emit of the merged model {res.ours.other_seconds:.4f} s; "
+        f"FusionBench's whole run() {res.theirs.other_seconds:.4f} s)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python benchmarks/fusionbench_compare.py --quick",
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=DEFAULT_VENV,
+        help=f"FusionBench's venv, created if needed (default {DEFAULT_VENV})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"only the first {QUICK_MODELS} checkpoints of the order "
+        "(< 2 min once the venv exists and the checkpoints are cached)",
+    )
+    parser.add_argument("--models", type=int, default=None, help="use the first N checkpoints")
+    parser.add_argument("--alpha", type=float, default=0.5, help="OPCM's α (default 0.5)")
+    parser.add_argument(
+        "--scaling-factor", type=float, default=0.5, help="MagMax's λ (default 0.5)"
+    )
+    parser.add_argument(
+        "--methods", default="opcm,magmax", help="comma-separated subset of opcm,magmax"
+    )
+    parser.add_argument(
+        "--full-training",
+        action="store_true",
+        help="the scenario's full training config (default: the demo's, usually cached)",
+    )
+    parser.add_argument("--cache-dir", default=None, help="the scenario's checkpoint cache")
+    parser.add_argument("--order-seed", type=int, default=42, help="the scenario's order seed")
+    parser.add_argument(
+        "--no-float64",
+        action="store_true",
+        help="skip the float64 runs of both sides (on float64 casts of the same checkpoints) "
+        "that tell an algorithmic difference from float32 rounding",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed runs per side; per fold the fastest counts"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="per subprocess (s)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir and print it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in ("opcm", "magmax") for m in methods):
+        print(f"--methods must be a subset of opcm,magmax, got {args.methods!r}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    print(f"FusionBench side by side: {', '.join(methods)}; threads={args.threads}")
+
+    print("[1/4] FusionBench's venv")
+    try:
+        versions = ensure_venv(args.venv, args.timeout)
+    except TheirFailure as exc:
+        return _unavailable(exc)
+    print(
+        f"  {args.venv}: fusion-bench {versions['fusion_bench']}, torch {versions['torch']}, "
+        f"transformers {versions['transformers']}"
+    )
+
+    print("[2/4] our checkpoints (trained and cached first if missing: a few minutes)")
+    base_path, models, desc = scenario_checkpoints(
+        args.full_training, args.cache_dir, args.order_seed
+    )
+    models = models[: args.models or (QUICK_MODELS if args.quick else len(models))]
+    from contmerge.simulations.models import Backbone
+
+    layout, linear = backbone_layout(Backbone())
+    workdir = Path(tempfile.mkdtemp(prefix="contmerge-fusionbench-"))
+    try:
+        ex = export_checkpoints(workdir / "float32", base_path, models, linear, False)
+        ex64 = (
+            None
+            if args.no_float64
+            else export_checkpoints(workdir / "float64", base_path, models, linear, True)
+        )
+        base = safetensors.torch.load_file(str(ex.base))
+        print(f"  {desc}")
+        print(f"  base + {len(ex.models)} fine-tuned backbones, byte-identical copies in {workdir}")
+        print(f"  arrival order: {' -> '.join(n for n, _ in ex.models)}")
+        print(
+            f"  {len(base)} tensors ({', '.join(sorted({str(v.dtype) for v in base.values()}))}), "
+            f"{sum(v.numel() for v in base.values()):,} parameters; nn.Linear weights: "
+            f"{', '.join(linear)}"
+        )
+
+        print(f"[3/4] FusionBench in its venv: {', '.join(methods)} (+ float64 reference runs)")
+        runs = [(m, ex, args.repeat) for m in methods]
+        if ex64 is not None:
+            runs += [(m, ex64, 1) for m in methods]
+        try:
+            theirs = run_theirs(_venv_python(args.venv), runs, args, layout, workdir)
+        except TheirFailure as exc:
+            return _unavailable(exc)
+
+        print(f"[4/4] ours: {', '.join(methods)}")
+        results: dict[str, MethodResult] = {}
+        for i, method in enumerate(methods):
+            results[method] = MethodResult(
+                ours=run_ours(ex, method, args, args.repeat),
+                theirs=theirs[i],
+                ours64=None if ex64 is None else run_ours(ex64, method, args, 1),
+                theirs64=None if ex64 is None else theirs[len(methods) + i],
+                nudged64=None if ex64 is None else sensitivity(ex64, method, args),
+            )
+
+        print(f"\nFusionBench {versions['fusion_bench']} (torch {versions['torch']}) vs contmerge")
+        print(f"  α = {args.alpha} (OPCM), λ = {args.scaling_factor} (MagMax); fold times are")
+        print(f"  the fastest of {args.repeat} runs, each fold from reading the file to done")
+        for method, res in results.items():
+            report_method(method, res, ex, base)
+    finally:
+        if args.keep:
+            print(f"\n(kept {workdir})")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _unavailable(exc: TheirFailure) -> int:
+    print("\nFusionBench comparison NOT RUN: FusionBench could not be installed or run here.")
+    print(f"  failing step: {exc.step}")
+    print("  error:")
+    for line in exc.detail.splitlines():
+        print(f"    {line}")
+    return 0  # not a bug of ours: said precisely, exit 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except SystemExit:
+        raise
+    except BaseException:  # our own bug: loud, non-zero
+        traceback.print_exc()
+        raise SystemExit(1) from None
