@@ -18,6 +18,7 @@ metadata without decoding anything, and one tensor is decoded per ``read``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -81,7 +82,9 @@ def array_meta(array: Array, name: str, source: str) -> TensorMeta:
     return TensorMeta(tuple(int(d) for d in array.shape), dtype)
 
 
-def array_to_tensor(array: Array, name: str = "<array>", source: str = "<ArrayRecord>") -> torch.Tensor:
+def array_to_tensor(
+    array: Array, name: str = "<array>", source: str = "<ArrayRecord>"
+) -> torch.Tensor:
     """Decode one Array into a tensor, checking that its payload matches its metadata."""
     meta = array_meta(array, name, source)
     try:
@@ -96,11 +99,15 @@ def array_to_tensor(array: Array, name: str = "<array>", source: str = "<ArrayRe
             f"{array.dtype}{list(meta.shape)}",
             name,
         )
-    tensor = torch.from_numpy(np.ascontiguousarray(wire))
+    if not (wire.flags.c_contiguous and wire.flags.writeable):
+        wire = wire.copy()  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    tensor = torch.from_numpy(wire)
     return tensor.view(meta.dtype) if carrier is not meta.dtype else tensor
 
 
-def to_array_record(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> ArrayRecord:
+def to_array_record(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> ArrayRecord:
     """A state dict (or a stream of ``(name, tensor)``) as an ArrayRecord, one tensor at a time."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     record = ArrayRecord()
@@ -109,7 +116,9 @@ def to_array_record(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
     return record
 
 
-def from_array_record(record: ArrayRecord, source: str = "<ArrayRecord>") -> dict[str, torch.Tensor]:
+def from_array_record(
+    record: ArrayRecord, source: str = "<ArrayRecord>"
+) -> dict[str, torch.Tensor]:
     """An ArrayRecord as a state dict with the original dtypes (bf16 restored bit-exactly)."""
     return {name: array_to_tensor(array, name, source) for name, array in record.items()}
 
@@ -134,3 +143,13 @@ class ArrayRecordCheckpoint(Checkpoint):
     def close(self) -> None:
         # Drop our reference so a reply can be freed as soon as its fold is done.
         self._record = ArrayRecord()
+
+
+def record_digest(record: ArrayRecord) -> str:
+    """SHA-256 over every array's name, dtype tag, shape and payload: equal iff bit-identical."""
+    digest = hashlib.sha256()
+    for name in sorted(record):
+        array = record[name]
+        digest.update(f"{name}\0{array.dtype}\0{list(array.shape)}\0".encode())
+        digest.update(array.data)
+    return digest.hexdigest()

@@ -45,8 +45,5 @@ class RunningMetrics:
             return None
         w = self.total_weight
         return MetricRecord(
-            {
-                k: [x / w for x in v] if isinstance(v, list) else v / w
-                for k, v in self._sums.items()
-            }
+            {k: [x / w for x in v] if isinstance(v, list) else v / w for k, v in self._sums.items()}
         )

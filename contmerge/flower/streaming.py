@@ -10,6 +10,7 @@ so a consumer that folds and drops each reply holds at most ``pull_batch`` of th
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from logging import WARNING
 
@@ -24,8 +25,15 @@ class ReplyStream:
     After iteration, :attr:`missing` names the nodes that did not answer in time and
     :attr:`unsent` those whose message the SuperLink did not accept.
 
-    ``pull_batch`` bounds how many replies one pull may bring in (and so how many are in
-    server memory at once); a larger batch means fewer pull requests to a remote SuperLink.
+    ``pull_batch`` bounds how many replies one pull brings into this process at once; a
+    larger batch means fewer pull requests to a remote SuperLink.
+
+    ``max_in_flight`` bounds how many messages are out at once: the next one is pushed only
+    when a reply has been handed over and the consumer came back for the next. Replies that
+    arrive while the consumer is busy wait in the SuperLink (in the server process, for the
+    simulation engine); without this bound, a consumer slower than the clients lets them pile
+    up there, in proportion to the number of clients. ``None`` pushes everything at once
+    (maximum parallelism: right when folding keeps up with the clients).
     """
 
     def __init__(
@@ -36,38 +44,54 @@ class ReplyStream:
         timeout: float | None,
         poll_interval: float = 0.1,
         pull_batch: int = 4,
+        max_in_flight: int | None = None,
     ) -> None:
         if pull_batch < 1:
             raise ValueError("pull_batch must be at least 1")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1 (or None for no limit)")
         self.grid = grid
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.pull_batch = pull_batch
+        self.max_in_flight = max_in_flight
         self.unsent: list[int] = []
         self.missing: list[int] = []
-        messages = list(messages)
-        destinations = [m.metadata.dst_node_id for m in messages]
-        ids = list(grid.push_messages(messages))
-        del messages  # the SuperLink has them now
+        self.sent: list[int] = []
+        self._waiting: deque[Message] = deque(messages)
         self._pending: dict[str, int] = {}
+        self._push(max_in_flight or len(self._waiting))
+
+    def _push(self, count: int) -> None:
+        batch = [self._waiting.popleft() for _ in range(min(count, len(self._waiting)))]
+        if not batch:
+            return
+        destinations = [m.metadata.dst_node_id for m in batch]
+        ids = list(self.grid.push_messages(batch))
+        del batch  # the SuperLink has them now
+        unsent = [n for i, n in enumerate(destinations) if i >= len(ids) or not ids[i]]
         for message_id, node in zip(ids, destinations):
             if message_id:
                 self._pending[message_id] = node
-            else:
-                self.unsent.append(node)
-        if len(ids) < len(destinations):  # a Grid that returns only the accepted ids
-            self.unsent.extend(destinations[len(ids) :])
-        if self.unsent:
-            log(WARNING, "the SuperLink did not accept messages for nodes %s", self.unsent)
-        self.sent = sorted(self._pending.values())
+                self.sent.append(node)
+        if unsent:
+            log(WARNING, "the SuperLink did not accept messages for nodes %s", unsent)
+            self.unsent.extend(unsent)
 
     def __iter__(self) -> Iterator[Message]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while self._pending and (deadline is None or time.monotonic() < deadline):
+        while (self._pending or self._waiting) and (
+            deadline is None or time.monotonic() < deadline
+        ):
+            if not self._pending:  # every message out so far was refused: try the next ones
+                self._push(self.max_in_flight or len(self._waiting))
+                continue
             arrived = False
             pending_ids = list(self._pending)
             for start in range(0, len(pending_ids), self.pull_batch):
-                replies = list(self.grid.pull_messages(pending_ids[start : start + self.pull_batch]))
+                replies = list(
+                    self.grid.pull_messages(pending_ids[start : start + self.pull_batch])
+                )
                 while replies:
                     reply = replies.pop(0)  # keep no reference once the consumer has it
                     if self._pending.pop(reply.metadata.reply_to_message_id, None) is None:
@@ -75,6 +99,12 @@ class ReplyStream:
                     arrived = True
                     yield reply
                     del reply
+                    if self.max_in_flight is not None:
+                        self._push(1)  # the consumer is done with one: let one more go
             if not arrived:
                 time.sleep(self.poll_interval)
-        self.missing = sorted(self._pending.values())
+        # Nodes whose message never left (window still full at the deadline) did not answer
+        # either: they count as missing.
+        never_sent = [m.metadata.dst_node_id for m in self._waiting]
+        self._waiting.clear()
+        self.missing = sorted([*self._pending.values(), *never_sent])

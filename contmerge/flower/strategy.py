@@ -1,0 +1,359 @@
+"""Any contmerge strategy as a Flower strategy (Message API, ``flwr.serverapp.strategy``).
+
+Two ways to run it:
+
+- **drop-in**: ``strategy.start(grid=..., initial_arrays=..., num_rounds=...)``, Flower's own
+  round loop. Flower's ``send_and_receive`` gathers every reply of the round into a list before
+  ``aggregate_train`` runs; the replies are then folded one by one, but they were all in memory.
+- **streaming**: ``strategy.start_streaming(grid=..., ...)``, same arguments and ``Result``.
+  Train messages are pushed and replies pulled as they arrive; each is folded and dropped at
+  once, so server memory does not grow with the number of clients.
+
+Two merge semantics (``merge=``):
+
+- ``"round"``: each round, a fresh in-memory Merger whose base is the model broadcast that
+  round; client replies are task vectors relative to it (``average`` is then unweighted FedAvg).
+- ``"continual"``: one Merger for the whole run whose base is fixed (the initial model, or
+  ``base=``); every reply of every round is a model of that base, folded continually (e.g.
+  clients each fine-tune on their own task and OPCM folds them). With ``state_dir`` that merge
+  state is durable and a restarted server resumes it.
+
+Either way every reply is checked by the Merger before it is folded (names, shapes, dtypes,
+NaN/Inf, a model of another base); a bad reply is logged with its reason and never folded, a
+client error is logged, and nodes that did not answer before the timeout are logged as missing.
+The round completes from what arrived if at least ``min_replies`` replies were accepted;
+otherwise the previous global model is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Literal
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.supercore import log
+
+from ..errors import CheckpointError
+from ..merger import Merger, Source
+from ..registry import parse_strategy
+from ..strategy import Strategy
+from .arrays import ArrayRecordCheckpoint, to_array_record
+from .metrics import RunningMetrics
+from .streaming import ReplyStream
+
+MergeMode = Literal["round", "continual"]
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass
+class RoundReport:
+    """What happened to each node of one training round."""
+
+    server_round: int
+    sampled: list[int] = field(default_factory=list)
+    folded: list[int] = field(default_factory=list)
+    #: valid replies identical to one already folded (the Merger's content-hash dedupe)
+    duplicates: list[int] = field(default_factory=list)
+    #: node -> why its reply was refused (wrong names/shapes/dtypes, NaN/Inf, another base)
+    rejected: dict[int, str] = field(default_factory=dict)
+    #: node -> the error its ClientApp reported
+    failed: dict[int, str] = field(default_factory=dict)
+    #: nodes with no reply before the timeout
+    missing: list[int] = field(default_factory=list)
+    #: True when the round produced a new global model
+    updated: bool = False
+    seconds: float = 0.0
+
+    @property
+    def accepted(self) -> int:
+        return len(self.folded) + len(self.duplicates)
+
+
+class ContmergeStrategy(FedAvg):
+    """A Flower strategy whose training aggregation is a contmerge fold.
+
+    ``strategy`` is a contmerge strategy object or spec (``"opcm"``, ``"ties(lam=0.3)"``,
+    ``"chain(dare(p=0.9), magmax())"``). Sampling, evaluation and the record keys are FedAvg's
+    (same keyword arguments). Contmerge rules weigh every accepted reply equally: the
+    ``weighted_by_key`` value only weights the averaged client metrics.
+
+    Streaming knobs (:class:`~contmerge.flower.streaming.ReplyStream`): ``poll_interval``,
+    ``pull_batch`` and ``max_in_flight``; set ``max_in_flight`` when folding a reply can be
+    slower than clients produce them, so waiting replies cannot pile up in the SuperLink.
+
+    Hooks for subclasses: :meth:`make_merger` (how a Merger is built), :meth:`on_reply` (each
+    reply with what became of it), :meth:`on_round_end` (each :class:`RoundReport`).
+    """
+
+    def __init__(
+        self,
+        strategy: str | Strategy,
+        *,
+        merge: MergeMode = "round",
+        base: Source | None = None,
+        state_dir: str | Path | None = None,
+        min_replies: int = 1,
+        merger_options: Mapping[str, Any] | None = None,
+        poll_interval: float = 0.1,
+        pull_batch: int = 4,
+        max_in_flight: int | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        if merge not in ("round", "continual"):
+            raise ValueError(f"merge must be 'round' or 'continual', not {merge!r}")
+        if state_dir is not None and merge != "continual":
+            raise ValueError("state_dir only makes sense with merge='continual'")
+        self.rule = parse_strategy(strategy)
+        self.merge: MergeMode = merge
+        self.base = base
+        self.state_dir = state_dir
+        self.min_replies = max(1, int(min_replies))
+        self.merger_options = dict(merger_options or {})
+        self.poll_interval = poll_interval
+        self.pull_batch = pull_batch
+        self.max_in_flight = max_in_flight
+        self.reports: list[RoundReport] = []
+        self._merger: Merger | None = None  # the run's Merger (continual) or the round's
+        self._round_base: tuple[int, ArrayRecord] | None = None
+        self._sampled: dict[int, list[int]] = {}
+
+    # --- hooks ----------------------------------------------------------------------------
+    def make_merger(self, base: Source) -> Merger:
+        """Build the Merger for a round (``merge="round"``) or for the run (``"continual"``)."""
+        state_dir = self.state_dir if self.merge == "continual" else None
+        return Merger(base, self.rule, state_dir, **self.merger_options)
+
+    def on_reply(self, server_round: int, reply: Message, status: str) -> None:
+        """Called for every reply once handled: status is folded, duplicate, rejected or failed.
+
+        The reply is dropped right after this returns (in streaming mode); keep only what you
+        need from it.
+        """
+
+    def broadcast_arrays(self, server_round: int) -> ArrayRecord | None:
+        """The model sent to clients in ``server_round`` (while that round is being handled)."""
+        if self._round_base is not None and self._round_base[0] == server_round:
+            return self._round_base[1]
+        return None
+
+    def on_round_end(self, report: RoundReport) -> None:
+        """Called after every training round; the default logs who was missing or refused."""
+        log(
+            INFO,
+            "contmerge round %d: folded %d/%d (%d duplicate, %d rejected, %d failed, "
+            "%d missing) in %.2fs",
+            report.server_round,
+            len(report.folded),
+            len(report.sampled),
+            len(report.duplicates),
+            len(report.rejected),
+            len(report.failed),
+            len(report.missing),
+            report.seconds,
+        )
+        if report.missing:
+            log(WARNING, "round %d: no reply in time from nodes %s", report.server_round,
+                report.missing)  # fmt: skip
+        if not report.updated:
+            log(
+                WARNING,
+                "round %d: only %d accepted replies (min_replies=%d): global model unchanged",
+                report.server_round,
+                report.accepted,
+                self.min_replies,
+            )
+
+    # --- Flower Strategy API --------------------------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "\t├──> contmerge strategy: %s (merge=%s)", self.rule.spec(), self.merge)
+        if self.state_dir is not None:
+            log(INFO, "\t├──> merge state: %s", self.state_dir)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.merge == "continual" and self._merger is None:
+            self._merger = self.make_merger(self._base_source(arrays))
+            if self._merger.count:
+                log(INFO, "resumed a merge state of %d folded models", self._merger.count)
+                arrays = to_array_record(self._merger.iter_merged())
+        self._round_base = (server_round, arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        merger, report, metrics = self._begin_round(server_round)
+        for reply in replies:
+            self._take(merger, reply, report, metrics)
+        answered = {*report.folded, *report.duplicates, *report.rejected, *report.failed}
+        report.missing = [n for n in report.sampled if n not in answered]
+        return self._end_round(merger, report, metrics)
+
+    # --- streaming round loop -------------------------------------------------------------
+    def start_streaming(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Like :meth:`start`, but each reply is folded as it is pulled, then dropped.
+
+        ``timeout`` bounds each round's wait for replies; the round then completes from
+        what arrived (see :class:`RoundReport`).
+        """
+        log(INFO, "Starting %s (streaming) for %d rounds", type(self).__name__, num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        if evaluate_fn is not None:
+            first = evaluate_fn(0, initial_arrays)
+            if first is not None:
+                result.evaluate_metrics_serverapp[0] = first
+        arrays = initial_arrays
+        for server_round in range(1, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s] (streaming)", server_round, num_rounds)
+            messages = self.configure_train(server_round, arrays, train_config, grid)
+            merger, report, metrics = self._begin_round(server_round)
+            stream = ReplyStream(
+                grid,
+                messages,
+                timeout=timeout,
+                poll_interval=self.poll_interval,
+                pull_batch=self.pull_batch,
+                max_in_flight=self.max_in_flight,
+            )
+            del messages
+            for reply in stream:
+                self._take(merger, reply, report, metrics)
+                del reply  # folded: nothing of it stays in memory
+            report.missing = stream.missing + stream.unsent
+            new_arrays, train_metrics = self._end_round(merger, report, metrics)
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            self._evaluate_round(server_round, arrays, evaluate_config, grid, timeout, result)
+            if evaluate_fn is not None:
+                res = evaluate_fn(server_round, arrays)
+                log(INFO, "\t└──> global evaluation: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[server_round] = res
+        if not result.arrays:
+            result.arrays = arrays
+        return result
+
+    def _evaluate_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        timeout: float,
+        result: Result,
+    ) -> None:
+        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
+        if not messages:
+            return
+        replies = grid.send_and_receive(messages, timeout=timeout)  # metrics only: small
+        metrics = self.aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            result.evaluate_metrics_clientapp[server_round] = metrics
+
+    # --- one round ------------------------------------------------------------------------
+    def current_merger(self) -> Merger | None:
+        """The continual Merger (its manifest lists every folded reply), if one exists."""
+        return self._merger if self.merge == "continual" else None
+
+    def close(self) -> None:
+        if self._merger is not None:
+            self._merger.close()
+            self._merger = None
+
+    def _base_source(self, broadcast: ArrayRecord) -> Source:
+        if self.base is not None:
+            return self.base
+        return ArrayRecordCheckpoint(broadcast, "broadcast model")
+
+    def _begin_round(self, server_round: int) -> tuple[Merger, RoundReport, RunningMetrics]:
+        if self._round_base is None or self._round_base[0] != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train first")
+        if self.merge == "round":
+            broadcast = self._round_base[1]
+            merger = self.make_merger(ArrayRecordCheckpoint(broadcast, f"round {server_round}"))
+        else:
+            assert self._merger is not None
+            merger = self._merger
+        report = RoundReport(server_round, sampled=self._sampled.pop(server_round, []))
+        report.seconds = time.perf_counter()
+        return merger, report, RunningMetrics(self.weighted_by_key)
+
+    def _take(
+        self, merger: Merger, reply: Message, report: RoundReport, metrics: RunningMetrics
+    ) -> None:
+        """Fold one reply, or log why not. Never raises for a bad reply."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            report.failed[node] = str(reply.error.reason)
+            log(WARNING, "round %d: node %d failed: %s", report.server_round, node,
+                _first_line(report.failed[node]))  # fmt: skip
+            self.on_reply(report.server_round, reply, "failed")
+            return
+        try:
+            record = self._reply_arrays(reply, node)
+            arrival = ArrayRecordCheckpoint(record, f"node {node}")
+            result = merger.fold(arrival, name=f"round {report.server_round} node {node}")
+        except CheckpointError as exc:
+            report.rejected[node] = str(exc)
+            log(WARNING, "round %d: rejected reply: %s", report.server_round, exc)
+            self.on_reply(report.server_round, reply, "rejected")
+            return
+        (report.folded if result.status == "folded" else report.duplicates).append(node)
+        metrics.add(reply.content)
+        self.on_reply(report.server_round, reply, result.status)
+
+    def _reply_arrays(self, reply: Message, node: int) -> ArrayRecord:
+        records = reply.content.array_records
+        if self.arrayrecord_key in records:
+            return records[self.arrayrecord_key]
+        if len(records) == 1:
+            return next(iter(records.values()))
+        raise CheckpointError(
+            f"node {node}",
+            f"expected one ArrayRecord (key {self.arrayrecord_key!r}), got {sorted(records)}",
+        )
+
+    def _end_round(
+        self, merger: Merger, report: RoundReport, metrics: RunningMetrics
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays = None
+        if report.accepted >= self.min_replies and merger.count > 0:
+            arrays = to_array_record(merger.iter_merged())
+            report.updated = True
+        if self.merge == "round":
+            merger.close()
+        report.seconds = time.perf_counter() - report.seconds
+        self.reports.append(report)
+        self.on_round_end(report)
+        return arrays, metrics.result()
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """Client errors can carry whole remote tracebacks; the log gets their gist."""
+    line = text.strip().splitlines()[0] if text.strip() else "(no reason given)"
+    return line if len(line) <= limit else line[:limit] + "…"

@@ -1,0 +1,1 @@
+"""Flower app: federated merging with a contmerge strategy on the offline task scenario."""

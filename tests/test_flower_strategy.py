@@ -1,0 +1,207 @@
+"""ContmergeStrategy on Flower's real simulation engine (Ray backend, one CPU per client).
+
+One simulation with 7 virtual clients runs every scenario in turn (the engine takes ~20 s to
+start); the tests then check what each scenario produced. Clients are deterministic: the model
+a node returns depends only on its partition id, the round and what it received.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
+
+from contmerge.flower import ContmergeStrategy, from_array_record, to_array_record
+from contmerge.flower.simulate import backend_config
+
+NODES = 7
+HANG = 40.0  # seconds the hanging client sleeps: far longer than the faulty round's timeout
+FAULTY_TIMEOUT = 20.0
+BASE = {
+    "fc1.weight": torch.randn(16, 8, generator=torch.Generator().manual_seed(0)),
+    "fc1.bias": torch.zeros(16),
+    "fc2.weight": torch.randn(4, 16, generator=torch.Generator().manual_seed(1)),
+}
+
+
+def client_model(received: dict[str, torch.Tensor], pid: int, server_round: int) -> dict:
+    g = torch.Generator().manual_seed(1000 * pid + server_round)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in received.items()}
+
+
+def _train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    received = from_array_record(msg.content["arrays"])
+    model = client_model(received, pid, server_round)
+    if config.get("mode") == "faulty":
+        if pid == 2:
+            model["fc1.weight"][3, 3] = float("nan")
+        elif pid == 3:
+            model["fc2.weight"] = torch.zeros(4, 17)
+        elif pid == 4:  # fine-tuned from some other base
+            model = {k: 10 * torch.randn(v.shape) for k, v in model.items()}
+        elif pid == 5:
+            raise RuntimeError("client 5 crashed")
+        elif pid == 6:
+            time.sleep(float(config.get("hang", 0.0)))
+    metrics = MetricRecord({"num-examples": 10, "pid": pid})
+    return Message(RecordDict({"arrays": to_array_record(model), "metrics": metrics}), reply_to=msg)
+
+
+def _query(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"who": MetricRecord({"pid": pid})}), reply_to=msg)
+
+
+def _client_app() -> ClientApp:
+    app = ClientApp()
+    app.train()(_train)
+    app.query()(_query)
+    return app
+
+
+def _scenarios(grid: Grid, out: dict[str, Any], state_dir: Path) -> None:
+    while len(list(grid.get_node_ids())) < NODES:
+        time.sleep(0.5)
+    calls = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+             for n in grid.get_node_ids()]  # fmt: skip
+    replies = grid.send_and_receive(calls, timeout=300)
+    out["pid"] = {r.metadata.src_node_id: int(r.content["who"]["pid"]) for r in replies}
+    initial = to_array_record(BASE)
+    sampling = {"fraction_evaluate": 0.0, "min_train_nodes": NODES, "min_available_nodes": NODES}
+    good = ConfigRecord({"mode": "good"})
+
+    s = ContmergeStrategy("average", **sampling)
+    out["average"] = (s.start_streaming(grid, initial, num_rounds=2, timeout=300,
+                                        train_config=good), s.reports)  # fmt: skip
+    w = ContmergeStrategy("average", max_in_flight=2, pull_batch=1, **sampling)
+    out["windowed"] = (w.start_streaming(grid, initial, num_rounds=2, timeout=300,
+                                         train_config=good), w.reports)  # fmt: skip
+    f = FedAvg(**sampling)
+    out["fedavg"] = f.start(grid, initial, num_rounds=2, timeout=300, train_config=good)
+
+    c = ContmergeStrategy("opcm", merge="continual", state_dir=state_dir, **sampling)
+    out["continual"] = (c.start(grid, initial, num_rounds=2, timeout=300, train_config=good),
+                        c.reports, c.current_merger().count)  # fmt: skip
+    c.close()
+
+    # No hanging client here; 3 good replies but 4 required: the round must not count.
+    strict = ContmergeStrategy("average", min_replies=4, **sampling)
+    out["strict"] = (strict.start(grid, initial, num_rounds=1, timeout=300,
+                                  train_config=ConfigRecord({"mode": "faulty", "hang": 0.0})),
+                     strict.reports)  # fmt: skip
+
+    # Last, as the hanging client keeps one simulated CPU busy after its round timed out.
+    faulty = ContmergeStrategy("average", **sampling)
+    started = time.monotonic()
+    result = faulty.start_streaming(
+        grid,
+        initial,
+        num_rounds=1,
+        timeout=FAULTY_TIMEOUT,
+        train_config=ConfigRecord({"mode": "faulty", "hang": HANG}),
+    )
+    out["faulty"] = (result, faulty.reports, time.monotonic() - started)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    state_dir = tmp_path_factory.mktemp("flower") / "continual-state"
+    server = ServerApp()
+    server.main()(lambda grid, context: _scenarios(grid, out, state_dir))
+    run_simulation(server, _client_app(), num_supernodes=NODES, backend_config=backend_config(2))
+    out["state_dir"] = state_dir
+    return out
+
+
+def _expected_average(pids: list[int], rounds: int) -> dict[str, torch.Tensor]:
+    model = dict(BASE)
+    for r in range(1, rounds + 1):
+        models = [client_model(model, p, r) for p in pids]
+        model = {k: sum(m[k] for m in models) / len(models) for k in model}
+    return model
+
+
+def test_streaming_average_equals_flowers_fedavg(sim: dict[str, Any]) -> None:
+    result, reports = sim["average"]
+    ours = from_array_record(result.arrays)
+    theirs = from_array_record(sim["fedavg"].arrays)
+    expected = _expected_average(list(range(NODES)), rounds=2)
+    for name in BASE:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours[name], expected[name], atol=1e-6, rtol=0)
+    assert [len(r.folded) for r in reports] == [NODES, NODES]
+    assert all(r.updated and not r.missing for r in reports)
+    assert result.train_metrics_clientapp[1]["pid"] == pytest.approx(sum(range(NODES)) / NODES)
+
+
+def test_a_bounded_window_of_messages_in_flight_gives_the_same_model(sim: dict[str, Any]) -> None:
+    result, reports = sim["windowed"]
+    same = from_array_record(sim["average"][0].arrays)
+    windowed = from_array_record(result.arrays)
+    for name in BASE:
+        torch.testing.assert_close(windowed[name], same[name], atol=1e-6, rtol=0)
+    assert [sorted(r.folded) for r in reports] == [sorted(sim["pid"])] * 2
+
+
+def test_continual_merge_folds_every_reply_of_every_round_into_one_durable_state(
+    sim: dict[str, Any],
+) -> None:
+    result, reports, count = sim["continual"]
+    assert count == 2 * NODES
+    manifest = json.loads((sim["state_dir"] / "manifest.json").read_text())
+    assert manifest["strategy"].startswith("opcm")
+    assert [a["source"].split(" node ")[0] for a in manifest["arrivals"]] == (
+        ["round 1"] * NODES + ["round 2"] * NODES
+    )
+    assert all(r.updated for r in reports)
+    final = from_array_record(result.arrays)
+    assert not torch.equal(final["fc1.weight"], BASE["fc1.weight"])
+
+
+def test_bad_replies_are_rejected_with_reasons_and_the_round_completes(sim: dict[str, Any]) -> None:
+    result, reports, seconds = sim["faulty"]
+    pid = sim["pid"]
+    (report,) = reports
+    by_pid = {name: sorted(pid[n] for n in getattr(report, name))
+              for name in ("folded", "rejected", "failed", "missing")}  # fmt: skip
+    assert by_pid == {"folded": [0, 1], "rejected": [2, 3, 4], "failed": [5], "missing": [6]}
+    reasons = {pid[n]: reason for n, reason in report.rejected.items()}
+    assert "NaN" in reasons[2] and "fc1.weight" in reasons[2]
+    assert "shape" in reasons[3] and "fc2.weight" in reasons[3]
+    assert "another base" in reasons[4]
+    assert "client 5 crashed" in next(iter(report.failed.values()))
+    assert report.updated
+    # the round waited for the timeout, not for the hanging client
+    assert FAULTY_TIMEOUT <= seconds < HANG
+    merged = from_array_record(result.arrays)
+    expected = _expected_average([0, 1], rounds=1)
+    for name in BASE:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_too_few_accepted_replies_keep_the_previous_model(sim: dict[str, Any]) -> None:
+    result, (report,) = sim["strict"]
+    assert sorted(sim["pid"][n] for n in report.folded) == [0, 1, 6]
+    assert not report.updated
+    assert len(result.arrays) == 0  # Flower's start keeps no new global model
