@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -16,11 +17,15 @@ from pathlib import Path
 from .errors import ContmergeError
 from .registry import available, parse_value
 
-#: command -> (module, function adding its parser); the function sets ``func`` on the parser
-EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("contmerge.server.cli", "add_serve_parser"),
-    "simulate": ("contmerge.simulations.cli", "add_simulate_parser"),
-    "demo": ("contmerge.simulations.cli", "add_demo_parser"),
+#: command -> (module, function adding its parser, one-line help). The module is imported only
+#: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
+EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": ("contmerge.server.cli", "add_serve_parser",
+              "fold checkpoints as they arrive: watched inbox and HTTP uploads"),
+    "simulate": ("contmerge.simulations.cli", "add_simulate_parser",
+                 "run a scenario on real offline data (continual, federated, ...)"),
+    "demo": ("contmerge.simulations.cli", "add_demo_parser",
+             "the default continual-merging scenario, end to end, in minutes"),
 }
 
 
@@ -114,7 +119,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the external command named in ``argv`` (if any) is imported."""
     parser = argparse.ArgumentParser(
         prog="contmerge",
         description="Fold fine-tuned checkpoints of one base into a merged model, in constant "
@@ -202,21 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     strategies.set_defaults(func=cmd_strategies)
 
-    for name, (module, function) in EXTERNAL_COMMANDS.items():
-        _add_external(sub, name, module, function)
+    selected = argv[0] if argv else None
+    for name, (module, function, help_text) in EXTERNAL_COMMANDS.items():
+        if name == selected:
+            _add_external(sub, name, module, function, argv[1:])
+        else:
+            sub.add_parser(name, help=help_text)  # a placeholder for the listing only
     return parser
 
 
-def _add_external(sub: argparse._SubParsersAction, name: str, module: str, function: str) -> None:
+def _add_external(
+    sub: argparse._SubParsersAction, name: str, module: str, function: str, rest: Sequence[str]
+) -> None:
     try:
-        adder: Callable[[argparse._SubParsersAction], None] = getattr(
-            importlib.import_module(module), function
-        )
+        adder: Callable[..., None] = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as exc:
         missing = sub.add_parser(name, help=f"(unavailable: {exc})")
         missing.set_defaults(func=lambda _args, exc=exc: _unavailable(name, exc))
         return
-    adder(sub)
+    if "rest" in inspect.signature(adder).parameters:
+        adder(sub, rest=rest)
+    else:
+        adder(sub)
 
 
 def _unavailable(name: str, exc: Exception) -> int:
@@ -228,7 +241,8 @@ def _unavailable(name: str, exc: Exception) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ContmergeError as exc:

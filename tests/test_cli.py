@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from contmerge import Merger
 from contmerge.cli import build_parser, main
+
 from helpers import fine_tuned, random_base
 
 
@@ -80,15 +81,22 @@ def test_unknown_strategy_names_the_available_ones(files, tmp_path, capsys):
 
 
 def test_every_command_has_help():
+    from contmerge.simulations.cli import SCENARIOS
+
     parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
-    assert {"merge", "emit", "inspect", "strategies"} <= set(commands)
-    for command in commands:
-        result = subprocess.run(
-            [sys.executable, "-m", "contmerge", command, "--help"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, (command, result.stderr)
-        assert "usage:" in result.stdout
+    commands = list(parser._subparsers._group_actions[0].choices)  # noqa: SLF001
+    assert {"merge", "emit", "inspect", "strategies", "serve", "simulate", "demo"} <= set(commands)
+    invocations = [[c] for c in commands] + [["simulate", s] for s in SCENARIOS]
+    for words in invocations:
+        result = subprocess.run([sys.executable, "-m", "contmerge", *words, "--help"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (words, result.stderr)
+        assert "usage:" in result.stdout and "unavailable" not in result.stdout, words
+
+
+def test_core_commands_do_not_import_flower():
+    code = "import sys; from contmerge.cli import build_parser; build_parser(['merge']); " \
+           "print('flwr' in sys.modules, 'ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["False", "False"], result.stderr

@@ -10,6 +10,7 @@ import torch
 
 from contmerge import Merger, StrategyError, parse_strategy
 from contmerge.registry import available
+
 from helpers import fine_tuned, random_base
 
 

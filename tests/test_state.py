@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fine_tuned, random_base
 from safetensors.torch import load_file, save_file
 
 import contmerge.state
 from contmerge import Merger, StateError
+
+from helpers import fine_tuned, random_base
 
 
 def write_models(tmp_path: Path, count: int, scale: int = 1) -> tuple[Path, list[Path]]:

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from contmerge import Merger
-from contmerge.strategy import FoldContext, TensorInfo
-from contmerge.tensorfile import TensorMeta
 from contmerge.strategies.dare import Dare
 from contmerge.strategies.opcm import project_out, split_rank
+from contmerge.strategy import FoldContext, TensorInfo
+from contmerge.tensorfile import TensorMeta
+
 from helpers import Model, fine_tuned, float_names, random_base, whole_norm
 
 LINEAR = ("encoder.0.weight", "encoder.1.weight")
