@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,10 +79,12 @@ class Merger:
                 raise StateError("a strategy is needed to start a new merge state")
             self.strategy = parse_strategy(strategy, **hparams)
             manifest = self._new_manifest(linear)
-            initial = {n: self.strategy.init(self.infos[n]) for n in self._float_names}
+            initial = _LazyInit(self.strategy, self.infos, self._float_names)
             if directory is None:
-                self.store = MemoryStore(manifest, initial)
+                self.store = MemoryStore(manifest, dict(initial.items()))
             else:
+                # built one tensor at a time while written: a whole zero state would be as
+                # large as the model, which must not need to fit in memory
                 self.store = DiskStore.create(directory, manifest, initial, self._slot_metas())
 
     # --- setup ----------------------------------------------------------------------------
@@ -123,9 +126,14 @@ class Merger:
         return saved
 
     def _fingerprint_base(self) -> str:
+        """Hash of the base; also keeps ‖θ0‖² (fixed for the base) for the relative-delta check."""
         digest = hashlib.sha256()
-        for name in self.infos:
-            _hash_tensor(digest, name, self.base.read(name))
+        self._base_sq = 0.0
+        for name, info in self.infos.items():
+            tensor = self.base.read(name)
+            _hash_tensor(digest, name, tensor)
+            if info.meta.is_float:
+                self._base_sq += _sum_sq(tensor.to(info.compute_dtype))
         return digest.hexdigest()
 
     def _slot_metas(self) -> dict[str, TensorMeta]:
@@ -173,7 +181,7 @@ class Merger:
                 ),
             )
             for sweep in self.strategy.passes(ctx):
-                for info, delta, _ in self._deltas(arrival, "pass"):
+                for info, delta, _, _ in self._deltas(arrival, "pass"):
                     sweep.update(info, delta, self.store.read(info.name), ctx)
                 sweep.finish(ctx)
             return self._fold_pass(arrival, ctx, label, started)
@@ -187,13 +195,11 @@ class Merger:
     ) -> FoldResult:
         digest = hashlib.sha256()
         staging = self.store.begin(self._slot_metas())
-        delta_sq = base_sq = 0.0
+        delta_sq, base_sq = 0.0, self._base_sq
         try:
-            for info, delta, base in self._deltas(arrival, f"fold {Path(label).name}", digest):
-                if delta is None:
-                    continue
-                delta_sq += float(torch.sum(delta.double() ** 2))
-                base_sq += float(torch.sum(base.double() ** 2))
+            deltas = self._deltas(arrival, f"fold {Path(label).name}", digest)
+            for info, delta, base, sq in deltas:
+                delta_sq += sq
                 new_state = self.strategy.fold(info, self.store.read(info.name), delta, base, ctx)
                 staging.write(info.name, new_state)
             content_hash = digest.hexdigest()
@@ -279,35 +285,59 @@ class Merger:
 
     def _deltas(
         self, arrival: Checkpoint, label: str, digest: Any = None
-    ) -> Iterator[tuple[TensorInfo, torch.Tensor | None, torch.Tensor]]:
-        """(info, θ_t − θ0 in compute dtype, θ0 in compute dtype) per tensor, checked finite.
+    ) -> Iterator[tuple[TensorInfo, torch.Tensor, torch.Tensor, float]]:
+        """(info, θ_t − θ0, θ0, ‖θ_t − θ0‖²) per float tensor, in compute dtype, checked finite.
 
-        Non-float tensors are hashed but yield no delta: they are not merged.
+        Non-float tensors are hashed but yield no delta: they are not merged. One sweep per
+        tensor does the work: the arrival's bytes are hashed on a helper thread while the base
+        is read, δ is computed in the arrival's fresh buffer, and its float64 norm doubles as
+        the finiteness check (a NaN or ±Inf anywhere makes it non-finite).
         """
         names = self.infos if digest is not None else self._float_names
         bar = tqdm(names, desc=label, unit="tensor", disable=not self.progress, leave=False)
-        for name in bar:
-            info = self.infos[name]
-            # a LoRA adapter's tensors are factors or replacements: ask it for the delta below
-            full = arrival.carries_full_weights and name in arrival.meta
-            value = arrival.read(name) if full else None
-            if value is not None and info.meta.is_float and not bool(value.isfinite().all()):
-                raise CheckpointError(arrival.source, "contains NaN or Inf", name)
-            if not info.meta.is_float:
-                if digest is not None and value is not None:
-                    _hash_tensor(digest, name, value)
-                continue
-            base = self.base.read(name).to(info.compute_dtype)
-            if value is not None:
-                delta = value.to(info.compute_dtype) - base
-            else:
-                lowrank = arrival.delta(name, base)
-                delta = torch.zeros_like(base) if lowrank is None else lowrank
-                if not bool(delta.isfinite().all()):
-                    raise CheckpointError(arrival.source, "adapter delta has NaN or Inf", name)
-            if digest is not None:
-                _hash_tensor(digest, name, value if value is not None else delta)
-            yield info, delta, base
+        hasher = _BackgroundHasher(digest) if digest is not None else None
+        try:
+            for name in bar:
+                info = self.infos[name]
+                # a LoRA adapter's tensors are factors or replacements: ask it for the delta
+                full = arrival.carries_full_weights and name in arrival.meta
+                value = arrival.read(name) if full else None
+                if hasher is not None and value is not None:
+                    hasher.add(name, value)
+                if not info.meta.is_float:
+                    continue
+                base = self.base.read(name).to(info.compute_dtype)
+                if value is not None:
+                    delta = value.to(info.compute_dtype)
+                    if hasher is not None:
+                        hasher.wait()  # the bytes must be hashed before δ overwrites them
+                    if delta is value and not arrival.fresh_reads:
+                        delta = delta - base  # the caller's own tensor: never write into it
+                    else:
+                        delta.sub_(base)
+                else:
+                    lowrank = arrival.delta(name, base)
+                    delta = torch.zeros_like(base) if lowrank is None else lowrank
+                    if hasher is not None:
+                        hasher.add(name, delta)
+                sq = _sum_sq(delta)
+                if not math.isfinite(sq):
+                    raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
+                yield info, delta, base, sq
+            if hasher is not None:
+                hasher.wait()
+        finally:
+            if hasher is not None:
+                hasher.close()
+
+    def _why_not_finite(self, arrival: Checkpoint, name: str) -> str:
+        if not arrival.carries_full_weights or name not in arrival.meta:
+            return "adapter delta has NaN or Inf"
+        # δ was computed in place: read the tensor again to tell a bad value from an overflow
+        value = arrival.read(name).to(self.infos[name].compute_dtype)
+        if not bool(value.isfinite().all()):  # checked in compute dtype: f8 has no isfinite
+            return "contains NaN or Inf"
+        return "differs from the base by more than the float range (δ overflows)"
 
     def _open_extras(
         self, source: Source, extras: Mapping[str, Source] | None
@@ -373,6 +403,54 @@ class Merger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _LazyInit(Mapping[str, dict[str, torch.Tensor]]):
+    """The strategy's initial state per tensor, created only when asked for."""
+
+    def __init__(self, strategy: Strategy, infos: Mapping[str, TensorInfo], names: list[str]):
+        self._strategy, self._infos, self._names = strategy, infos, names
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._infos:
+            raise KeyError(name)
+        return self._strategy.init(self._infos[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _sum_sq(tensor: torch.Tensor) -> float:
+    """Σx² accumulated in float64 without a float64 copy; NaN/Inf if any entry is."""
+    if tensor.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+
+
+class _BackgroundHasher:
+    """Feeds tensors to a digest in order on one helper thread (hashlib releases the GIL),
+    so hashing an arrival's bytes overlaps with reading the base. At most one tensor is
+    pending, so memory stays at one extra reference."""
+
+    def __init__(self, digest: Any) -> None:
+        self._digest = digest
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contmerge-hash")
+        self._pending: Future[None] | None = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.wait()
+        self._pending = self._pool.submit(_hash_tensor, self._digest, name, tensor)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:

@@ -36,6 +36,8 @@ class Checkpoint:
     config_dir: Path | None = None
     #: names of ``nn.Linear`` weights when the source knows them exactly (modules, model dirs)
     linear_names: frozenset[str] | None = None
+    #: ``read`` returns a new tensor nobody else holds, so the engine may compute in it in place
+    fresh_reads: bool = False
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -89,6 +91,8 @@ class StateDictCheckpoint(Checkpoint):
 class SafetensorsCheckpoint(Checkpoint):
     """One ``.safetensors`` file."""
 
+    fresh_reads = True
+
     def __init__(self, path: str | Path) -> None:
         self._reader = SafetensorsReader(path)
         self.source = str(path)
@@ -103,6 +107,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
 class ShardedCheckpoint(Checkpoint):
     """A Hugging Face sharded directory described by ``model.safetensors.index.json``."""
+
+    fresh_reads = True
 
     def __init__(self, index_path: str | Path) -> None:
         index_path = Path(index_path)
@@ -143,6 +149,8 @@ class ShardedCheckpoint(Checkpoint):
 class TorchFileCheckpoint(Checkpoint):
     """A ``torch.save`` file, loaded only with ``weights_only=True`` (no arbitrary pickle code)."""
 
+    fresh_reads = True  # ``read`` clones out of the loaded (memory-mapped) file
+
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         self.source = str(path)
@@ -152,12 +160,13 @@ class TorchFileCheckpoint(Checkpoint):
                 path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
             )
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise CheckpointError(
-                str(path), f"refused: this pickle needs code beyond plain tensors ({first})"
+                str(path),
+                f"refused: this pickle needs code beyond plain tensors ({_unpickle_reason(exc)})",
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CheckpointError(str(path), f"not a readable torch file: {exc}") from exc
+        except Exception as exc:  # torch raises many kinds (e.g. AttributeError for f8 legacy)
+            reason = f"not a readable torch file: {type(exc).__name__}: {exc}"
+            raise CheckpointError(str(path), reason) from exc
         tensors = _unwrap_state_dict(loaded)
         if tensors is None:
             raise CheckpointError(str(path), "does not hold a state dict of tensors")
@@ -166,6 +175,19 @@ class TorchFileCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
+
+
+def _unpickle_reason(exc: Exception) -> str:
+    """The useful line of torch's long weights_only message (what it refused to load)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours part of its message
+    found = re.search(
+        r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\. Please use|\n\n|$)",
+        text,
+        re.S,
+    )
+    if found and found.group(1).strip():
+        return found.group(1).strip()
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
