@@ -15,17 +15,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ContmergeError
+from .merger import DEFAULT_MAX_RELATIVE_DELTA
 from .registry import available, parse_value
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
 EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "serve": ("contmerge.server.cli", "add_serve_parser",
-              "fold checkpoints as they arrive: watched inbox and HTTP uploads"),
-    "simulate": ("contmerge.simulations.cli", "add_simulate_parser",
-                 "run a scenario on real offline data (continual, federated, ...)"),
-    "demo": ("contmerge.simulations.cli", "add_demo_parser",
-             "the default continual-merging scenario, end to end, in minutes"),
+    "serve": (
+        "contmerge.server.cli",
+        "add_serve_parser",
+        "fold checkpoints as they arrive: watched inbox and HTTP uploads",
+    ),
+    "simulate": (
+        "contmerge.simulations.cli",
+        "add_simulate_parser",
+        "run a scenario on real offline data (continual, federated, ...)",
+    ),
+    "demo": (
+        "contmerge.simulations.cli",
+        "add_demo_parser",
+        "the default continual-merging scenario, end to end, in minutes",
+    ),
 }
 
 
@@ -108,7 +118,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for record in manifest["arrivals"]:
         print(
             f"  #{record['index']:<4} {record['folded_at']}  {record['hash'][:12]}  "
-            f"Δ/θ0={record['relative_delta']:.4f}  {record['source']}"
+            f"Δ/θ0={record['relative_delta']:.4f} "
+            f"(matrices {record.get('median_matrix_delta', 0):.4f})  {record['source']}"
         )
     return 0
 
@@ -161,8 +172,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     merge.add_argument(
         "--max-relative-delta",
         type=float,
-        default=1.0,
-        help="refuse a checkpoint whose ‖θ−θ0‖/‖θ0‖ exceeds this (default 1.0)",
+        default=DEFAULT_MAX_RELATIVE_DELTA,
+        help="refuse a checkpoint whose weight matrices moved, in the median, by more than this "
+        "fraction of their norm in the base: fine-tuned from another base (default %(default)s)",
     )
     merge.add_argument(
         "--any-base",

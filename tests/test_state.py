@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import contmerge.state
-from contmerge import Merger, StateError
+from contmerge import CheckpointError, Merger, StateError
 
 from helpers import fine_tuned, random_base
 
@@ -156,6 +157,7 @@ FOLDER = textwrap.dedent("""
     from contmerge import Merger
     base, state, *paths = sys.argv[1:]
     with Merger(base, "opcm", state) as merger:
+        print("ready", flush=True)
         for path in paths:
             merger.fold(path)
             print("folded", path, flush=True)
@@ -167,18 +169,24 @@ def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
     state = tmp_path / "state"
     script = tmp_path / "folder.py"
     script.write_text(FOLDER)
+    # time one fold here and now, so the kills land inside folds however loaded the machine is
+    with Merger(base, "opcm", tmp_path / "timing") as timer:
+        timer.fold(paths[0])
+        started = time.perf_counter()
+        timer.fold(paths[1])
+        fold_seconds = time.perf_counter() - started
     seen_counts = set()
-    for delay in (0.5, 1.5, 2.5, 3.5, 4.5, 6.0):
+    for fraction in (0.2, 0.9, 1.6, 2.3, 3.1, 4.4):
         proc = subprocess.Popen(
             [sys.executable, str(script), str(base), str(state), *map(str, paths)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            text=True,
         )
-        time.sleep(delay)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(fraction * fold_seconds)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if not (state / "manifest.json").exists():
-            continue  # killed before the state was created: nothing to check yet
         with Merger(base, state_dir=state) as merger:
             count = merger.count
             order = [Path(a["source"]) for a in merger.arrivals]
@@ -189,9 +197,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
     with Merger(base, state_dir=state) as merger:
         results = [merger.fold(p) for p in paths]
         assert merger.count == len(paths)
-        assert sum(r.status == "folded" for r in results) == len(paths) - max(
-            seen_counts, default=0
-        )
+        assert sum(r.status == "folded" for r in results) == len(paths) - max(seen_counts)
         assert_same(merger.emit_state_dict(), merged_after(base, paths, "opcm"))
     assert len(seen_counts) >= 2, f"kills landed at too few distinct points: {seen_counts}"
 
@@ -211,3 +217,34 @@ def test_headers_whose_length_looks_like_a_pickle_opcode_still_read(tmp_path, he
         pytest.skip("could not hit the header length exactly")
     with SafetensorsReader(tmp_path / "x.safetensors") as reader:
         assert torch.equal(reader.read("w"), tensors["w"])
+
+
+def test_without_dedupe_identical_arrivals_each_count(tmp_path):
+    base, paths = write_models(tmp_path, 2)
+    merger = Merger(base, "average", dedupe=False)
+    for path in (paths[0], paths[0], paths[1]):
+        assert merger.fold(path).status == "folded"
+    a, c = load_file(paths[0]), load_file(paths[1])
+    weighted = {n: (2 * a[n].double() + c[n].double()) / 3 for n in a if a[n].is_floating_point()}
+    merged = merger.emit_state_dict()
+    for name, value in weighted.items():
+        torch.testing.assert_close(merged[name].double(), value, rtol=1e-6, atol=1e-6)
+
+
+def test_an_unchanged_file_is_recognised_without_reading_it(tmp_path):
+    base, paths = write_models(tmp_path, 1)
+    with Merger(base, "opcm", tmp_path / "state") as merger:
+        merger.fold(paths[0])
+        record = merger.arrivals[0]
+        assert record["file"] is not None and record["median_matrix_delta"] > 0
+        # same inode, size and mtime, other bytes: recognised by identity, so never parsed
+        stat = paths[0].stat()
+        with open(paths[0], "r+b") as handle:
+            handle.write(b"\xff" * stat.st_size)
+        os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert merger.fold(paths[0]).status == "duplicate"
+        # once the file visibly changed it is read again (and here refused)
+        os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        with pytest.raises(CheckpointError):
+            merger.fold(paths[0])
+        assert merger.count == 1

@@ -127,8 +127,10 @@ class ContmergeStrategy(FedAvg):
     # --- hooks ----------------------------------------------------------------------------
     def make_merger(self, base: Source) -> Merger:
         """Build the Merger for a round (``merge="round"``) or for the run (``"continual"``)."""
-        state_dir = self.state_dir if self.merge == "continual" else None
-        return Merger(base, self.rule, state_dir, **self.merger_options)
+        if self.merge == "continual":
+            return Merger(base, self.rule, self.state_dir, **self.merger_options)
+        # within a round every client's reply counts, even two identical ones (FedAvg's view)
+        return Merger(base, self.rule, None, **{"dedupe": False, **self.merger_options})
 
     def on_reply(self, server_round: int, reply: Message, status: str) -> None:
         """Called for every reply once handled: status is folded, duplicate, rejected or failed.

@@ -12,6 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
+from contmerge.merger import DEFAULT_MAX_RELATIVE_DELTA
+
 DEFAULT_PORT = 8470
 
 
@@ -39,8 +41,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-relative-delta",
         type=float,
-        default=1.0,
-        help="reject a checkpoint whose ‖θ−θ0‖/‖θ0‖ exceeds this (default 1.0)",
+        default=DEFAULT_MAX_RELATIVE_DELTA,
+        help="reject a checkpoint whose weight matrices moved, in the median, by more than this "
+        "fraction of their norm in the base: fine-tuned from another base (default %(default)s)",
     )
     serve.add_argument(
         "--any-base", action="store_true", help="do not reject checkpoints far from the base"

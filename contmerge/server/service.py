@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import CheckpointError
-from ..merger import Merger
+from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
 from ..tensorfile import SafetensorsReader
 from .inbox import InboxEntry, InboxWatcher, is_ignored
 from .journal import FINAL_EVENTS, JOURNAL_FILE, Journal
@@ -38,7 +38,7 @@ class ServeSettings:
     strategy: str | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     linear: str | None = None
-    max_relative_delta: float | None = 1.0
+    max_relative_delta: float | None = DEFAULT_MAX_RELATIVE_DELTA
     inbox: Path | None = None
     poll_interval: float = 1.0
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
