@@ -1,0 +1,612 @@
+"""Decentralized scenario: DIMAT vs plain π-averaging (WA) on a topology of agents.
+
+N agents hold shards of one 10-class task (Fashion-MNIST, or scikit-learn digits), IID or
+non-IID (whole classes per agent, class c -> agent c mod N, as DIMAT's ``dataloader.py``). Each
+starts from its OWN random init and pretrains briefly on its shard. Then, every round and for
+each method on identical models, data and seeds: all agents merge their neighbourhood
+synchronously (round-start models), the merged models are evaluated on the full test set,
+every agent trains ``local_epochs`` on its own shard (fresh Adam, lr 1e-3, batch 100), and
+they are evaluated again. The merge's calibration data is each agent's own shard (unlabeled),
+or, for comparison with the authors' code, the global training set (``--calibration global``).
+
+``run_decentralized(config)`` is the entry point; ``add_decentralized_arguments`` /
+``main_decentralized`` are the CLI halves for ``contmerge simulate decentralized``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from contmerge.strategies.dimat import (
+    TOPOLOGIES,
+    DimatFold,
+    PermutationSpec,
+    Source,
+    Topology,
+    make_topology,
+    neighbourhood,
+    reset_bn,
+    topology_from_matrix,
+    weighted_average,
+)
+
+from .cnn import CNNConfig, SmallResNet, resnet_spec
+from .data import DataConfig, Task, load_suite
+
+StateDict = dict[str, torch.Tensor]
+METHODS = ("dimat", "wa", "wa_bn")
+DATASET_LABELS = {"fashion": "Fashion-MNIST", "digits": "digits"}
+METHOD_LABELS = {"dimat": "DIMAT", "wa": "WA", "wa_bn": "WA + BN reset"}
+CALIBRATION_NOTES = {
+    "own": (
+        "Calibration data: each agent uses its OWN training shard (images only, no labels) for "
+        "the activation statistics and BatchNorm resets of its merge; no data leaves an agent. "
+        "(The authors' code uses the global training set instead.)"
+    ),
+    "global": (
+        "Calibration data: the GLOBAL training set (all agents' images, no labels), as the "
+        "authors' code does; not private, kept for comparison with --calibration own."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DecentralizedConfig:
+    topology: str = "ring"  # fc | ring | bipartite | disconnected (ignored when pi is given)
+    agents: int = 5
+    rounds: int = 10
+    partition: str = "non-iid"  # iid | non-iid
+    local_epochs: int = 2
+    pretrain_epochs: int = 2
+    dataset: str = "fashion"  # fashion | digits
+    n_train: int = 5000  # training images split among the agents (digits: at most ~1250)
+    n_test: int = 2000
+    calibration: str = "own"  # own: the agent's shard | global: all training images (reference)
+    calib_size: int | None = None  # calibration images per agent (None: the whole set)
+    batch_size: int = 100
+    lr: float = 1e-3
+    width: int = 16
+    seed: int = 0
+    methods: tuple[str, ...] = ("dimat", "wa")
+    pi: tuple[tuple[float, ...], ...] | None = None  # a custom mixing matrix
+    fc_shortcut: bool = False  # FC: agent 0's merge copied to all (the reference's shortcut)
+    output_dir: str | None = "contmerge-runs/decentralized"
+    threads: int = 1  # small convs gain little from 2; 2 threads crawl on a busy machine
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+QUICK = dict(rounds=2, n_train=1000, n_test=400, local_epochs=1, pretrain_epochs=1, width=8)
+
+
+def quick_config(**overrides: Any) -> DecentralizedConfig:
+    """The test-sized run (a few seconds on 2 cores)."""
+    return replace(DecentralizedConfig(), **{**QUICK, **overrides})
+
+
+def _seed(seed: int, *parts: object) -> int:
+    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+
+
+def load_task(cfg: DecentralizedConfig) -> Task:
+    """One 10-class task with a shared label space, from the offline loaders."""
+    if cfg.dataset == "fashion":
+        data = DataConfig(
+            seed=cfg.seed, n_pretrain=cfg.n_train, n_test=cfg.n_test, use_fashion=True, tasks=()
+        )
+        return load_suite(data).pretrain  # upright Fashion-MNIST, all 10 classes
+    if cfg.dataset == "digits":
+        data = DataConfig(
+            seed=cfg.seed,
+            n_train=cfg.n_train,
+            n_test=cfg.n_test,
+            use_fashion=True,
+            tasks=("digits",),
+        )
+        return load_suite(data).tasks[0]
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; known: fashion, digits")
+
+
+def partition(labels: torch.Tensor, agents: int, kind: str, seed: int) -> list[torch.Tensor]:
+    """Indices of each agent's shard.
+
+    iid: every class dealt round-robin across agents (class-balanced shards). non-iid: class c
+    goes whole to agent c mod N, each class trimmed to the smallest class count (as DIMAT).
+    """
+    rng = np.random.default_rng(_seed(seed, "partition"))
+    y = labels.numpy()
+    classes = np.unique(y)
+    by_class = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
+    shards: list[list[int]] = [[] for _ in range(agents)]
+    if kind == "iid":
+        offset = 0
+        for idx in by_class:
+            for k, i in enumerate(idx):
+                shards[(k + offset) % agents].append(int(i))
+            offset += len(idx)  # keep shard sizes within one image of each other
+    elif kind == "non-iid":
+        if agents > len(classes):
+            raise ValueError(f"non-iid needs at most {len(classes)} agents (one class each)")
+        m = min(len(idx) for idx in by_class)
+        for c, idx in enumerate(by_class):
+            shards[c % agents].extend(int(i) for i in idx[:m])
+    else:
+        raise ValueError(f"unknown partition {kind!r}; known: iid, non-iid")
+    return [torch.as_tensor(np.sort(s), dtype=torch.long) for s in shards]
+
+
+# ------------------------------------------------------------------------------------------
+# Local training and evaluation
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Fresh Adam, cross-entropy, shuffled mini-batches (the reference's local step)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = sum(
+        int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+        for i in range(0, len(x), batch)
+    )
+    return correct / len(x)
+
+
+def state_bytes(state: StateDict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# ------------------------------------------------------------------------------------------
+# One round of merging
+
+
+Factory = Callable[[], nn.Module]
+
+
+def merge_agent(
+    method: str,
+    own: Source,
+    self_weight: float,
+    neighbours: Iterable[tuple[float, Source]],
+    factory: Factory,
+    spec: PermutationSpec,
+    calibration: Sequence[torch.Tensor],
+) -> StateDict:
+    """One agent's merge of its neighbourhood: DIMAT, WA, or WA followed by a BatchNorm reset."""
+    if method == "dimat":
+        fold = DimatFold(
+            own, self_weight, model_factory=factory, spec=spec, calibration=calibration
+        )
+        for weight, source in neighbours:
+            fold.add(source, weight)
+        return fold.finish()
+    if method in ("wa", "wa_bn"):
+        merged = weighted_average([(self_weight, own), *neighbours])
+        if method == "wa_bn":  # ablation: WA plus the same BatchNorm reset DIMAT does
+            model = factory()
+            model.load_state_dict(merged)
+            merged = {k: v.detach() for k, v in reset_bn(model, calibration).state_dict().items()}
+        return merged
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def merge_round(
+    method: str,
+    states: Sequence[StateDict],
+    topology: Topology,
+    calibration: Sequence[Sequence[torch.Tensor]],
+    factory: Factory,
+    spec: PermutationSpec,
+    *,
+    fc_shortcut: bool = False,
+) -> list[StateDict]:
+    """Every agent merges its neighbourhood from the round-start models (synchronous).
+
+    ``fc_shortcut``: when every row of π is the same (FC), merge for agent 0 only and give
+    everyone that model, as the reference code does (``exp == 1``).
+    """
+    out: list[StateDict] = []
+    for i in range(topology.n):
+        if fc_shortcut and i > 0 and np.allclose(topology.pi, topology.pi[0]):
+            out.append({k: v.clone() for k, v in out[0].items()})
+            continue
+        self_w, nbrs = neighbourhood(topology, i)
+        sources = [(w, states[j]) for j, w in nbrs]
+        out.append(merge_agent(method, states[i], self_w, sources, factory, spec, calibration[i]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+
+def calibration_batches(
+    x: torch.Tensor, config: DecentralizedConfig, agent: int
+) -> list[torch.Tensor]:
+    """Agent ``agent``'s calibration inputs, shuffled once and cut into fixed batches: every
+    pass of its merge sees exactly the same batches."""
+    gen = torch.Generator().manual_seed(_seed(config.seed, "calib", agent))
+    order = torch.randperm(len(x), generator=gen)[: config.calib_size or None]
+    return list(x[order].split(config.batch_size))
+
+
+def run_decentralized(config: DecentralizedConfig) -> dict[str, Any]:
+    """Pretrain N agents, run every method for ``rounds`` rounds, write the reports."""
+    if config.calibration not in CALIBRATION_NOTES:
+        raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_NOTES)}")
+    for m in config.methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+    topology = (
+        topology_from_matrix(config.pi)
+        if config.pi is not None
+        else make_topology(config.topology, config.agents)
+    )
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, config.threads)))
+    try:
+        return _run(config, topology)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _log(config: DecentralizedConfig, msg: str) -> None:
+    if config.progress:
+        print(msg, flush=True)
+
+
+def _run(config: DecentralizedConfig, topology: Topology) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    task = load_task(config)
+    n = topology.n
+    shards = partition(task.y_train, n, config.partition, config.seed)
+    cnn_cfg = CNNConfig(width=config.width, num_classes=task.num_classes)
+
+    def factory() -> SmallResNet:
+        return SmallResNet(cnn_cfg)
+
+    spec = resnet_spec(cnn_cfg)
+    xs = [task.x_train[s] for s in shards]
+    ys = [task.y_train[s] for s in shards]
+    calibration = [
+        calibration_batches(x if config.calibration == "own" else task.x_train, config, i)
+        for i, x in enumerate(xs)
+    ]
+    _log(config, CALIBRATION_NOTES[config.calibration])
+    _log(
+        config,
+        f"topology {topology.name} (N={n}), partition {config.partition}: shard sizes "
+        f"{[len(s) for s in shards]}, classes per agent "
+        f"{[sorted(set(y.tolist())) for y in ys]}",
+    )
+
+    # Different random init per agent, brief local pretraining (shared by every method).
+    pretrained: list[StateDict] = []
+    for i in range(n):
+        torch.manual_seed(_seed(config.seed, "init", i))
+        model = factory()
+        train_local(
+            model,
+            xs[i],
+            ys[i],
+            epochs=config.pretrain_epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            seed=_seed(config.seed, "pretrain", i),
+        )
+        pretrained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    eval_model = factory()
+
+    def evaluate(states: Sequence[StateDict]) -> list[float]:
+        accs = []
+        for s in states:
+            eval_model.load_state_dict(s)
+            accs.append(accuracy(eval_model, task.x_test, task.y_test))
+        return accs
+
+    initial = evaluate(pretrained)
+    model_bytes = state_bytes(pretrained[0])
+    bytes_per_round = sum(topology.degree(i) for i in range(n)) * model_bytes
+    _log(config, f"round 0 (pretrained): mean test acc {np.mean(initial):.4f}")
+
+    runs: dict[str, dict[str, Any]] = {}
+    for method in config.methods:
+        states = copy.deepcopy(pretrained)
+        rec: dict[str, Any] = {
+            "merged": [],
+            "trained": [],
+            "merged_per_agent": [],
+            "trained_per_agent": [],
+            "merge_seconds": [],
+            "train_seconds": [],
+        }
+        for r in range(1, config.rounds + 1):
+            t = time.perf_counter()
+            states = merge_round(
+                method, states, topology, calibration, factory, spec, fc_shortcut=config.fc_shortcut
+            )
+            rec["merge_seconds"].append(time.perf_counter() - t)
+            merged_acc = evaluate(states)
+            t = time.perf_counter()
+            trained = []
+            for i in range(n):
+                model = factory()
+                model.load_state_dict(states[i])
+                train_local(
+                    model,
+                    xs[i],
+                    ys[i],
+                    epochs=config.local_epochs,
+                    lr=config.lr,
+                    batch_size=config.batch_size,
+                    seed=_seed(config.seed, "train", i, r),
+                )
+                trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            states = trained
+            rec["train_seconds"].append(time.perf_counter() - t)
+            trained_acc = evaluate(states)
+            rec["merged"].append(float(np.mean(merged_acc)))
+            rec["trained"].append(float(np.mean(trained_acc)))
+            rec["merged_per_agent"].append(merged_acc)
+            rec["trained_per_agent"].append(trained_acc)
+            _log(
+                config,
+                f"{METHOD_LABELS[method]:>6} round {r}: after merge "
+                f"{rec['merged'][-1]:.4f}, after training {rec['trained'][-1]:.4f}",
+            )
+        runs[method] = rec
+
+    results = {
+        "config": config.to_dict(),
+        "topology": {"name": topology.name, "pi": topology.pi.tolist()},
+        "dataset": DATASET_LABELS[config.dataset],
+        "num_classes": task.num_classes,
+        "shard_sizes": [len(s) for s in shards],
+        "calibration": CALIBRATION_NOTES[config.calibration],
+        "calibration_images_per_agent": [sum(len(b) for b in c) for c in calibration],
+        "model_parameters": sum(p.numel() for p in factory().parameters()),
+        "model_bytes": model_bytes,
+        "bytes_per_round": bytes_per_round,
+        "initial_accuracy": float(np.mean(initial)),
+        "initial_per_agent": initial,
+        "runs": runs,
+        "seconds": time.perf_counter() - t0,
+    }
+    if config.output_dir:
+        write_reports(results, Path(config.output_dir))
+    return results
+
+
+# ------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    cfg, runs = results["config"], results["runs"]
+    methods = list(runs)
+    head = (
+        "| round | "
+        + " | ".join(f"{METHOD_LABELS[m]} merged | {METHOD_LABELS[m]} trained" for m in methods)
+        + " | bytes sent |"
+    )
+    lines = [
+        f"Mean test accuracy over {len(results['shard_sizes'])} agents ({results['dataset']}, "
+        f"{cfg['partition']}, topology {results['topology']['name']}, "
+        f"{cfg['local_epochs']} local epoch(s)/round). 'merged' = right after the merge, "
+        f"'trained' = after local training.",
+        "",
+        head,
+        "|" + "---|" * (2 + 2 * len(methods)),
+        "| 0 (pretrained) | "
+        + " | ".join(f"{results['initial_accuracy']:.4f} | –" for _ in methods)
+        + " | 0 |",
+    ]
+    for r in range(cfg["rounds"]):
+        cells = " | ".join(
+            f"{runs[m]['merged'][r]:.4f} | {runs[m]['trained'][r]:.4f}" for m in methods
+        )
+        lines.append(f"| {r + 1} | {cells} | {results['bytes_per_round']:,} |")
+    lines += ["", results["calibration"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    rounds = np.arange(1, results["config"]["rounds"] + 1)
+    for k, (method, rec) in enumerate(results["runs"].items()):
+        color = f"C{k}"
+        label = METHOD_LABELS[method]
+        ax.plot(rounds, rec["merged"], "-o", color=color, label=f"{label} (after merge)")
+        ax.plot(
+            rounds,
+            rec["trained"],
+            "--",
+            color=color,
+            alpha=0.7,
+            label=f"{label} (after local training)",
+        )
+    ax.axhline(results["initial_accuracy"], color="gray", lw=0.8, label="pretrained agents")
+    cfg = results["config"]
+    ax.set_title(
+        f"{results['dataset']}, {cfg['partition']}, {results['topology']['name']}, "
+        f"N={len(results['shard_sizes'])}"
+    )
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(results: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(markdown_table(results))
+    plot(results, out_dir / "accuracy.png")
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_decentralized_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = DecentralizedConfig()
+    parser.add_argument("--topology", choices=TOPOLOGIES, default=d.topology)
+    parser.add_argument(
+        "--pi-file",
+        default=None,
+        help="JSON file with a row-stochastic mixing matrix (list of rows, or "
+        "an object with a 'pi' key); overrides --topology/--agents",
+    )
+    parser.add_argument("--agents", type=int, default=d.agents)
+    parser.add_argument("--rounds", type=int, default=None, help=f"default {d.rounds}")
+    parser.add_argument("--partition", choices=("iid", "non-iid"), default=d.partition)
+    parser.add_argument("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
+    parser.add_argument(
+        "--pretrain-epochs", type=int, default=None, help=f"default {d.pretrain_epochs}"
+    )
+    parser.add_argument("--dataset", choices=("fashion", "digits"), default=d.dataset)
+    parser.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help=f"training images split among agents (default {d.n_train})",
+    )
+    parser.add_argument("--n-test", type=int, default=None, help=f"default {d.n_test}")
+    parser.add_argument(
+        "--calibration",
+        choices=tuple(CALIBRATION_NOTES),
+        default=d.calibration,
+        help="own: each agent's shard (default, private); global: the whole training set, as "
+        "the authors' code (for comparison only)",
+    )
+    parser.add_argument(
+        "--calib-size",
+        type=int,
+        default=None,
+        help="calibration images per agent (default: all of its calibration set)",
+    )
+    parser.add_argument("--width", type=int, default=None, help=f"CNN width (default {d.width})")
+    parser.add_argument(
+        "--methods",
+        default=",".join(d.methods),
+        help=f"comma-separated subset of {', '.join(METHODS)}",
+    )
+    parser.add_argument(
+        "--fc-shortcut",
+        action="store_true",
+        help="FC only: merge for agent 0 and copy it to every agent, as the authors' code",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--output-dir", default=d.output_dir)
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (1 or 2)")
+    parser.add_argument("--quick", action="store_true", help="tiny run (< 1 min), for tests")
+    parser.add_argument("--quiet", action="store_true", help="no per-round log")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DecentralizedConfig:
+    base = quick_config() if args.quick else DecentralizedConfig()
+    pi = None
+    if args.pi_file:
+        raw = json.loads(Path(args.pi_file).read_text())
+        pi = tuple(
+            tuple(float(v) for v in row) for row in (raw["pi"] if isinstance(raw, dict) else raw)
+        )
+    picked = {
+        "rounds": args.rounds,
+        "local_epochs": args.local_epochs,
+        "pretrain_epochs": args.pretrain_epochs,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "width": args.width,
+    }
+    return replace(
+        base,
+        **{k: v for k, v in picked.items() if v is not None},
+        topology=args.topology,
+        agents=len(pi) if pi else args.agents,
+        partition=args.partition,
+        dataset=args.dataset,
+        calibration=args.calibration,
+        calib_size=args.calib_size,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        seed=args.seed,
+        pi=pi,
+        fc_shortcut=args.fc_shortcut,
+        output_dir=args.output_dir,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+
+
+def main_decentralized(args: argparse.Namespace) -> int:
+    results = run_decentralized(config_from_args(args))
+    print(markdown_table(results), end="")
+    print(
+        f"bytes communicated per round (all agents): {results['bytes_per_round']:,} "
+        f"({results['model_bytes']:,} bytes per model); {results['seconds']:.1f} s"
+    )
+    if results["config"]["output_dir"]:
+        print(f"reports: {results['config']['output_dir']}/results.{{json,md}}, accuracy.png")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m contmerge.simulations.decentralized`` (same options as the CLI command)."""
+    parser = add_decentralized_arguments(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    )
+    return main_decentralized(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
