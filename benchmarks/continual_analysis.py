@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from contmerge import Merger
 from contmerge.simulations.continual import ContinualConfig, default_cache_dir, make_orders
 from contmerge.simulations.data import load_suite
 from contmerge.simulations.evaluate import Evaluator
@@ -47,8 +49,6 @@ from contmerge.simulations.train import (
     load_safetensors,
 )
 from contmerge.strategies.opcm import project_out
-
-from contmerge import Merger
 
 STRATEGIES: tuple[tuple[str, str], ...] = (
     ("Average", "average"),

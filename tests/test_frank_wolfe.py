@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from contmerge.strategies.frank_wolfe import ClassifierObjective, FrankWolfeMerger
 from torch import Tensor, nn
 
+from contmerge.strategies.frank_wolfe import ClassifierObjective, FrankWolfeMerger
 from contmerge.tensorfile import write_safetensors
 
 HARD_COEF_T0 = (2 / 2 * 0.1) * 0.3  # the authors' first step: γ_0·λ

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from contmerge.simulations import fw_pool
 from contmerge.simulations.data import Task, TaskSpec
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from contmerge.simulations import continual, data, evaluate, train
 from contmerge.simulations.continual import ContinualConfig, StrategySpec, parse_strategy_arg
 

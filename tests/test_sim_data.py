@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from contmerge.simulations import data
 from contmerge.simulations.data import DataConfig, load_suite
 

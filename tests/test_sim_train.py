@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+
 from contmerge.simulations import data, train
 from contmerge.simulations.evaluate import Evaluator, bounds
 from contmerge.simulations.models import Backbone, ModelConfig, get_state, set_state
