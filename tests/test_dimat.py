@@ -15,15 +15,6 @@ from contmerge.strategies import dimat as D
 CFG = CNNConfig(width=6, blocks_per_stage=2, num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convs: two threads only add synchronisation, which crawls on a shared machine.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def resnet() -> SmallResNet:
     return SmallResNet(CFG)
 

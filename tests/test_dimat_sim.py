@@ -11,14 +11,6 @@ import torch
 from contmerge.simulations import decentralized as dz
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def test_non_iid_gives_whole_disjoint_classes_per_agent():
     y = torch.tensor([c for c in range(10) for _ in range(7 + c)])  # unequal class sizes
     shards = dz.partition(y, 5, "non-iid", seed=0)

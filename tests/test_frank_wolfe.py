@@ -16,15 +16,6 @@ from contmerge.tensorfile import write_safetensors
 HARD_COEF_T0 = (2 / 2 * 0.1) * 0.3  # the authors' first step: γ_0·λ
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class LinearObjective:
     """ℓ(θ) = Σ_p ⟨G_p, θ_p⟩: the gradient is G wherever θ is (hand-built gradients)."""
 

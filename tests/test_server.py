@@ -68,16 +68,6 @@ def assert_same_model(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
         )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Reference folds in this process: on a busy 2-core machine, threads spin against each
-    other and a fold can take seconds instead of milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- polling and files -------------------------------------------------------------------------
 def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
