@@ -80,7 +80,11 @@ class Merger:
         directory = Path(state_dir) if state_dir is not None else None
         if directory is not None and (directory / "manifest.json").exists():
             self.store: MemoryStore | DiskStore = DiskStore.open(directory)
-            self.strategy = self._resume(strategy, hparams, linear)
+            try:
+                self.strategy = self._resume(strategy, hparams, linear)
+            except BaseException:
+                self.store.close()  # release the directory's lock at once, not at collection
+                raise
         else:
             if strategy is None:
                 raise StateError("a strategy is needed to start a new merge state")
