@@ -243,23 +243,22 @@ class Merger:
                         time.perf_counter() - started,
                     )
             base_sq = sum(self._base_sq.values())
-            movement = {
-                "relative_delta": math.sqrt(delta_sq / base_sq) if base_sq > 0 else 0.0,
-                "median_matrix_delta": statistics.median(matrix_ratios) if matrix_ratios else 0.0,
-            }
+            relative = math.sqrt(delta_sq / base_sq) if base_sq > 0 else 0.0
+            moved = statistics.median(matrix_ratios) if matrix_ratios else 0.0
             limit = self.max_relative_delta
-            if (
-                arrival.carries_full_weights
-                and limit is not None
-                and movement["median_matrix_delta"] > limit
-            ):
-                moved = movement["median_matrix_delta"]
+            if arrival.carries_full_weights and limit is not None and moved > limit:
                 raise CheckpointError(
                     label,
                     f"differs from the base by {moved:.2f}× the norm of its weight matrices "
                     f"(median over matrices; limit {limit}): it looks fine-tuned from another base",
                 )
-            record = {"hash": content_hash, "source": label, "file": identity, **movement}
+            record = {
+                "hash": content_hash,
+                "source": label,
+                "file": identity,
+                "relative_delta": round(relative, 6),
+                "median_matrix_delta": round(moved, 6),
+            }
             self.store.commit(
                 staging, self._next_manifest(ctx, record, time.perf_counter() - started)
             )
@@ -275,19 +274,8 @@ class Merger:
         new_globals = self.strategy.end_fold(ctx.globals, ctx)
         new_globals["count"] = ctx.index
         manifest["globals"] = new_globals
-        manifest["arrivals"] = [
-            *manifest["arrivals"],
-            {
-                "index": ctx.index,
-                "hash": record["hash"],
-                "source": record["source"],
-                "file": record["file"],
-                "folded_at": _now(),
-                "seconds": round(seconds, 4),
-                "relative_delta": round(record["relative_delta"], 6),
-                "median_matrix_delta": round(record["median_matrix_delta"], 6),
-            },
-        ]
+        arrival = {"index": ctx.index, **record, "folded_at": _now(), "seconds": round(seconds, 4)}
+        manifest["arrivals"] = [*manifest["arrivals"], arrival]
         manifest["generation"] = int(manifest["generation"]) + 1
         return manifest
 

@@ -191,10 +191,3 @@ def _lock_directory(path: Path) -> IO[str]:
 
 def _dump(manifest: Mapping[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=False).encode() + b"\n"
-
-
-def state_tensor_bytes(store: MemoryStore | DiskStore) -> int:
-    """Bytes of state tensors (for reports)."""
-    if isinstance(store, DiskStore):
-        return (store.path / store.manifest["state_file"]).stat().st_size
-    return sum(t.nbytes for s in store._tensors.values() for t in s.values())
