@@ -60,6 +60,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         linear=args.linear,
         max_relative_delta=None if args.any_base else args.max_relative_delta,
         progress=not args.quiet,
+        workers=args.workers,
         **settings,
     ) as merger:
         print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
@@ -175,6 +176,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_RELATIVE_DELTA,
         help="refuse a checkpoint whose weight matrices moved, in the median, by more than this "
         "fraction of their norm in the base: fine-tuned from another base (default %(default)s)",
+    )
+    merge.add_argument(
+        "--workers",
+        type=int,
+        help="threads folding the chunks of each tensor for elementwise rules "
+        "(default: one per core, at most 4)",
     )
     merge.add_argument(
         "--any-base",

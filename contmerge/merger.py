@@ -4,6 +4,10 @@ Memory while folding the t-th model is the same as while folding the 2nd: one te
 base, of the arrival, and of the state (old and new) at a time; the state itself lives in a
 durable directory (or in memory when no directory is given). A fold either commits entirely or
 leaves the previous state untouched: validation failures, NaNs, crashes.
+
+Speed: for elementwise rules each tensor is folded in 1 MiB chunks on a few threads, and each
+chunk is read, hashed (xxh3), differenced, checked and folded while it is in cache, by
+compiled loops; other rules get whole tensors and their reference ``fold``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import shutil
 import statistics
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,19 +28,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_open
+from .chunks import ChunkRunner
 from .errors import CheckpointError, StateError
+from .hashing import LEAF_BYTES, ContentHash, leaf_digest
+from .kernels import subtract_sum_sq, sum_sq
 from .layout import tensor_infos
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import FORMAT, DiskStore, MemoryStore, slot_key
-from .strategy import FoldContext, Strategy, TensorInfo
+from .strategy import FoldContext, State, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
+#: elementwise folds work through each tensor this many arrival bytes at a time (a few hash
+#: leaves, small enough to stay in cache between the steps of a chunk)
+CHUNK_BYTES = LEAF_BYTES
 #: an arrival whose weight matrices moved, in the median, by more than this fraction of their
 #: norm in the base is refused as "fine-tuned from another base". Fine-tunes measured here
 #: move 0.05–0.09; two random inits of one architecture sit near √2.
 DEFAULT_MAX_RELATIVE_DELTA = 0.5
+#: a base up to this size stays mapped between folds (its pages are in the page cache anyway;
+#: mapping them again for every fold costs a fault per 64 KiB); a larger one is let go tensor by
+#: tensor, so resident memory stays bounded for models larger than RAM
+MAPPED_BASE_LIMIT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,9 @@ class Merger:
     (then ``strategy`` may be omitted, and must match if given). ``state_dir=None`` keeps the
     state in memory. With ``dedupe`` (the default) a checkpoint whose content was folded before
     is skipped; turn it off where identical arrivals must each count (a federated round in
-    which two clients return the same model).
+    which two clients return the same model). ``workers`` threads fold the chunks of each
+    tensor for elementwise rules (default: up to 4, one per core). ``keep_base_mapped``
+    keeps the base's pages mapped between folds (default: when it is at most 1 GiB).
     """
 
     def __init__(
@@ -69,9 +84,15 @@ class Merger:
         max_relative_delta: float | None = DEFAULT_MAX_RELATIVE_DELTA,
         dedupe: bool = True,
         progress: bool = False,
+        workers: int | None = None,
+        keep_base_mapped: bool | None = None,
         **hparams: Any,
     ) -> None:
         self.base = open_checkpoint(base)
+        self._runner = ChunkRunner(workers)
+        if keep_base_mapped is None:
+            keep_base_mapped = sum(m.nbytes for m in self.base.meta.values()) <= MAPPED_BASE_LIMIT
+        self._keep_base_mapped = keep_base_mapped
         self.infos = tensor_infos(self.base, linear)
         self.max_relative_delta = max_relative_delta
         self.dedupe = dedupe
@@ -84,6 +105,7 @@ class Merger:
                 self.strategy = self._resume(strategy, hparams, linear)
             except BaseException:
                 self.store.close()  # release the directory's lock at once, not at collection
+                self._runner.close()
                 raise
         else:
             if strategy is None:
@@ -138,14 +160,16 @@ class Merger:
 
     def _fingerprint_base(self) -> str:
         """Hash of the base; also keeps ‖θ0‖² (fixed for the base) for the relative-delta check."""
-        digest = hashlib.sha256()
+        content = ContentHash()
         self._base_sq: dict[str, float] = {}
         for name, info in self.infos.items():
-            tensor = self.base.read(name)
-            _hash_tensor(digest, name, tensor)
+            tensor = self.base.view(name)
+            content.add_tensor(name, tensor)
             if info.meta.is_float:
                 self._base_sq[name] = _sum_sq(tensor.to(info.compute_dtype))
-        return digest.hexdigest()
+            del tensor
+            self._release_base(name)
+        return content.hexdigest()
 
     def _slot_metas(self) -> dict[str, TensorMeta]:
         return {
@@ -220,18 +244,34 @@ class Merger:
         identity: str | None,
         started: float,
     ) -> FoldResult:
-        digest = hashlib.sha256()
+        content = ContentHash()
         staging = self.store.begin(self._slot_metas())
         delta_sq, matrix_ratios = 0.0, []
         try:
-            deltas = self._deltas(arrival, f"fold {Path(label).name}", digest)
-            for info, delta, base, sq in deltas:
+            bar = tqdm(
+                self.infos.values(),
+                desc=f"fold {Path(label).name}",
+                unit="tensor",
+                disable=not self.progress,
+                leave=False,
+            )
+            for info in bar:
+                if not info.meta.is_float:
+                    if arrival.carries_full_weights and info.name in arrival.meta:
+                        content.add_tensor(info.name, arrival.read(info.name))  # not merged
+                    continue
+                if self._chunkable(arrival, info.name):
+                    sq = self._fold_chunked(arrival, info, staging, ctx, content)
+                else:
+                    delta, base, sq = self._delta_of(arrival, info, content)
+                    new_state = self.strategy.fold(
+                        info, self.store.read(info.name), delta, base, ctx
+                    )
+                    staging.write(info.name, new_state)
                 delta_sq += sq
                 if len(info.shape) >= 2 and self._base_sq[info.name] > 0:
                     matrix_ratios.append(math.sqrt(sq / self._base_sq[info.name]))
-                new_state = self.strategy.fold(info, self.store.read(info.name), delta, base, ctx)
-                staging.write(info.name, new_state)
-            content_hash = digest.hexdigest()
+            content_hash = content.hexdigest()
             for record in self.manifest["arrivals"] if self.dedupe else ():
                 if record["hash"] == content_hash:
                     staging.abort()
@@ -309,52 +349,121 @@ class Merger:
                     name,
                 )
 
-    def _deltas(
-        self, arrival: Checkpoint, label: str, digest: Any = None
-    ) -> Iterator[tuple[TensorInfo, torch.Tensor, torch.Tensor, float]]:
-        """(info, θ_t − θ0, θ0, ‖θ_t − θ0‖²) per float tensor, in compute dtype, checked finite.
+    def _chunkable(self, arrival: Checkpoint, name: str) -> bool:
+        return (
+            self.strategy.elementwise
+            and arrival.carries_full_weights
+            and name in arrival.meta
+            and not self.strategy.needs_extras
+        )
 
-        Non-float tensors are hashed but yield no delta: they are not merged. One sweep per
-        tensor does the work: the arrival's bytes are hashed on a helper thread while the base
-        is read, δ is computed in the arrival's fresh buffer, and its float64 norm doubles as
-        the finiteness check (a NaN or ±Inf anywhere makes it non-finite).
-        """
-        names = self.infos if digest is not None else self._float_names
-        bar = tqdm(names, desc=label, unit="tensor", disable=not self.progress, leave=False)
-        hasher = _BackgroundHasher(digest) if digest is not None else None
-        try:
-            for name in bar:
-                info = self.infos[name]
-                # a LoRA adapter's tensors are factors or replacements: ask it for the delta
-                full = arrival.carries_full_weights and name in arrival.meta
-                value = arrival.read(name) if full else None
-                if hasher is not None and value is not None:
-                    hasher.add(name, value)
-                if not info.meta.is_float:
-                    continue
-                base = self.base.read(name).to(info.compute_dtype)
-                if value is not None:
-                    delta = value.to(info.compute_dtype)
-                    if hasher is not None:
-                        hasher.wait()  # the bytes must be hashed before δ overwrites them
-                    if delta is value and not arrival.fresh_reads:
-                        delta = delta - base  # the caller's own tensor: never write into it
-                    else:
-                        delta.sub_(base)
+    def _fold_chunked(
+        self,
+        arrival: Checkpoint,
+        info: TensorInfo,
+        staging: Any,
+        ctx: FoldContext,
+        content: ContentHash,
+    ) -> float:
+        """Fold one tensor a cache-sized chunk at a time (elementwise rules), on the runner's
+        threads: each chunk of the arrival is read once into a buffer that stays in cache, then
+        hashed, differenced against the (mapped) base, summed for the checks and folded."""
+        name, compute, dtype = info.name, info.compute_dtype, info.meta.dtype
+        read_arrival = arrival.chunks(name)
+        base = self.base.view(name).reshape(-1)
+        same_dtype = dtype == compute  # else half precision: δ is taken in the compute dtype
+        base_array = base.numpy() if same_dtype else None
+        old = {k: v.reshape(-1).numpy() for k, v in self.store.view(name).items()}
+        target = staging.target(name)
+        out = {k: v.view(-1).numpy() for k, v in target.items()}
+        runner, strategy = self._runner, self.strategy
+        chunk, leaf = CHUNK_BYTES // dtype.itemsize, LEAF_BYTES
+
+        def fold_run(bounds: list[tuple[int, int]]) -> list[tuple[list[bytes], float]]:
+            # one thread's consecutive chunks; everything per chunk stays in its buffers
+            x_buffer = runner.scratch("arrival", chunk, dtype)
+            delta_buffer = runner.scratch("delta", chunk, compute).numpy()
+            base_buffer = None if same_dtype else runner.scratch("base", chunk, compute)
+            results = []
+            for start, stop in bounds:
+                x = read_arrival(start, stop, x_buffer)
+                raw = x.view(torch.uint8).numpy()
+                leaves = [leaf_digest(raw[i : i + leaf]) for i in range(0, raw.size, leaf)]
+                delta = delta_buffer[: stop - start]
+                if base_array is not None:
+                    b = base_array[start:stop]
+                    sq = subtract_sum_sq(x.numpy(), b, delta)
                 else:
-                    lowrank = arrival.delta(name, base)
-                    delta = torch.zeros_like(base) if lowrank is None else lowrank
-                    if hasher is not None:
-                        hasher.add(name, delta)
-                sq = _sum_sq(delta)
-                if not math.isfinite(sq):
-                    raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
-                yield info, delta, base, sq
-            if hasher is not None:
-                hasher.wait()
+                    b_tensor = base_buffer[: stop - start].copy_(base[start:stop])
+                    torch.from_numpy(delta).copy_(x).sub_(b_tensor)
+                    b, sq = b_tensor.numpy(), sum_sq(delta)
+                strategy.fold_into(
+                    info,
+                    {k: v[start:stop] for k, v in out.items()},
+                    {k: v[start:stop] for k, v in old.items()},
+                    delta,
+                    b,
+                    ctx,
+                )
+                results.append((leaves, sq))
+            return results
+
+        try:
+            with runner.exclusive_torch_threads():
+                results = runner.map(info.meta.numel, chunk, fold_run)
         finally:
-            if hasher is not None:
-                hasher.close()
+            arrival.release(name)
+            self._release_base(name)
+            self.store.release(name)
+        content.add(name, dtype, info.shape, [d for leaves, _ in results for d in leaves])
+        sq = math.fsum(part for _, part in results)
+        if not math.isfinite(sq):
+            raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
+        staging.write(name, target)
+        return sq
+
+    def _release_base(self, name: str) -> None:
+        if not self._keep_base_mapped:
+            self.base.release(name)
+
+    def _delta_of(
+        self, arrival: Checkpoint, info: TensorInfo, content: ContentHash | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(θ_t − θ0, θ0, ‖θ_t − θ0‖²) of one float tensor, in compute dtype, checked finite;
+        the arrival's own tensor (or a LoRA adapter's delta) goes into ``content``."""
+        name = info.name
+        # a LoRA adapter's tensors are factors or replacements: ask it for the delta
+        full = arrival.carries_full_weights and name in arrival.meta
+        base = self.base.read(name).to(info.compute_dtype)
+        if full:
+            value = arrival.read(name)
+            if content is not None:
+                content.add_tensor(name, value)
+            delta = value.to(info.compute_dtype)
+            if delta is value and not arrival.fresh_reads:
+                delta = delta - base  # the caller's own tensor: never write into it
+            else:
+                delta.sub_(base)
+        else:
+            lowrank = arrival.delta(name, base)
+            delta = torch.zeros_like(base) if lowrank is None else lowrank
+            if content is not None:
+                content.add_tensor(name, delta)
+        sq = _sum_sq(delta)
+        if not math.isfinite(sq):
+            raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
+        return delta, base, sq
+
+    def _deltas(
+        self, arrival: Checkpoint, label: str
+    ) -> Iterator[tuple[TensorInfo, torch.Tensor, torch.Tensor, float]]:
+        """(info, θ_t − θ0, θ0, ‖θ_t − θ0‖²) per float tensor, for a strategy's passes."""
+        bar = tqdm(
+            self._float_names, desc=label, unit="tensor", disable=not self.progress, leave=False
+        )
+        for name in bar:
+            info = self.infos[name]
+            yield (info, *self._delta_of(arrival, info, None))
 
     def _why_not_finite(self, arrival: Checkpoint, name: str) -> str:
         if not arrival.carries_full_weights or name not in arrival.meta:
@@ -387,9 +496,10 @@ class Merger:
             if not info.meta.is_float or self.count == 0:
                 yield name, base
                 continue
-            merged = self.strategy.emit(
-                info, self.store.read(name), base.to(info.compute_dtype), globals_
-            )
+            state = self.store.read(name)
+            merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
+            if _shares_memory(merged, state):
+                merged = merged.clone()  # the store reuses state buffers: hand out a copy
             yield name, merged.to(info.meta.dtype)
 
     def emit_state_dict(self) -> dict[str, torch.Tensor]:
@@ -423,6 +533,7 @@ class Merger:
     def close(self) -> None:
         self.store.close()
         self.base.close()
+        self._runner.close()
 
     def __enter__(self) -> Merger:
         return self
@@ -450,33 +561,18 @@ class _LazyInit(Mapping[str, dict[str, torch.Tensor]]):
 
 
 def _sum_sq(tensor: torch.Tensor) -> float:
-    """Σx² accumulated in float64 without a float64 copy; NaN/Inf if any entry is."""
+    """Σx² accumulated in float64 (compiled, one pass); NaN/Inf if any entry is."""
     if tensor.numel() == 0:
         return 0.0
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+    flat = tensor.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(torch.float32)
+    return float(sum_sq(flat.numpy()))
 
 
-class _BackgroundHasher:
-    """Feeds tensors to a digest in order on one helper thread (hashlib releases the GIL),
-    so hashing an arrival's bytes overlaps with reading the base. At most one tensor is
-    pending, so memory stays at one extra reference."""
-
-    def __init__(self, digest: Any) -> None:
-        self._digest = digest
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contmerge-hash")
-        self._pending: Future[None] | None = None
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.wait()
-        self._pending = self._pool.submit(_hash_tensor, self._digest, name, tensor)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+def _shares_memory(tensor: torch.Tensor, state: State) -> bool:
+    pointer = tensor.untyped_storage().data_ptr()
+    return any(t.untyped_storage().data_ptr() == pointer for t in state.values())
 
 
 def _file_identity(source: Source) -> str | None:
@@ -492,12 +588,6 @@ def _file_identity(source: Source) -> str | None:
         return None
     parts = [f"{n}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" for n, st in stats]
     return hashlib.sha256("\0".join([str(path), *parts]).encode()).hexdigest()
-
-
-def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    digest.update(f"{name}\0{CODE_BY_DTYPE[tensor.dtype]}\0{list(tensor.shape)}\0".encode())
-    if tensor.numel():
-        digest.update(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
 
 
 def _sidecar(path: Path, kind: str) -> Path:

@@ -1,9 +1,9 @@
 """Checkpoint sources, read lazily one tensor at a time.
 
 Every source answers the same three questions: which tensors it has (``meta``, known without
-reading data), the value of one tensor (``read``), and, for sources that only carry a change
-(LoRA adapters), the delta against the base (``delta``). Nothing here holds more than one tensor
-of the checkpoint in memory at a time.
+reading data), the value of one tensor (``read``, or ``view`` to look without copying), and, for
+sources that only carry a change (LoRA adapters), the delta against the base (``delta``).
+Nothing here holds more than one tensor of the checkpoint in memory at a time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
 CONFIG_FILES_TO_SKIP = set(WEIGHT_FILES) | {"adapter_model.safetensors", "adapter_model.bin"}
+ChunkReader = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 class Checkpoint:
@@ -45,6 +46,19 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor without a copy where the source allows it; never to be written into."""
+        return self.read(name)
+
+    def release(self, name: str) -> None:
+        """Done with ``view(name)``: memory it brought in may go."""
+
+    def chunks(self, name: str) -> ChunkReader:
+        """Reads flat slices of ``name``: ``reader(start, stop, buffer)`` returns entries
+        ``start:stop``, in ``buffer`` (of the tensor's dtype) or as a view, never to be written."""
+        flat = self.view(name).reshape(-1)
+        return lambda start, stop, buffer: flat[start:stop]
+
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """θ − θ0 for one tensor, or None where this source does not change it."""
         return self.read(name).to(base.dtype) - base
@@ -61,6 +75,12 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pread_chunks(reader: SafetensorsReader, name: str) -> ChunkReader:
+    # a copy into a buffer hot in cache costs what mapping fresh pages would, and a file cut
+    # short by someone else gives an error instead of a fault
+    return lambda start, stop, buffer: reader.read_into(name, start, buffer[: stop - start])
 
 
 class StateDictCheckpoint(Checkpoint):
@@ -100,6 +120,15 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         return self._reader.read(name)
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._reader.view(name)
+
+    def release(self, name: str) -> None:
+        self._reader.release(name)
+
+    def chunks(self, name: str) -> ChunkReader:
+        return _pread_chunks(self._reader, name)
 
     def close(self) -> None:
         self._reader.close()
@@ -141,6 +170,15 @@ class ShardedCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         return self._readers[self._shard_of[name]].read(name)
 
+    def view(self, name: str) -> torch.Tensor:
+        return self._readers[self._shard_of[name]].view(name)
+
+    def release(self, name: str) -> None:
+        self._readers[self._shard_of[name]].release(name)
+
+    def chunks(self, name: str) -> ChunkReader:
+        return _pread_chunks(self._readers[self._shard_of[name]], name)
+
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
@@ -175,6 +213,9 @@ class TorchFileCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
 
 
 def _unpickle_reason(exc: Exception) -> str:

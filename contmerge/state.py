@@ -14,9 +14,12 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import torch
 
 from .atomic import atomic_write_bytes, fsync_dir
 from .errors import CheckpointError, StateError
@@ -24,29 +27,61 @@ from .strategy import State
 from .tensorfile import SafetensorsReader, SafetensorsWriter, TensorMeta
 
 MANIFEST = "manifest.json"
-FORMAT = "contmerge-state/1"
+#: a past generation's file, kept to be overwritten by the next fold (removed at open)
+SPARE = ".state-spare.tmp"
+FORMAT = "contmerge-state/2"  # 2: content hashes are xxh3-128 trees (contmerge.hashing)
 
 
 def slot_key(name: str, slot: str) -> str:
     return f"{name}::{slot}"
 
 
+def _by_tensor(metas: Mapping[str, TensorMeta]) -> dict[str, dict[str, TensorMeta]]:
+    grouped: dict[str, dict[str, TensorMeta]] = {}
+    for key, meta in metas.items():
+        name, slot = key.rsplit("::", 1)
+        grouped.setdefault(name, {})[slot] = meta
+    return grouped
+
+
+def _fits(state: State | None, slots: Mapping[str, TensorMeta]) -> bool:
+    return state is not None and {k: TensorMeta.of(t) for k, t in state.items()} == dict(slots)
+
+
 class MemoryStore:
-    """State tensors in a dict; nothing survives the process."""
+    """State tensors in a dict; nothing survives the process.
+
+    The previous generation's tensors are kept as the next fold's output buffers, so a fold
+    writes into memory that is already mapped (fresh memory costs a page fault per 4 KiB, more
+    than the fold itself). Memory is two states, whatever the number of folds.
+    """
 
     def __init__(self, manifest: dict[str, Any], tensors: dict[str, State]) -> None:
         self.manifest = manifest
         self._tensors = tensors
+        self._spare: dict[str, State] = {}
         self.path: Path | None = None
 
     def read(self, name: str) -> State:
         return self._tensors.get(name, {})
 
+    view = read
+
+    def release(self, name: str) -> None:
+        pass
+
     def begin(self, metas: Mapping[str, TensorMeta]) -> _MemoryStaging:
-        return _MemoryStaging()
+        return _MemoryStaging(_by_tensor(metas), self._spare)
 
     def commit(self, staging: _MemoryStaging, manifest: dict[str, Any]) -> None:
-        self._tensors = staging.tensors
+        old, self._tensors = self._tensors, staging.tensors
+        # a rule's fold may hand back a tensor of the old state as the new one: never reuse those
+        live = {t.untyped_storage().data_ptr() for s in self._tensors.values() for t in s.values()}
+        self._spare = {
+            name: state
+            for name, state in old.items()
+            if all(t.untyped_storage().data_ptr() not in live for t in state.values())
+        }
         self.manifest = manifest
 
     def close(self) -> None:
@@ -54,13 +89,22 @@ class MemoryStore:
 
 
 class _MemoryStaging:
-    def __init__(self) -> None:
+    def __init__(self, slots: dict[str, dict[str, TensorMeta]], spare: dict[str, State]) -> None:
         self.tensors: dict[str, State] = {}
+        self._slots, self._spare = slots, spare
+
+    def target(self, name: str) -> State:
+        """Buffers for ``name``'s new state (the old generation's, when they fit)."""
+        reused = self._spare.pop(name, None)
+        if _fits(reused, self._slots[name]):
+            return reused  # type: ignore[return-value]
+        return {k: torch.empty(m.shape, dtype=m.dtype) for k, m in self._slots[name].items()}
 
     def write(self, name: str, state: State) -> None:
         self.tensors[name] = state
 
     def abort(self) -> None:
+        self._spare.update(self.tensors)
         self.tensors = {}
 
 
@@ -72,6 +116,8 @@ class DiskStore:
         self.manifest = manifest
         self._lock = _lock_directory(path)
         self._reader: SafetensorsReader | None = None
+        # one tensor's new state is computed here, then written out: reused across folds
+        self._scratch = _Scratch()
         self._open_current()
 
     @classmethod
@@ -85,7 +131,7 @@ class DiskStore:
         path.mkdir(parents=True, exist_ok=True)
         if (path / MANIFEST).exists():
             raise StateError(f"{path}: a merge state already exists here")
-        staging = _DiskStaging(path, metas, generation=0)
+        staging = _DiskStaging(path, metas, 0, _Scratch())
         for name, state in initial.items():
             staging.write(name, state)
         manifest = {**manifest, "state_file": staging.finish()}
@@ -129,8 +175,25 @@ class DiskStore:
         assert self._reader is not None
         return {slot: self._reader.read(key) for slot, key in self._slots.get(name, {}).items()}
 
+    def view(self, name: str) -> State:
+        """The state of ``name`` in place (read-only use; ``release`` when done)."""
+        assert self._reader is not None
+        return {slot: self._reader.view(key) for slot, key in self._slots.get(name, {}).items()}
+
+    def release(self, name: str) -> None:
+        assert self._reader is not None
+        for key in self._slots.get(name, {}).values():
+            self._reader.release(key)
+
     def begin(self, metas: Mapping[str, TensorMeta]) -> _DiskStaging:
-        return _DiskStaging(self.path, metas, generation=int(self.manifest["generation"]) + 1)
+        spare = self.path / SPARE
+        return _DiskStaging(
+            self.path,
+            metas,
+            int(self.manifest["generation"]) + 1,
+            self._scratch,
+            reuse=spare if spare.exists() else None,
+        )
 
     def commit(self, staging: _DiskStaging, manifest: dict[str, Any]) -> None:
         manifest = {**manifest, "state_file": staging.finish()}
@@ -138,8 +201,10 @@ class DiskStore:
         old = self.manifest["state_file"]
         self.manifest = manifest
         self._set_reader(SafetensorsReader(self.path / manifest["state_file"]))
+        # the old generation is no longer named by the manifest: the next fold overwrites it in
+        # place, several times faster than writing a new file (no block allocation, no unlink)
         with contextlib.suppress(FileNotFoundError):
-            (self.path / old).unlink()
+            os.replace(self.path / old, self.path / SPARE)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -148,34 +213,98 @@ class DiskStore:
         self._lock.close()
 
 
+class _Scratch:
+    """One growable byte buffer, carved into a tensor's state slots (kept mapped between uses)."""
+
+    def __init__(self) -> None:
+        self._bytes = torch.empty(0, dtype=torch.uint8)
+
+    def carve(self, slots: Mapping[str, TensorMeta]) -> State:
+        sizes = [-(-m.nbytes // 64) * 64 for m in slots.values()]  # each slot cache-line aligned
+        if sum(sizes) > self._bytes.numel():
+            self._bytes = torch.empty(sum(sizes), dtype=torch.uint8)
+        out, offset = {}, 0
+        for (slot, meta), size in zip(slots.items(), sizes):
+            piece = self._bytes[offset : offset + meta.nbytes]
+            out[slot] = piece.view(meta.dtype).view(meta.shape)
+            offset += size
+        return out
+
+
 class _DiskStaging:
     """A new generation being written: a temp file that becomes ``state-<gen>.safetensors``."""
 
-    def __init__(self, directory: Path, metas: Mapping[str, TensorMeta], generation: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        metas: Mapping[str, TensorMeta],
+        generation: int,
+        scratch: _Scratch,
+        reuse: Path | None = None,
+    ) -> None:
         self.directory = directory
         self.final_name = f"state-{generation:08d}.safetensors"
-        fd, self.tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
+        if reuse is not None:
+            fd, self.tmp = os.open(reuse, os.O_WRONLY), str(reuse)
+        else:
+            fd, self.tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
         self._handle = os.fdopen(fd, "wb")
         self._metas = metas
+        self._slots = _by_tensor(metas)
+        self._scratch = scratch
         self._writer = SafetensorsWriter(self._handle, metas, {"format": FORMAT})
+        self._flusher = _EarlyWriteback(self._handle.fileno())
+
+    def target(self, name: str) -> State:
+        """Buffers for ``name``'s new state; valid until the next ``target`` call."""
+        return self._scratch.carve(self._slots[name])
 
     def write(self, name: str, state: State) -> None:
         for slot, tensor in state.items():
             self._writer.write(slot_key(name, slot), tensor)
+            self._flusher.wrote(tensor.numel() * tensor.element_size())
 
     def finish(self) -> str:
         self._writer.finish()
         self._handle.flush()
-        os.fsync(self._handle.fileno())
+        os.ftruncate(self._handle.fileno(), self._handle.tell())  # a reused file may be longer
+        self._flusher.close()
+        os.fsync(self._handle.fileno())  # only what the early writeback has not yet done
         self._handle.close()
         os.replace(self.tmp, self.directory / self.final_name)
         fsync_dir(self.directory)
         return self.final_name
 
     def abort(self) -> None:
+        """Give up this generation; its file stays as the spare the next fold overwrites."""
+        self._flusher.close()
         self._handle.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+            os.replace(self.tmp, self.directory / SPARE)
+
+
+class _EarlyWriteback:
+    """Syncs a file being written on a helper thread, every ``every`` bytes, so the device
+    writes while the fold computes, and the commit's own fsync waits only for the tail."""
+
+    def __init__(self, fd: int, every: int = 64 << 20) -> None:
+        self._fd, self._every, self._pending = fd, every, 0
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, nbytes: int) -> None:
+        self._pending += nbytes
+        if self._pending >= self._every and (self._thread is None or not self._thread.is_alive()):
+            self._pending = 0
+            self._thread = threading.Thread(target=self._sync, name="contmerge-writeback")
+            self._thread.start()
+
+    def _sync(self) -> None:
+        with contextlib.suppress(OSError):  # the commit's own fsync reports failures
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _lock_directory(path: Path) -> IO[str]:

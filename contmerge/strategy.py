@@ -13,6 +13,12 @@ JSON-able dict that the engine persists in the manifest. A strategy that needs s
 the whole arrival before folding any tensor declares ``passes``: each pass sees every tensor's
 delta and state once and writes its result into ``ctx.globals``. ``fold`` must not modify its
 inputs in place: the previous state stays valid until the new one is committed.
+
+Speed, as in torch.optim's fused optimisers: ``fold`` is the reference, written for clarity. A
+rule whose every entry folds on its own declares ``elementwise``; the engine then folds flat
+chunks of each tensor (a cache-sized piece at a time, on several threads) through ``fold_into``,
+which such a rule overrides with an allocation-free loop (``contmerge.kernels``). Tests hold
+``fold_into`` equal to ``fold``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +36,8 @@ from .errors import StrategyError
 from .tensorfile import TensorMeta
 
 State = dict[str, torch.Tensor]
+#: flat chunks of a tensor's state slots, as numpy arrays (what compiled loops take)
+Arrays = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,30 @@ class Strategy:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    #: each entry's new state depends on that entry alone (and on ``ctx``), so the engine may
+    #: call ``fold_into`` on flat chunks, several at once
+    elementwise: ClassVar[bool] = False
+
+    def fold_into(
+        self,
+        info: TensorInfo,
+        out: Arrays,
+        state: Arrays,
+        delta: np.ndarray,
+        base: np.ndarray,
+        ctx: FoldContext,
+    ) -> None:
+        """Write ``fold(...)`` for one flat chunk into ``out`` (elementwise rules only).
+
+        All are numpy views of the same entries of each tensor, in the compute dtype; ``out``
+        never shares memory with the inputs, and ``delta`` is scratch the rule may overwrite.
+        Override with a compiled loop that allocates nothing; this default goes through torch.
+        """
+        as_torch = {k: torch.from_numpy(v) for k, v in state.items()}
+        new = self.fold(info, as_torch, torch.from_numpy(delta), torch.from_numpy(base), ctx)
+        for slot, value in new.items():
+            np.copyto(out[slot], value.numpy())
+
     # --- whole-model hooks ----------------------------------------------------------------
     def init_globals(self) -> dict[str, Any]:
         return {}
@@ -152,6 +185,8 @@ class Preprocessor:
     """A delta transform applied before a rule (DARE, magnitude trim); composes with ``chain``."""
 
     name: ClassVar[str] = ""
+    #: the transform of each entry depends on that entry alone (see ``Strategy.elementwise``)
+    elementwise: ClassVar[bool] = False
 
     def transform(self, info: TensorInfo, delta: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
         raise NotImplementedError
@@ -177,6 +212,9 @@ class Chain(Strategy):
         self.pre: tuple[Preprocessor, ...] = tuple(parts[:-1])  # type: ignore[assignment]
         self.rule: Strategy = parts[-1]  # type: ignore[assignment]
         self.needs_extras = self.rule.needs_extras  # type: ignore[misc]
+        self.elementwise = self.rule.elementwise and all(  # type: ignore[misc]
+            p.elementwise for p in self.pre
+        )
 
     def _pre(self, info: TensorInfo, delta: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
         for step in self.pre:
@@ -193,6 +231,18 @@ class Chain(Strategy):
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
     ) -> State:
         return self.rule.fold(info, state, self._pre(info, delta, ctx), base, ctx)
+
+    def fold_into(
+        self,
+        info: TensorInfo,
+        out: Arrays,
+        state: Arrays,
+        delta: np.ndarray,
+        base: np.ndarray,
+        ctx: FoldContext,
+    ) -> None:
+        kept = self._pre(info, torch.from_numpy(delta), ctx).numpy()
+        self.rule.fold_into(info, out, state, kept, base, ctx)
 
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]

@@ -1,15 +1,18 @@
-"""Streaming safetensors reading and writing, one tensor at a time, without memory maps.
+"""Streaming safetensors reading and writing, one tensor at a time.
 
-The `safetensors` package maps whole files into memory; pages it touches count towards the
-process's resident size, so merging a model larger than RAM would not stay flat. Here every
-tensor is read with ``pread`` into its own buffer and written sequentially, so resident memory is
-bounded by the largest tensor in flight. Files are byte-compatible with the safetensors format.
+A tensor is either read with ``pread`` into a buffer of its own (``read``: safe to keep and to
+write into) or looked at in place through a private memory map of the file (``view``: no copy,
+for the fold's single pass over it). Pages a view touches count towards the process's resident
+size until ``release`` drops them, so resident memory stays bounded by the tensors in flight even
+for models larger than RAM. Files are byte-compatible with the safetensors format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -80,6 +83,7 @@ class SafetensorsReader:
             self._handle: BinaryIO = open(self.path, "rb")
         except OSError as exc:
             raise _fail(self.path, f"cannot open: {exc.strerror}") from exc
+        self._map: mmap.mmap | None = None
         try:
             self._parse_header()
         except BaseException:
@@ -177,7 +181,49 @@ class SafetensorsReader:
             _pread_exact(self._handle.fileno(), view, self.data_start + begin, self.path, name)
         return out
 
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Entries ``start : start + out.numel()`` of the flattened tensor, read into ``out``
+        (a contiguous buffer of the tensor's dtype, typically one reused and hot in cache)."""
+        meta = self.meta[name]
+        if out.numel():
+            begin, _ = self._offsets[name]
+            offset = self.data_start + begin + start * meta.dtype.itemsize
+            view = memoryview(out.view(torch.uint8).numpy())
+            _pread_exact(self._handle.fileno(), view, offset, self.path, name)
+        return out
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor in place, through a private map of the file (writes would not reach it).
+
+        The header and the file's size were checked when it was opened; a file truncated by
+        someone else while mapped would fault, so views are for files nobody rewrites in place
+        (checkpoints, the engine's own state files).
+        """
+        meta = self.meta[name]
+        if meta.nbytes == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        if self._map is None:
+            self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        begin, _ = self._offsets[name]
+        flat = torch.frombuffer(
+            self._map, dtype=meta.dtype, count=meta.numel, offset=self.data_start + begin
+        )
+        return flat.view(meta.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages a view of ``name`` touched from the process (they stay cached)."""
+        if self._map is None or self.meta[name].nbytes == 0:
+            return
+        begin, end = self._offsets[name]
+        start = (self.data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, self.data_start + end - start)
+
     def close(self) -> None:
+        if self._map is not None:
+            # views still alive keep the mapping until they go; it is unmapped with the last
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
         self._handle.close()
 
     def __enter__(self) -> SafetensorsReader:

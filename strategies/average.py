@@ -6,14 +6,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
-from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+from contmerge.kernels import kernel
+from contmerge.strategy import Arrays, FoldContext, State, Strategy, TensorInfo
 
 
 @dataclass
 class Average(Strategy):
     name = "average"
+    elementwise = True
 
     def fold(
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
@@ -22,7 +25,26 @@ class Average(Strategy):
         mean = state["value"]
         return {"value": mean + (delta - mean) / ctx.index}
 
+    def fold_into(
+        self,
+        info: TensorInfo,
+        out: Arrays,
+        state: Arrays,
+        delta: np.ndarray,
+        base: np.ndarray,
+        ctx: FoldContext,
+    ) -> None:
+        mean = state["value"]
+        # divide in the tensor's own dtype, as torch does with a Python number
+        _running_mean(mean, delta, mean.dtype.type(ctx.index), out["value"])
+
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
     ) -> Tensor:
         return base + state["value"]
+
+
+@kernel
+def _running_mean(mean: np.ndarray, delta: np.ndarray, count: Any, out: np.ndarray) -> None:
+    for i in range(mean.size):
+        out[i] = mean[i] + (delta[i] - mean[i]) / count

@@ -6,14 +6,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
-from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+from contmerge.kernels import kernel
+from contmerge.strategy import Arrays, FoldContext, State, Strategy, TensorInfo
 
 
 @dataclass
 class TaskArithmetic(Strategy):
     name = "task_arithmetic"
+    elementwise = True
     scaling_factor: float = 0.3
 
     def fold(
@@ -21,7 +24,24 @@ class TaskArithmetic(Strategy):
     ) -> State:
         return {"value": state["value"] + delta}
 
+    def fold_into(
+        self,
+        info: TensorInfo,
+        out: Arrays,
+        state: Arrays,
+        delta: np.ndarray,
+        base: np.ndarray,
+        ctx: FoldContext,
+    ) -> None:
+        _add(state["value"], delta, out["value"])
+
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
     ) -> Tensor:
         return base + self.scaling_factor * state["value"]
+
+
+@kernel
+def _add(total: np.ndarray, delta: np.ndarray, out: np.ndarray) -> None:
+    for i in range(total.size):
+        out[i] = total[i] + delta[i]

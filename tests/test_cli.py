@@ -88,15 +88,22 @@ def test_every_command_has_help():
     assert {"merge", "emit", "inspect", "strategies", "serve", "simulate", "demo"} <= set(commands)
     invocations = [[c] for c in commands] + [["simulate", s] for s in SCENARIOS]
     for words in invocations:
-        result = subprocess.run([sys.executable, "-m", "contmerge", *words, "--help"],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "contmerge", *words, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, (words, result.stderr)
         assert "usage:" in result.stdout and "unavailable" not in result.stdout, words
 
 
 def test_core_commands_do_not_import_flower():
-    code = "import sys; from contmerge.cli import build_parser; build_parser(['merge']); " \
-           "print('flwr' in sys.modules, 'ray' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import sys; from contmerge.cli import build_parser; build_parser(['merge']); "
+        "print('flwr' in sys.modules, 'ray' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.stdout.split() == ["False", "False"], result.stderr

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from contmerge import CheckpointError, Merger
+from contmerge.state import SPARE
 from contmerge.tensorfile import CODE_BY_DTYPE, write_safetensors
 
 Tensors = dict[str, torch.Tensor]
@@ -295,7 +296,10 @@ def snapshot(merger: Merger) -> tuple[dict[str, bytes], dict, dict[str, bytes]]:
     """Every file of the state directory, the manifest as the merger sees it, and its emit."""
     files = {}
     if merger.store.path is not None:
-        files = {p.name: p.read_bytes() for p in sorted(merger.store.path.iterdir())}
+        # the spare is scratch a fold overwrites, not state
+        files = {
+            p.name: p.read_bytes() for p in sorted(merger.store.path.iterdir()) if p.name != SPARE
+        }
     emitted = {
         name: value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         for name, value in merger.emit_state_dict().items()

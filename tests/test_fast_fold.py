@@ -1,0 +1,204 @@
+"""The fast path of elementwise rules: chunked, multi-threaded folds that must equal the
+reference per-tensor ``fold`` bit for bit, and keep every guarantee of the slow path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from contmerge import Merger
+from contmerge.errors import CheckpointError
+from contmerge.hashing import LEAF_BYTES, ContentHash
+from contmerge.registry import parse_strategy
+from contmerge.sources import open_checkpoint
+from contmerge.state import SPARE
+from contmerge.strategies.average import Average
+from contmerge.strategies.magmax import MagMax
+from contmerge.strategies.task_arithmetic import TaskArithmetic
+from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+from contmerge.tensorfile import TensorMeta
+
+from helpers import fine_tuned
+
+ELEMENTWISE = ["average", "task_arithmetic", "magmax"]
+
+
+def big_base(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tensors spanning several 1 MiB chunks (and a ragged last one), plus small ones."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "layer.weight": torch.randn(700, 900, generator=g).to(dtype),  # 2.4 MiB in float32
+        "layer.bias": torch.randn(700, generator=g).to(dtype),
+        "head.weight": torch.randn(300, 700, generator=g).to(dtype),
+        "steps": torch.tensor(3, dtype=torch.int64),
+    }
+
+
+def save(model: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.items()}, str(path))
+    return path
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()])
+
+
+class Whole:
+    """Wraps a rule so the engine takes the per-tensor path (the reference)."""
+
+    @staticmethod
+    def of(rule: Strategy) -> Strategy:
+        clone = type(f"Whole{type(rule).__name__}", (type(rule),), {"elementwise": False})
+        return clone(**rule.hparams())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rule", [Average(), TaskArithmetic(), MagMax()])
+def test_fold_into_equals_fold_bit_for_bit(rule: Strategy, dtype: torch.dtype) -> None:
+    n = 50_000
+    g = torch.Generator().manual_seed(1)
+    state = torch.randn(n, generator=g).to(dtype)
+    delta = torch.randn(n, generator=g).to(dtype)
+    state[:100] = 0.0
+    delta[100:200] = state[100:200]  # equal magnitudes, same sign
+    delta[200:300] = -state[200:300]  # equal magnitudes, opposite signs: the later one wins
+    delta[300:310] = -0.0
+    info = TensorInfo("w", TensorMeta((n,), dtype), False, dtype)
+    for index in (1, 2, 3, 7, 24):
+        ctx = FoldContext(index=index, globals={})
+        want = rule.fold(info, {"value": state}, delta.clone(), state, ctx)["value"]
+        array = state.numpy()
+        out = {"value": np.empty_like(array)}
+        rule.fold_into(info, out, {"value": array}, delta.numpy().copy(), array, ctx)
+        assert torch.equal(bits(torch.from_numpy(out["value"])), bits(want)), (rule.name, index)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_chunked_path_equals_the_per_tensor_path(tmp_path, name, dtype, workers) -> None:
+    base = big_base(dtype)
+    paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(3)]
+    base_path = save(base, tmp_path / "base.safetensors")
+    fast = Merger(base_path, name, workers=workers)
+    slow = Merger(base_path, Whole.of(parse_strategy(name)), workers=workers)
+    for path in paths:
+        assert fast.fold(path).content_hash == slow.fold(path).content_hash
+    for (key, a), (_, b) in zip(fast.iter_merged(), slow.iter_merged()):
+        assert torch.equal(bits(a), bits(b)), key
+    for record_fast, record_slow in zip(fast.arrivals, slow.arrivals):
+        assert record_fast["relative_delta"] == pytest.approx(record_slow["relative_delta"])
+
+
+def test_content_hash_is_the_same_whatever_the_path_or_thread_count(tmp_path) -> None:
+    base = big_base()
+    arrival = fine_tuned(base, 1)
+    path = save(arrival, tmp_path / "a.safetensors")
+    base_path = save(base, tmp_path / "base.safetensors")
+    direct = ContentHash()
+    for key in open_checkpoint(base_path).meta:  # the engine hashes in the base's order
+        direct.add_tensor(key, arrival[key])
+    hashes = {
+        Merger(base_path, strategy, workers=workers).fold(path).content_hash
+        for strategy in ("magmax", "opcm")
+        for workers in (1, 2, 4)
+    }
+    assert hashes == {direct.hexdigest()}
+    assert LEAF_BYTES < arrival["layer.weight"].numel() * 4  # the big tensor spans leaves
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_nan_in_a_late_chunk_leaves_the_state_untouched(tmp_path, durable) -> None:
+    base = big_base()
+    base_path = save(base, tmp_path / "base.safetensors")
+    good = [save(fine_tuned(base, t), tmp_path / f"g{t}.safetensors") for t in range(3)]
+    bad_model = fine_tuned(base, 9)
+    bad_model["layer.weight"].view(-1)[-5] = float("nan")  # in the last chunk of that tensor
+    bad = save(bad_model, tmp_path / "bad.safetensors")
+    state = tmp_path / "state" if durable else None
+    merger = Merger(base_path, "magmax", state_dir=state, workers=2)
+    merger.fold(good[0])
+    before = merger.emit_state_dict()
+    with pytest.raises(CheckpointError) as caught:
+        merger.fold(bad)
+    assert caught.value.tensor == "layer.weight" and "NaN" in str(caught.value)
+    assert merger.count == 1
+    after = merger.emit_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # and the buffers the failed fold wrote into are reused correctly afterwards
+    merger.fold(good[1])
+    merger.fold(good[2])
+    reference = Merger(base_path, "magmax", workers=1)
+    for path in good:
+        reference.fold(path)
+    for (key, a), (_, b) in zip(merger.iter_merged(), reference.iter_merged()):
+        assert torch.equal(a, b), key
+
+
+def test_file_cut_short_after_opening_is_an_error_not_a_crash(tmp_path) -> None:
+    base = big_base()
+    base_path = save(base, tmp_path / "base.safetensors")
+    path = save(fine_tuned(base, 1), tmp_path / "a.safetensors")
+    merger = Merger(base_path, "average", workers=2)
+    checkpoint = open_checkpoint(path)  # header checked while the file was whole
+    os.truncate(path, path.stat().st_size - 1000)
+    with pytest.raises(CheckpointError, match="truncated") as caught:
+        merger.fold(checkpoint)
+    assert caught.value.tensor is not None
+    assert merger.count == 0
+
+
+@dataclass
+class _Shadow(Strategy):
+    """Elementwise with no compiled loop (default ``fold_into``), emitting its state itself."""
+
+    name = "shadow"
+    elementwise = True
+
+    def fold(self, info, state: State, delta, base, ctx) -> State:
+        return {"value": base + delta}  # the latest model
+
+    def emit(self, info, state: State, base, globals) -> torch.Tensor:
+        return state["value"]  # the store's own tensor: the engine must hand out a copy
+
+
+def test_rules_without_a_kernel_fold_chunked_and_emits_are_never_overwritten(tmp_path) -> None:
+    base = big_base()
+    base_path = save(base, tmp_path / "base.safetensors")
+    models = [fine_tuned(base, t) for t in range(3)]
+    merger = Merger(base_path, _Shadow(), workers=2)
+    emitted = []
+    for t, model in enumerate(models):
+        merger.fold(save(model, tmp_path / f"a{t}.safetensors"))
+        emitted.append(merger.emit_state_dict())
+    # every emit still shows the model folded last at its time, though buffers were reused
+    for model, snapshot in zip(models, emitted):
+        for key in ("layer.weight", "head.weight"):
+            torch.testing.assert_close(snapshot[key], model[key], rtol=0, atol=1e-6)
+
+
+def test_durable_state_reuses_the_previous_generation_file(tmp_path) -> None:
+    base = big_base()
+    base_path = save(base, tmp_path / "base.safetensors")
+    paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(4)]
+    state = tmp_path / "state"
+    with Merger(base_path, "task_arithmetic", state_dir=state) as merger:
+        for path in paths[:3]:
+            merger.fold(path)
+        names = sorted(p.name for p in state.iterdir())
+        assert names == [".lock", SPARE, "manifest.json", merger.manifest["state_file"]]
+    with Merger(base_path, state_dir=state) as merger:  # reopening drops the spare
+        assert SPARE not in {p.name for p in state.iterdir()}
+        merger.fold(paths[3])
+        durable = merger.emit_state_dict()
+    memory = Merger(base_path, "task_arithmetic")
+    for path in paths:
+        memory.fold(path)
+    for key, value in memory.iter_merged():
+        assert torch.equal(value, durable[key]), key
