@@ -39,9 +39,9 @@ from contmerge import Merger  # noqa: E402
 from contmerge.chunks import ChunkRunner, default_workers  # noqa: E402
 from contmerge.kernels import kernel  # noqa: E402
 
-ELEMENTWISE = ["average", "task_arithmetic", "magmax"]
-#: folded tensor by tensor: TIES needs exact k-th value passes, DARE a random mask per entry
-OTHERS = ["ties", "chain(dare(p=0.9), magmax())"]
+ELEMENTWISE = ["average", "task_arithmetic", "magmax", "chain(dare(p=0.9), magmax())"]
+#: folded tensor by tensor: TIES needs exact k-th value passes over the whole model
+OTHERS = ["ties"]
 TARGET = 0.5
 
 

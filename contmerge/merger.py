@@ -404,6 +404,7 @@ class Merger:
                     delta,
                     b,
                     ctx,
+                    start,
                 )
                 results.append((leaves, sq))
             return results

@@ -87,10 +87,11 @@ class FoldContext:
             raise CheckpointError(source.source, f"no {kind!r} statistic for this tensor", name)
         return source.read(name)
 
-    def generator(self, salt: str) -> torch.Generator:
-        """A generator that depends only on the arrival index and ``salt`` (seed, tensor name)."""
+    def key(self, salt: str) -> int:
+        """A 64-bit key that depends only on the arrival index and ``salt`` (seed, tensor name):
+        randomness drawn from it per entry position is the same however the tensor is cut."""
         digest = hashlib.sha256(f"{self.index}:{salt}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return int.from_bytes(digest[:8], "little")
 
     def add_stat(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + float(value)
@@ -148,12 +149,14 @@ class Strategy:
         delta: np.ndarray,
         base: np.ndarray,
         ctx: FoldContext,
+        start: int,
     ) -> None:
         """Write ``fold(...)`` for one flat chunk into ``out`` (elementwise rules only).
 
-        All are numpy views of the same entries of each tensor, in the compute dtype; ``out``
-        never shares memory with the inputs, and ``delta`` is scratch the rule may overwrite.
-        Override with a compiled loop that allocates nothing; this default goes through torch.
+        All are numpy views of entries ``start : start + delta.size`` of the flattened tensor, in
+        the compute dtype; ``out`` never shares memory with the inputs, and ``delta`` is scratch
+        the rule may overwrite. Override with a compiled loop that allocates nothing; this
+        default goes through torch.
         """
         as_torch = {k: torch.from_numpy(v) for k, v in state.items()}
         new = self.fold(info, as_torch, torch.from_numpy(delta), torch.from_numpy(base), ctx)
@@ -185,10 +188,18 @@ class Preprocessor:
     """A delta transform applied before a rule (DARE, magnitude trim); composes with ``chain``."""
 
     name: ClassVar[str] = ""
-    #: the transform of each entry depends on that entry alone (see ``Strategy.elementwise``)
+    #: the transform of each entry depends on that entry (and its position) alone: the engine
+    #: may apply ``transform_into`` to flat chunks (see ``Strategy.elementwise``)
     elementwise: ClassVar[bool] = False
 
     def transform(self, info: TensorInfo, delta: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transform_into(
+        self, info: TensorInfo, delta: np.ndarray, ctx: FoldContext, start: int
+    ) -> None:
+        """``transform`` in place on entries ``start : start + delta.size`` of the flattened
+        tensor (elementwise pre-processors)."""
         raise NotImplementedError
 
     def hparams(self) -> dict[str, Any]:
@@ -240,9 +251,11 @@ class Chain(Strategy):
         delta: np.ndarray,
         base: np.ndarray,
         ctx: FoldContext,
+        start: int,
     ) -> None:
-        kept = self._pre(info, torch.from_numpy(delta), ctx).numpy()
-        self.rule.fold_into(info, out, state, kept, base, ctx)
+        for step in self.pre:
+            step.transform_into(info, delta, ctx, start)  # delta is the engine's scratch
+        self.rule.fold_into(info, out, state, delta, base, ctx, start)
 
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]

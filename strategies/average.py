@@ -33,6 +33,7 @@ class Average(Strategy):
         delta: np.ndarray,
         base: np.ndarray,
         ctx: FoldContext,
+        start: int,
     ) -> None:
         mean = state["value"]
         # divide in the tensor's own dtype, as torch does with a Python number

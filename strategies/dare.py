@@ -1,19 +1,26 @@
 """DARE (Yu et al., 2024) as a pre-processor: drop each delta entry with probability p and
-rescale the survivors by 1/(1−p). Seeded per (seed, arrival index, tensor), so reruns agree."""
+rescale the survivors by 1/(1−p).
+
+Each entry's coin is a hash (SplitMix64's finaliser) of its position under a key drawn from
+(seed, arrival index, tensor name): reruns agree, entries are independent, and the mask is the
+same whether a tensor is transformed whole or chunk by chunk on several threads.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 from torch import Tensor
 
+from contmerge.kernels import kernel
 from contmerge.strategy import FoldContext, Preprocessor, TensorInfo
 
 
 @dataclass
 class Dare(Preprocessor):
     name = "dare"
+    elementwise = True
     p: float = 0.9
     rescale: bool = True
     seed: int = 0
@@ -23,8 +30,30 @@ class Dare(Preprocessor):
             raise ValueError(f"dare: p must be in [0, 1), got {self.p}")
 
     def transform(self, info: TensorInfo, delta: Tensor, ctx: FoldContext) -> Tensor:
-        keep = (
-            torch.rand(delta.shape, generator=ctx.generator(f"{self.seed}:{info.name}")) >= self.p
+        kept = delta.detach().clone().contiguous()
+        self.transform_into(info, kept.view(-1).numpy(), ctx, 0)
+        return kept
+
+    def transform_into(
+        self, info: TensorInfo, delta: np.ndarray, ctx: FoldContext, start: int
+    ) -> None:
+        keep = 1.0 - self.p
+        _drop_and_rescale(
+            delta,
+            np.uint64(ctx.key(f"{self.seed}:{info.name}")),
+            np.uint64(start),
+            np.uint64(min(int(self.p * 2.0**64), 2**64 - 1)),  # drop where the hash is below
+            delta.dtype.type(keep if self.rescale else 1.0),
         )
-        kept = delta * keep
-        return kept / (1.0 - self.p) if self.rescale else kept
+
+
+@kernel
+def _drop_and_rescale(
+    delta: np.ndarray, key: np.uint64, start: np.uint64, below: np.uint64, keep: float
+) -> None:
+    for i in range(delta.size):
+        z = key + (start + np.uint64(i)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        delta[i] = 0.0 if z < below else delta[i] / keep

@@ -38,6 +38,7 @@ class MagMax(Strategy):
         delta: np.ndarray,
         base: np.ndarray,
         ctx: FoldContext,
+        start: int,
     ) -> None:
         _keep_larger(delta, state["value"], out["value"])
 

@@ -32,6 +32,7 @@ class TaskArithmetic(Strategy):
         delta: np.ndarray,
         base: np.ndarray,
         ctx: FoldContext,
+        start: int,
     ) -> None:
         _add(state["value"], delta, out["value"])
 

@@ -19,14 +19,15 @@ from contmerge.registry import parse_strategy
 from contmerge.sources import open_checkpoint
 from contmerge.state import SPARE
 from contmerge.strategies.average import Average
+from contmerge.strategies.dare import Dare
 from contmerge.strategies.magmax import MagMax
 from contmerge.strategies.task_arithmetic import TaskArithmetic
-from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import Chain, FoldContext, State, Strategy, TensorInfo
 from contmerge.tensorfile import TensorMeta
 
 from helpers import fine_tuned
 
-ELEMENTWISE = ["average", "task_arithmetic", "magmax"]
+ELEMENTWISE = ["average", "task_arithmetic", "magmax", "chain(dare(p=0.7, seed=2), magmax())"]
 
 
 def big_base(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,13 +50,12 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()])
 
 
-class Whole:
-    """Wraps a rule so the engine takes the per-tensor path (the reference)."""
-
-    @staticmethod
-    def of(rule: Strategy) -> Strategy:
-        clone = type(f"Whole{type(rule).__name__}", (type(rule),), {"elementwise": False})
-        return clone(**rule.hparams())
+def whole(rule: Strategy) -> Strategy:
+    """The same rule, made to take the per-tensor path (the reference)."""
+    if isinstance(rule, Chain):
+        return Chain(*rule.pre, whole(rule.rule))  # a chain is elementwise only if its rule is
+    clone = type(f"Whole{type(rule).__name__}", (type(rule),), {"elementwise": False})
+    return clone(**rule.hparams())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -75,8 +75,25 @@ def test_fold_into_equals_fold_bit_for_bit(rule: Strategy, dtype: torch.dtype) -
         want = rule.fold(info, {"value": state}, delta.clone(), state, ctx)["value"]
         array = state.numpy()
         out = {"value": np.empty_like(array)}
-        rule.fold_into(info, out, {"value": array}, delta.numpy().copy(), array, ctx)
+        rule.fold_into(info, out, {"value": array}, delta.numpy().copy(), array, ctx, 0)
         assert torch.equal(bits(torch.from_numpy(out["value"])), bits(want)), (rule.name, index)
+
+
+def test_dare_masks_the_same_entries_whole_or_in_chunks() -> None:
+    delta = torch.randn(10_007)
+    info = TensorInfo("w", TensorMeta((10_007,), torch.float32), False, torch.float32)
+    ctx = FoldContext(index=4, globals={})
+    dare = Dare(p=0.6, seed=5)
+    whole_tensor = dare.transform(info, delta, ctx)
+    pieces = delta.numpy().copy()
+    for start in range(0, pieces.size, 999):
+        dare.transform_into(info, pieces[start : start + 999], ctx, start)
+    assert torch.equal(torch.from_numpy(pieces), whole_tensor)
+    kept = whole_tensor != 0
+    assert 0.37 < kept.float().mean() < 0.43
+    assert torch.equal(whole_tensor[kept], delta[kept] / np.float32(0.4))
+    # another arrival index, another mask
+    assert not torch.equal(dare.transform(info, delta, FoldContext(index=5, globals={})) != 0, kept)
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -87,7 +104,7 @@ def test_chunked_path_equals_the_per_tensor_path(tmp_path, name, dtype, workers)
     paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(3)]
     base_path = save(base, tmp_path / "base.safetensors")
     fast = Merger(base_path, name, workers=workers)
-    slow = Merger(base_path, Whole.of(parse_strategy(name)), workers=workers)
+    slow = Merger(base_path, whole(parse_strategy(name)), workers=workers)
     for path in paths:
         assert fast.fold(path).content_hash == slow.fold(path).content_hash
     for (key, a), (_, b) in zip(fast.iter_merged(), slow.iter_merged()):
