@@ -9,11 +9,21 @@ strategies use it for their own loops (see ``strategies/magmax.py``).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-import numba
-import numpy as np
+if "numba" not in sys.modules and "NUMBA_CACHE_DIR" not in os.environ:
+    # compiled loops are cached in the user's cache, not beside the installed package, where
+    # files no installer recorded would outlive ``pip uninstall`` (and turn the package into a
+    # namespace package that shadows a later editable install)
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_home / "contmerge" / "numba")
+
+import numba  # noqa: E402  (reads NUMBA_CACHE_DIR when imported)
+import numpy as np  # noqa: E402
 
 F = TypeVar("F", bound=Callable[..., Any])
 
