@@ -8,7 +8,7 @@ In one run, side by side:
   state: 4 model sizes against memcpy's 2), on the same number of threads as the fold;
 - disk floor: writing the state's size into the previous generation's file and fsync-ing it,
   which every durable commit must do;
-- each rule folding synthetic safetensors arrivals (best of the 2nd and 3rd), state in memory
+- each rule folding synthetic safetensors arrivals (best of 5 after a warm-up), state in memory
   and on disk, with 1 fold thread and with the default; OPCM timed and profiled.
 
     python benchmarks/throughput.py              # 256 MiB model
@@ -67,7 +67,7 @@ def traffic_floor_seconds(nbytes: int, workers: int, repeats: int = 5) -> float:
     try:
         for _ in range(repeats):
             started = time.perf_counter()
-            runner.map(n, chunk, run)
+            runner.map([(a, min(a + chunk, n)) for a in range(0, n, chunk)], run)
             best = min(best, time.perf_counter() - started)
     finally:
         runner.close()
@@ -95,12 +95,14 @@ def disk_floor_seconds(work: Path, nbytes: int, repeats: int = 3) -> float:
 
 
 def fold_seconds(strategy: str, work: Path, durable: bool, workers: int) -> float:
-    """Best of folding the 2nd and the 3rd arrival (the 1st is a warm-up)."""
+    """Best of five folds after a warm-up (the arrivals in turn, each folded anew)."""
     state = work / "state" if durable else None
-    with Merger(work / "base.safetensors", strategy, state_dir=state, workers=workers) as merger:
+    with Merger(
+        work / "base.safetensors", strategy, state_dir=state, workers=workers, dedupe=False
+    ) as merger:
         merger.fold(work / "a1.safetensors")
         best = float("inf")
-        for t in (2, 3):
+        for t in (2, 3, 1, 2, 3):
             started = time.perf_counter()
             merger.fold(work / f"a{t}.safetensors")
             best = min(best, time.perf_counter() - started)

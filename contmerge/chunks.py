@@ -1,8 +1,8 @@
-"""Run a function over consecutive chunks of a tensor on several threads.
+"""Run a function over consecutive chunks of work on several threads.
 
-A fold's per-chunk work (compiled loops, xxh3, torch copies) releases the GIL, so chunks of one
-tensor are folded on several cores at once. Each thread takes one contiguous run of chunks, so
-memory is streamed in order; the calling thread takes the first run itself.
+A fold's per-chunk work (compiled loops, xxh3, torch copies) releases the GIL, so chunks are
+folded on several cores at once. Each thread takes one contiguous run of chunks, so memory is
+streamed in order; the calling thread takes the first run itself.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: bandwidth, not arithmetic, bounds a fold: more threads than this rarely help
 DEFAULT_MAX_WORKERS = 4
@@ -48,16 +49,13 @@ class ChunkRunner:
             buffer = buffers[(key, dtype)] = torch.empty(numel, dtype=dtype)
         return buffer[:numel]
 
-    def map(
-        self, numel: int, chunk: int, work: Callable[[list[tuple[int, int]]], list[T]]
-    ) -> list[T]:
-        """Cut ``range(numel)`` into chunks and hand each thread one consecutive run of them:
-        ``work(run)`` returns one result per ``(start, stop)`` of its run; results in order."""
-        bounds = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
-        if self._pool is None or len(bounds) < 2:
-            return work(bounds)
-        runs = _split(bounds, min(self.workers, len(bounds)))
-        futures: list[Future[list[T]]] = [self._pool.submit(work, run) for run in runs[1:]]
+    def map(self, items: list[T], work: Callable[[list[T]], list[R]]) -> list[R]:
+        """Hand each thread one consecutive run of ``items``; ``work(run)`` returns one result
+        per item of its run. Results in the order of ``items``."""
+        if self._pool is None or len(items) < 2:
+            return work(items)
+        runs = _split(items, min(self.workers, len(items)))
+        futures: list[Future[list[R]]] = [self._pool.submit(work, run) for run in runs[1:]]
         try:
             first = work(runs[0])
         finally:
@@ -83,7 +81,7 @@ class ChunkRunner:
             self._pool.shutdown(wait=True)
 
 
-def _split(items: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+def _split(items: list[T], parts: int) -> list[list[T]]:
     size, extra = divmod(len(items), parts)
     runs, start = [], 0
     for k in range(parts):

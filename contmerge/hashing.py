@@ -29,6 +29,12 @@ def leaf_digest(data: torch.Tensor | np.ndarray) -> bytes:
     return xxhash.xxh3_128_digest(array)
 
 
+def tensor_leaves(tensor: torch.Tensor) -> list[bytes]:
+    """The leaf digests of a tensor held whole in memory."""
+    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    return [leaf_digest(flat[i : i + LEAF_BYTES]) for i in range(0, flat.numel(), LEAF_BYTES)]
+
+
 class ContentHash:
     """The running hash of a model, fed one tensor at a time in the model's order."""
 
@@ -44,9 +50,7 @@ class ContentHash:
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """One tensor held whole in memory."""
-        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        leaves = [leaf_digest(flat[i : i + LEAF_BYTES]) for i in range(0, flat.numel(), LEAF_BYTES)]
-        self.add(name, tensor.dtype, tensor.shape, leaves)
+        self.add(name, tensor.dtype, tensor.shape, tensor_leaves(tensor))
 
     def hexdigest(self) -> str:
         return self._top.hexdigest()

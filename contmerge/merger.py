@@ -5,9 +5,8 @@ base, of the arrival, and of the state (old and new) at a time; the state itself
 durable directory (or in memory when no directory is given). A fold either commits entirely or
 leaves the previous state untouched: validation failures, NaNs, crashes.
 
-Speed: for elementwise rules each tensor is folded in 1 MiB chunks on a few threads, and each
-chunk is read, hashed (xxh3), differenced, checked and folded while it is in cache, by
-compiled loops; other rules get whole tensors and their reference ``fold``.
+Speed: elementwise rules fold in 1 MiB chunks on a few threads (``contmerge.elementwise``);
+other rules get whole tensors and their reference ``fold``.
 """
 
 from __future__ import annotations
@@ -29,9 +28,10 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_open
 from .chunks import ChunkRunner
+from .elementwise import ElementwiseBatch
 from .errors import CheckpointError, StateError
-from .hashing import LEAF_BYTES, ContentHash, leaf_digest
-from .kernels import subtract_sum_sq, sum_sq
+from .hashing import ContentHash, tensor_leaves
+from .kernels import sum_sq
 from .layout import tensor_infos
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
@@ -40,9 +40,6 @@ from .strategy import FoldContext, State, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
-#: elementwise folds work through each tensor this many arrival bytes at a time (a few hash
-#: leaves, small enough to stay in cache between the steps of a chunk)
-CHUNK_BYTES = LEAF_BYTES
 #: an arrival whose weight matrices moved, in the median, by more than this fraction of their
 #: norm in the base is refused as "fine-tuned from another base". Fine-tunes measured here
 #: move 0.05–0.09; two random inits of one architecture sit near √2.
@@ -244,34 +241,55 @@ class Merger:
         identity: str | None,
         started: float,
     ) -> FoldResult:
-        content = ContentHash()
         staging = self.store.begin(self._slot_metas())
-        delta_sq, matrix_ratios = 0.0, []
+        hashed: dict[str, tuple[torch.dtype, tuple[int, ...], list[bytes]]] = {}
+        sums: dict[str, float] = {}
+        batch = ElementwiseBatch(self.strategy, self._runner, ctx)
+        bar = tqdm(
+            total=len(self.infos),
+            desc=f"fold {Path(label).name}",
+            unit="tensor",
+            disable=not self.progress,
+            leave=False,
+        )
         try:
-            bar = tqdm(
-                self.infos.values(),
-                desc=f"fold {Path(label).name}",
-                unit="tensor",
-                disable=not self.progress,
-                leave=False,
-            )
-            for info in bar:
+            for info in self.infos.values():
                 if not info.meta.is_float:
                     if arrival.carries_full_weights and info.name in arrival.meta:
-                        content.add_tensor(info.name, arrival.read(info.name))  # not merged
+                        hashed[info.name] = _hashed(arrival.read(info.name))  # not merged
+                    bar.update()
                     continue
                 if self._chunkable(arrival, info.name):
-                    sq = self._fold_chunked(arrival, info, staging, ctx, content)
-                else:
-                    delta, base, sq = self._delta_of(arrival, info, content)
-                    new_state = self.strategy.fold(
-                        info, self.store.read(info.name), delta, base, ctx
+                    batch.add(
+                        info,
+                        arrival.chunks(info.name),
+                        self.base.view(info.name),
+                        self.store.view(info.name),
+                        staging.target(info.name),
                     )
-                    staging.write(info.name, new_state)
-                delta_sq += sq
-                if len(info.shape) >= 2 and self._base_sq[info.name] > 0:
-                    matrix_ratios.append(math.sqrt(sq / self._base_sq[info.name]))
+                    if batch.full:
+                        self._fold_batch(batch, arrival, staging, hashed, sums, bar)
+                    continue
+                self._fold_batch(batch, arrival, staging, hashed, sums, bar)  # keep the order
+                delta, base, sums[info.name] = self._delta_of(arrival, info, hashed)
+                staging.write(
+                    info.name,
+                    self.strategy.fold(info, self.store.read(info.name), delta, base, ctx),
+                )
+                bar.update()
+            self._fold_batch(batch, arrival, staging, hashed, sums, bar)
+            bar.close()
+            content = ContentHash()
+            for name in self.infos:
+                if name in hashed:
+                    content.add(name, *hashed[name])
             content_hash = content.hexdigest()
+            delta_sq = math.fsum(sums.values())
+            matrix_ratios = [
+                math.sqrt(sums[n] / self._base_sq[n])
+                for n in sums
+                if len(self.infos[n].shape) >= 2 and self._base_sq[n] > 0
+            ]
             for record in self.manifest["arrivals"] if self.dedupe else ():
                 if record["hash"] == content_hash:
                     staging.abort()
@@ -357,89 +375,55 @@ class Merger:
             and not self.strategy.needs_extras
         )
 
-    def _fold_chunked(
+    def _fold_batch(
         self,
+        batch: ElementwiseBatch,
         arrival: Checkpoint,
-        info: TensorInfo,
         staging: Any,
-        ctx: FoldContext,
-        content: ContentHash,
-    ) -> float:
-        """Fold one tensor a cache-sized chunk at a time (elementwise rules), on the runner's
-        threads: each chunk of the arrival is read once into a buffer that stays in cache, then
-        hashed, differenced against the (mapped) base, summed for the checks and folded."""
-        name, compute, dtype = info.name, info.compute_dtype, info.meta.dtype
-        read_arrival = arrival.chunks(name)
-        base = self.base.view(name).reshape(-1)
-        same_dtype = dtype == compute  # else half precision: δ is taken in the compute dtype
-        base_array = base.numpy() if same_dtype else None
-        old = {k: v.reshape(-1).numpy() for k, v in self.store.view(name).items()}
-        target = staging.target(name)
-        out = {k: v.view(-1).numpy() for k, v in target.items()}
-        runner, strategy = self._runner, self.strategy
-        chunk, leaf = CHUNK_BYTES // dtype.itemsize, LEAF_BYTES
-
-        def fold_run(bounds: list[tuple[int, int]]) -> list[tuple[list[bytes], float]]:
-            # one thread's consecutive chunks; everything per chunk stays in its buffers
-            x_buffer = runner.scratch("arrival", chunk, dtype)
-            delta_buffer = runner.scratch("delta", chunk, compute).numpy()
-            base_buffer = None if same_dtype else runner.scratch("base", chunk, compute)
-            results = []
-            for start, stop in bounds:
-                x = read_arrival(start, stop, x_buffer)
-                raw = x.view(torch.uint8).numpy()
-                leaves = [leaf_digest(raw[i : i + leaf]) for i in range(0, raw.size, leaf)]
-                delta = delta_buffer[: stop - start]
-                if base_array is not None:
-                    b = base_array[start:stop]
-                    sq = subtract_sum_sq(x.numpy(), b, delta)
-                else:
-                    b_tensor = base_buffer[: stop - start].copy_(base[start:stop])
-                    torch.from_numpy(delta).copy_(x).sub_(b_tensor)
-                    b, sq = b_tensor.numpy(), sum_sq(delta)
-                strategy.fold_into(
-                    info,
-                    {k: v[start:stop] for k, v in out.items()},
-                    {k: v[start:stop] for k, v in old.items()},
-                    delta,
-                    b,
-                    ctx,
-                    start,
-                )
-                results.append((leaves, sq))
-            return results
-
+        hashed: dict[str, tuple[torch.dtype, tuple[int, ...], list[bytes]]],
+        sums: dict[str, float],
+        bar: Any,
+    ) -> None:
+        """Fold the tensors gathered in ``batch`` and hand their new state to ``staging``."""
+        if not batch.tensors:
+            return
+        names = [t.info.name for t in batch.tensors]
         try:
-            with runner.exclusive_torch_threads():
-                results = runner.map(info.meta.numel, chunk, fold_run)
+            folded = batch.run()
         finally:
-            arrival.release(name)
-            self._release_base(name)
-            self.store.release(name)
-        content.add(name, dtype, info.shape, [d for leaves, _ in results for d in leaves])
-        sq = math.fsum(part for _, part in results)
-        if not math.isfinite(sq):
-            raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
-        staging.write(name, target)
-        return sq
+            for name in names:
+                arrival.release(name)
+                self._release_base(name)
+                self.store.release(name)
+        for one in folded:
+            name = one.info.name
+            if not math.isfinite(one.sum_sq):
+                raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
+            hashed[name] = (one.info.meta.dtype, one.info.shape, one.leaves)
+            sums[name] = one.sum_sq
+            staging.write(name, one.target)
+        bar.update(len(folded))
 
     def _release_base(self, name: str) -> None:
         if not self._keep_base_mapped:
             self.base.release(name)
 
     def _delta_of(
-        self, arrival: Checkpoint, info: TensorInfo, content: ContentHash | None
+        self,
+        arrival: Checkpoint,
+        info: TensorInfo,
+        hashed: dict[str, tuple[torch.dtype, tuple[int, ...], list[bytes]]] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(θ_t − θ0, θ0, ‖θ_t − θ0‖²) of one float tensor, in compute dtype, checked finite;
-        the arrival's own tensor (or a LoRA adapter's delta) goes into ``content``."""
+        the arrival's own tensor (or a LoRA adapter's delta) is hashed into ``hashed``."""
         name = info.name
         # a LoRA adapter's tensors are factors or replacements: ask it for the delta
         full = arrival.carries_full_weights and name in arrival.meta
         base = self.base.read(name).to(info.compute_dtype)
         if full:
             value = arrival.read(name)
-            if content is not None:
-                content.add_tensor(name, value)
+            if hashed is not None:
+                hashed[name] = _hashed(value)
             delta = value.to(info.compute_dtype)
             if delta is value and not arrival.fresh_reads:
                 delta = delta - base  # the caller's own tensor: never write into it
@@ -448,8 +432,8 @@ class Merger:
         else:
             lowrank = arrival.delta(name, base)
             delta = torch.zeros_like(base) if lowrank is None else lowrank
-            if content is not None:
-                content.add_tensor(name, delta)
+            if hashed is not None:
+                hashed[name] = _hashed(delta)
         sq = _sum_sq(delta)
         if not math.isfinite(sq):
             raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
@@ -569,6 +553,10 @@ def _sum_sq(tensor: torch.Tensor) -> float:
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.to(torch.float32)
     return float(sum_sq(flat.numpy()))
+
+
+def _hashed(tensor: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], list[bytes]]:
+    return tensor.dtype, tuple(tensor.shape), tensor_leaves(tensor)
 
 
 def _shares_memory(tensor: torch.Tensor, state: State) -> bool:

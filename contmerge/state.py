@@ -214,21 +214,28 @@ class DiskStore:
 
 
 class _Scratch:
-    """One growable byte buffer, carved into a tensor's state slots (kept mapped between uses)."""
+    """A growable byte buffer carved into state slots, kept mapped from fold to fold. Carvings
+    stay valid until ``reset`` (a batch of tensors is folded into several at once)."""
 
     def __init__(self) -> None:
         self._bytes = torch.empty(0, dtype=torch.uint8)
+        self._used = 0
 
     def carve(self, slots: Mapping[str, TensorMeta]) -> State:
         sizes = [-(-m.nbytes // 64) * 64 for m in slots.values()]  # each slot cache-line aligned
-        if sum(sizes) > self._bytes.numel():
-            self._bytes = torch.empty(sum(sizes), dtype=torch.uint8)
-        out, offset = {}, 0
+        if self._used + sum(sizes) > self._bytes.numel():
+            # a larger buffer; what was carved so far keeps the old one alive until written
+            self._bytes = torch.empty(2 * self._bytes.numel() + sum(sizes), dtype=torch.uint8)
+            self._used = 0
+        out = {}
         for (slot, meta), size in zip(slots.items(), sizes):
-            piece = self._bytes[offset : offset + meta.nbytes]
+            piece = self._bytes[self._used : self._used + meta.nbytes]
             out[slot] = piece.view(meta.dtype).view(meta.shape)
-            offset += size
+            self._used += size
         return out
+
+    def reset(self) -> None:
+        self._used = 0
 
 
 class _DiskStaging:
@@ -252,17 +259,23 @@ class _DiskStaging:
         self._metas = metas
         self._slots = _by_tensor(metas)
         self._scratch = scratch
+        self._scratch.reset()
+        self._pending: set[str] = set()
         self._writer = SafetensorsWriter(self._handle, metas, {"format": FORMAT})
         self._flusher = _EarlyWriteback(self._handle.fileno())
 
     def target(self, name: str) -> State:
-        """Buffers for ``name``'s new state; valid until the next ``target`` call."""
+        """Buffers for ``name``'s new state, valid until it is written."""
+        self._pending.add(name)
         return self._scratch.carve(self._slots[name])
 
     def write(self, name: str, state: State) -> None:
         for slot, tensor in state.items():
             self._writer.write(slot_key(name, slot), tensor)
             self._flusher.wrote(tensor.numel() * tensor.element_size())
+        self._pending.discard(name)
+        if not self._pending:
+            self._scratch.reset()
 
     def finish(self) -> str:
         self._writer.finish()

@@ -113,6 +113,26 @@ def test_chunked_path_equals_the_per_tensor_path(tmp_path, name, dtype, workers)
         assert record_fast["relative_delta"] == pytest.approx(record_slow["relative_delta"])
 
 
+@pytest.mark.parametrize("durable", [False, True])
+def test_batches_of_any_size_fold_the_same(tmp_path, monkeypatch, durable) -> None:
+    import contmerge.elementwise
+
+    base = big_base()
+    base["norm.weight"] = torch.rand(64)  # small tensors between big ones, an int buffer too
+    paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(3)]
+    base_path = save(base, tmp_path / "base.safetensors")
+    results = []
+    for batch_bytes in (1, 3 << 20, 1 << 30):  # a tensor per batch, a few, all at once
+        monkeypatch.setattr(contmerge.elementwise, "BATCH_BYTES", batch_bytes)
+        state = tmp_path / f"state-{batch_bytes}" if durable else None
+        with Merger(base_path, "average", state_dir=state, workers=2) as merger:
+            hashes = [merger.fold(path).content_hash for path in paths]
+            results.append((hashes, merger.emit_state_dict()))
+    for hashes, merged in results[1:]:
+        assert hashes == results[0][0]
+        assert all(torch.equal(merged[k], results[0][1][k]) for k in merged)
+
+
 def test_content_hash_is_the_same_whatever_the_path_or_thread_count(tmp_path) -> None:
     base = big_base()
     arrival = fine_tuned(base, 1)
