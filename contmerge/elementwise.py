@@ -22,8 +22,9 @@ from .strategy import Arrays, FoldContext, State, Strategy, TensorInfo
 
 #: arrival bytes per chunk: whole hash leaves, small enough to stay in cache between the steps
 CHUNK_BYTES = LEAF_BYTES
-#: arrival bytes gathered before the threads are set to work
-BATCH_BYTES = 64 << 20
+#: arrival bytes gathered before the threads are set to work (a durable state holds the batch's
+#: new state in memory until it is written)
+BATCH_BYTES = 16 << 20
 
 
 @dataclass

@@ -40,6 +40,8 @@ from .strategy import FoldContext, State, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
+#: what the content hash takes of one tensor: dtype, shape and its leaves' digests
+_Hashed = tuple[torch.dtype, tuple[int, ...], list[bytes]]
 #: an arrival whose weight matrices moved, in the median, by more than this fraction of their
 #: norm in the base is refused as "fine-tuned from another base". Fine-tunes measured here
 #: move 0.05–0.09; two random inits of one architecture sit near √2.
@@ -242,43 +244,8 @@ class Merger:
         started: float,
     ) -> FoldResult:
         staging = self.store.begin(self._slot_metas())
-        hashed: dict[str, tuple[torch.dtype, tuple[int, ...], list[bytes]]] = {}
-        sums: dict[str, float] = {}
-        batch = ElementwiseBatch(self.strategy, self._runner, ctx)
-        bar = tqdm(
-            total=len(self.infos),
-            desc=f"fold {Path(label).name}",
-            unit="tensor",
-            disable=not self.progress,
-            leave=False,
-        )
         try:
-            for info in self.infos.values():
-                if not info.meta.is_float:
-                    if arrival.carries_full_weights and info.name in arrival.meta:
-                        hashed[info.name] = _hashed(arrival.read(info.name))  # not merged
-                    bar.update()
-                    continue
-                if self._chunkable(arrival, info.name):
-                    batch.add(
-                        info,
-                        arrival.chunks(info.name),
-                        self.base.view(info.name),
-                        self.store.view(info.name),
-                        staging.target(info.name),
-                    )
-                    if batch.full:
-                        self._fold_batch(batch, arrival, staging, hashed, sums, bar)
-                    continue
-                self._fold_batch(batch, arrival, staging, hashed, sums, bar)  # keep the order
-                delta, base, sums[info.name] = self._delta_of(arrival, info, hashed)
-                staging.write(
-                    info.name,
-                    self.strategy.fold(info, self.store.read(info.name), delta, base, ctx),
-                )
-                bar.update()
-            self._fold_batch(batch, arrival, staging, hashed, sums, bar)
-            bar.close()
+            hashed, sums = self._fold_tensors(arrival, ctx, staging, label)
             content = ContentHash()
             for name in self.infos:
                 if name in hashed:
@@ -324,6 +291,41 @@ class Merger:
             staging.abort()
             raise
         return FoldResult("folded", ctx.index, content_hash, label, time.perf_counter() - started)
+
+    def _fold_tensors(
+        self, arrival: Checkpoint, ctx: FoldContext, staging: Any, label: str
+    ) -> tuple[dict[str, _Hashed], dict[str, float]]:
+        """Fold every tensor into ``staging``; their hash leaves and ‖θ_t − θ0‖² by name."""
+        hashed: dict[str, _Hashed] = {}
+        sums: dict[str, float] = {}
+        batch = ElementwiseBatch(self.strategy, self._runner, ctx)
+        desc = f"fold {Path(label).name}"
+        with tqdm(
+            total=len(self.infos), desc=desc, unit="tensor", disable=not self.progress, leave=False
+        ) as bar:
+            for info in self.infos.values():
+                if not info.meta.is_float:
+                    if arrival.carries_full_weights and info.name in arrival.meta:
+                        hashed[info.name] = _hashed(arrival.read(info.name))  # not merged
+                    bar.update()
+                elif self._chunkable(arrival, info.name):
+                    batch.add(
+                        info,
+                        arrival.chunks(info.name),
+                        self.base.view(info.name),
+                        self.store.view(info.name),
+                        staging.target(info.name),
+                    )
+                    if batch.full:
+                        self._fold_batch(batch, arrival, staging, hashed, sums, bar)
+                else:
+                    self._fold_batch(batch, arrival, staging, hashed, sums, bar)  # keep order
+                    delta, base, sums[info.name] = self._delta_of(arrival, info, hashed)
+                    state = self.store.read(info.name)
+                    staging.write(info.name, self.strategy.fold(info, state, delta, base, ctx))
+                    bar.update()
+            self._fold_batch(batch, arrival, staging, hashed, sums, bar)
+        return hashed, sums
 
     def _next_manifest(
         self, ctx: FoldContext, record: dict[str, Any], seconds: float
@@ -380,7 +382,7 @@ class Merger:
         batch: ElementwiseBatch,
         arrival: Checkpoint,
         staging: Any,
-        hashed: dict[str, tuple[torch.dtype, tuple[int, ...], list[bytes]]],
+        hashed: dict[str, _Hashed],
         sums: dict[str, float],
         bar: Any,
     ) -> None:
@@ -412,7 +414,7 @@ class Merger:
         self,
         arrival: Checkpoint,
         info: TensorInfo,
-        hashed: dict[str, tuple[torch.dtype, tuple[int, ...], list[bytes]]] | None,
+        hashed: dict[str, _Hashed] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(θ_t − θ0, θ0, ‖θ_t − θ0‖²) of one float tensor, in compute dtype, checked finite;
         the arrival's own tensor (or a LoRA adapter's delta) is hashed into ``hashed``."""
@@ -555,7 +557,7 @@ def _sum_sq(tensor: torch.Tensor) -> float:
     return float(sum_sq(flat.numpy()))
 
 
-def _hashed(tensor: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], list[bytes]]:
+def _hashed(tensor: torch.Tensor) -> _Hashed:
     return tensor.dtype, tuple(tensor.shape), tensor_leaves(tensor)
 
 

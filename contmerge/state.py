@@ -92,20 +92,23 @@ class _MemoryStaging:
     def __init__(self, slots: dict[str, dict[str, TensorMeta]], spare: dict[str, State]) -> None:
         self.tensors: dict[str, State] = {}
         self._slots, self._spare = slots, spare
+        self._targets: dict[str, State] = {}
 
     def target(self, name: str) -> State:
         """Buffers for ``name``'s new state (the old generation's, when they fit)."""
         reused = self._spare.pop(name, None)
-        if _fits(reused, self._slots[name]):
-            return reused  # type: ignore[return-value]
-        return {k: torch.empty(m.shape, dtype=m.dtype) for k, m in self._slots[name].items()}
+        if not _fits(reused, self._slots[name]):
+            reused = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in self._slots[name].items()}
+        self._targets[name] = reused  # type: ignore[assignment]
+        return reused  # type: ignore[return-value]
 
     def write(self, name: str, state: State) -> None:
         self.tensors[name] = state
 
     def abort(self) -> None:
-        self._spare.update(self.tensors)
-        self.tensors = {}
+        # only buffers handed out here go back: a rule's ``fold`` may return live state tensors
+        self._spare.update(self._targets)
+        self.tensors, self._targets = {}, {}
 
 
 class DiskStore:
