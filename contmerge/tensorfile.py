@@ -174,20 +174,16 @@ class SafetensorsReader:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory owned by torch (no mapping of the file)."""
         meta = self.meta[name]
-        begin, _ = self._offsets[name]
         out = torch.empty(meta.shape, dtype=meta.dtype)
-        if meta.nbytes:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            _pread_exact(self._handle.fileno(), view, self.data_start + begin, self.path, name)
+        self.read_into(name, 0, out.view(-1))
         return out
 
     def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Entries ``start : start + out.numel()`` of the flattened tensor, read into ``out``
         (a contiguous buffer of the tensor's dtype, typically one reused and hot in cache)."""
-        meta = self.meta[name]
         if out.numel():
             begin, _ = self._offsets[name]
-            offset = self.data_start + begin + start * meta.dtype.itemsize
+            offset = self.data_start + begin + start * self.meta[name].dtype.itemsize
             view = memoryview(out.view(torch.uint8).numpy())
             _pread_exact(self._handle.fileno(), view, offset, self.path, name)
         return out
