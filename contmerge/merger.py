@@ -36,7 +36,7 @@ from .layout import tensor_infos
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import FORMAT, DiskStore, MemoryStore, slot_key
-from .strategy import FoldContext, State, Strategy, TensorInfo
+from .strategy import FoldContext, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
@@ -485,7 +485,7 @@ class Merger:
                 continue
             state = self.store.read(name)
             merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
-            if _shares_memory(merged, state):
+            if self.store.holds(name, merged):
                 merged = merged.clone()  # the store reuses state buffers: hand out a copy
             yield name, merged.to(info.meta.dtype)
 
@@ -559,11 +559,6 @@ def _sum_sq(tensor: torch.Tensor) -> float:
 
 def _hashed(tensor: torch.Tensor) -> _Hashed:
     return tensor.dtype, tuple(tensor.shape), tensor_leaves(tensor)
-
-
-def _shares_memory(tensor: torch.Tensor, state: State) -> bool:
-    pointer = tensor.untyped_storage().data_ptr()
-    return any(t.untyped_storage().data_ptr() == pointer for t in state.values())
 
 
 def _file_identity(source: Source) -> str | None:

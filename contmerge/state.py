@@ -44,6 +44,10 @@ def _by_tensor(metas: Mapping[str, TensorMeta]) -> dict[str, dict[str, TensorMet
     return grouped
 
 
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
 def _fits(state: State | None, slots: Mapping[str, TensorMeta]) -> bool:
     return state is not None and {k: TensorMeta.of(t) for k, t in state.items()} == dict(slots)
 
@@ -73,14 +77,19 @@ class MemoryStore:
     def begin(self, metas: Mapping[str, TensorMeta]) -> _MemoryStaging:
         return _MemoryStaging(_by_tensor(metas), self._spare)
 
+    def holds(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is (a view of) a buffer of ``name``'s state, which a later fold
+        will overwrite: whoever hands it out of the engine must copy it."""
+        return _storage(tensor) in {_storage(t) for t in self.read(name).values()}
+
     def commit(self, staging: _MemoryStaging, manifest: dict[str, Any]) -> None:
         old, self._tensors = self._tensors, staging.tensors
         # a rule's fold may hand back a tensor of the old state as the new one: never reuse those
-        live = {t.untyped_storage().data_ptr() for s in self._tensors.values() for t in s.values()}
+        live = {_storage(t) for s in self._tensors.values() for t in s.values()}
         self._spare = {
             name: state
             for name, state in old.items()
-            if all(t.untyped_storage().data_ptr() not in live for t in state.values())
+            if all(_storage(t) not in live for t in state.values())
         }
         self.manifest = manifest
 
@@ -177,6 +186,10 @@ class DiskStore:
     def read(self, name: str) -> State:
         assert self._reader is not None
         return {slot: self._reader.read(key) for slot, key in self._slots.get(name, {}).items()}
+
+    def holds(self, name: str, tensor: torch.Tensor) -> bool:
+        """Never: ``read`` returns fresh copies."""
+        return False
 
     def view(self, name: str) -> State:
         """The state of ``name`` in place (read-only use; ``release`` when done)."""
