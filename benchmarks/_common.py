@@ -159,16 +159,24 @@ def write_gram(path: Path, layout: Layout, index: int, samples: int = 64) -> Pat
 # --- bandwidth reference -------------------------------------------------------------------------
 
 
-def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
-    """Best time to copy ``nbytes`` into a preallocated buffer with numpy."""
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
+class Memcpy:
+    """The reference copy: ``nbytes`` copied with numpy into a preallocated buffer.
+
+    Timed once per call, so a benchmark can interleave it with what it measures: on a shared
+    machine memory bandwidth drifts, and a ratio to a copy timed a minute earlier drifts with it.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.src = np.ones(nbytes // 8, dtype=np.float64)
+        self.dst = np.empty_like(self.src)
+
+    def seconds(self) -> float:
         started = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - started)
-    return best
+        np.copyto(self.dst, self.src)
+        return time.perf_counter() - started
+
+    def best(self, repeats: int = 5) -> float:
+        return min(self.seconds() for _ in range(repeats))
 
 
 def human(nbytes: float) -> str:

@@ -1,19 +1,22 @@
-"""Run a function over consecutive chunks of work on several threads.
+"""Run a function over chunks of work on several threads.
 
-A fold's per-chunk work (compiled loops, xxh3, torch copies) releases the GIL, so chunks are
-folded on several cores at once. Each thread takes one contiguous run of chunks, so memory is
-streamed in order; the calling thread takes the first run itself.
+A fold's per-chunk work (compiled loops, xxh3, ``pread``) releases the GIL, so chunks are folded
+on several cores at once. Threads, the caller's among them, take the next chunk nobody has taken
+yet: they finish together however uneven the chunks (a fixed split left one thread idle while
+the other finished its larger share, once per batch).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
@@ -39,28 +42,41 @@ class ChunkRunner:
         )
         self._local = threading.local()
 
-    def scratch(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """This thread's buffer ``key`` of ``numel`` entries (contents undefined)."""
-        buffers: dict[tuple[str, torch.dtype], torch.Tensor] = self._local.__dict__.setdefault(
-            "buffers", {}
-        )
-        buffer = buffers.get((key, dtype))
-        if buffer is None or buffer.numel() < numel:
-            buffer = buffers[(key, dtype)] = torch.empty(numel, dtype=dtype)
-        return buffer[:numel]
+    def scratch(self, key: str, nbytes: int) -> np.ndarray:
+        """This thread's byte buffer ``key``, at least ``nbytes`` long (contents undefined)."""
+        buffers: dict[str, np.ndarray] = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(key)
+        if buffer is None or buffer.size < nbytes:
+            buffer = buffers[key] = np.empty(nbytes, dtype=np.uint8)
+        return buffer[:nbytes]
 
-    def map(self, items: list[T], work: Callable[[list[T]], list[R]]) -> list[R]:
-        """Hand each thread one consecutive run of ``items``; ``work(run)`` returns one result
-        per item of its run. Results in the order of ``items``."""
+    def map(self, items: list[T], work: Callable[[T], R]) -> list[R]:
+        """``work(item)`` for every item, on all threads; results in the order of ``items``. The
+        first error stops the taking of items and is raised once every thread has stopped."""
         if self._pool is None or len(items) < 2:
-            return work(items)
-        runs = _split(items, min(self.workers, len(items)))
-        futures: list[Future[list[R]]] = [self._pool.submit(work, run) for run in runs[1:]]
+            return [work(item) for item in items]
+        results: list[R | None] = [None] * len(items)
+        taken = itertools.count()  # its ``next`` is atomic under the GIL
+        failed = threading.Event()
+
+        def drain() -> None:
+            try:
+                for k in taken:
+                    if k >= len(items) or failed.is_set():
+                        return
+                    results[k] = work(items[k])
+            except BaseException:
+                failed.set()
+                raise
+
+        helpers = [self._pool.submit(drain) for _ in range(min(self.workers, len(items)) - 1)]
         try:
-            first = work(runs[0])
+            drain()
         finally:
-            wait(futures)  # never leave a thread writing into buffers the caller moves on from
-        return first + [result for future in futures for result in future.result()]
+            wait(helpers)  # never leave a thread writing into buffers the caller moves on from
+        for helper in helpers:
+            helper.result()
+        return results  # type: ignore[return-value]
 
     @contextmanager
     def exclusive_torch_threads(self) -> Iterator[None]:
@@ -79,13 +95,3 @@ class ChunkRunner:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-
-
-def _split(items: list[T], parts: int) -> list[list[T]]:
-    size, extra = divmod(len(items), parts)
-    runs, start = [], 0
-    for k in range(parts):
-        stop = start + size + (1 if k < extra else 0)
-        runs.append(items[start:stop])
-        start = stop
-    return runs

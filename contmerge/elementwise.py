@@ -1,45 +1,63 @@
-"""The fast path of elementwise rules: tensors folded 1 MiB at a time, on several threads.
+"""The fast path of elementwise rules: tensors folded a few MiB at a time, on several threads.
 
 Tensors are gathered into batches of about ``BATCH_BYTES`` of arrival, so the threads hand work
 over once per batch rather than once per tensor (a model's many small tensors would otherwise
-cost more in hand-overs than in folding). Each thread takes one consecutive run of the batch's
-chunks; each chunk is read into a buffer that stays in cache, hashed, differenced against the
-base, summed for the checks, and folded by the rule's ``fold_into``.
+cost more in hand-overs than in folding). The batch is cut into chunks that the threads take in
+turn; each chunk is read into a buffer that stays in cache and hashed there. A rule with an
+``entry_fold`` then makes one pass over memory: a loop compiled around it differences the chunk
+against the base, sums δ² for the checks and folds (``kernels.fused_fold``). Other rules get δ
+in a scratch buffer and fold it with ``fold_into``.
+
+A chunk costs a few Python calls (read, hash, loop) around work that releases the GIL, and
+everything else about its tensor is worked out once per tensor in ``add``: with two threads,
+Python between the loops is what keeps them from memory speed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from .chunks import ChunkRunner
+from .errors import StrategyError
 from .hashing import LEAF_BYTES, leaf_digest
-from .kernels import subtract_sum_sq, sum_sq
+from .kernels import fused_fold, keep_delta, subtract_sum_sq
 from .sources import ChunkReader
 from .strategy import Arrays, FoldContext, State, Strategy, TensorInfo
 
-#: arrival bytes per chunk: whole hash leaves, small enough to stay in cache between the steps
-CHUNK_BYTES = LEAF_BYTES
+#: arrival bytes per chunk: whole hash leaves, in cache between the read, the hash and the fold
+CHUNK_BYTES = 4 * LEAF_BYTES
 #: arrival bytes gathered before the threads are set to work (a durable state holds the batch's
 #: new state in memory until it is written)
-BATCH_BYTES = 16 << 20
+BATCH_BYTES = 64 << 20
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Fused:
+    """A rule's ``entry_fold`` as its compiled loop and arguments (single-slot state)."""
+
+    loop: Callable[..., float]
+    transform_params: tuple[Any, ...]
+    params: tuple[Any, ...]
+    old: np.ndarray
+    out: np.ndarray
+
+
+@dataclass(frozen=True)
 class _Tensor:
     info: TensorInfo
-    read: ChunkReader  # the arrival's entries, chunk by chunk
+    read: ChunkReader  # the arrival's bytes, chunk by chunk
+    chunk: int  # entries per chunk
     base: torch.Tensor  # flat view, the base's dtype
     base_array: np.ndarray | None  # the same as numpy when it is already the compute dtype
     old: Arrays  # flat views of the current state
     target: State  # the new state, as the store will keep it
     out: Arrays  # flat numpy views of ``target``
-
-    @property
-    def chunk(self) -> int:
-        return CHUNK_BYTES // self.info.meta.dtype.itemsize
+    fused: _Fused | None  # one loop for the whole chunk, when the rule has an ``entry_fold``
 
 
 @dataclass(frozen=True)
@@ -65,18 +83,41 @@ class ElementwiseBatch:
     ) -> None:
         flat = base.reshape(-1)
         same = info.meta.dtype == info.compute_dtype  # else half precision: δ in float32
+        old_arrays = {k: v.reshape(-1).numpy() for k, v in old.items()}
+        out_arrays = {k: v.view(-1).numpy() for k, v in target.items()}
         self.tensors.append(
             _Tensor(
                 info,
                 read,
+                CHUNK_BYTES // info.meta.dtype.itemsize,
                 flat,
                 flat.numpy() if same else None,
-                {k: v.reshape(-1).numpy() for k, v in old.items()},
+                old_arrays,
                 target,
-                {k: v.view(-1).numpy() for k, v in target.items()},
+                out_arrays,
+                self._fused(info, old_arrays, out_arrays),
             )
         )
         self.nbytes += info.meta.nbytes
+
+    def _fused(self, info: TensorInfo, old: Arrays, out: Arrays) -> _Fused | None:
+        entry = self.strategy.entry_fold(info, self.ctx)
+        if entry is None:
+            return None
+        if len(out) != 1:
+            raise StrategyError(
+                f"{self.strategy.spec()}: entry_fold needs a single state slot, "
+                f"{info.name} has {sorted(out)}"
+            )
+        ((slot, target),) = out.items()
+        before = entry.before
+        return _Fused(
+            fused_fold(keep_delta if before is None else before.transform, entry.update),
+            () if before is None else before.params,
+            entry.params,
+            old[slot],
+            target,
+        )
 
     @property
     def full(self) -> bool:
@@ -90,45 +131,56 @@ class ElementwiseBatch:
             for start in range(0, t.info.meta.numel, t.chunk)
         ]
         with self.runner.exclusive_torch_threads():
-            results = self.runner.map(items, self._fold_run)
+            results = self.runner.map(items, self._fold_chunk)
         leaves: list[list[bytes]] = [[] for _ in self.tensors]
         sums: list[list[float]] = [[] for _ in self.tensors]
-        for (k, _, _), (digest, part) in zip(items, results):
-            leaves[k].append(digest)
+        for (k, _, _), (digests, part) in zip(items, results):
+            leaves[k].extend(digests)
             sums[k].append(part)
         folded = [
-            Folded(t.info, t.target, leaves[k], float(np.sum(sums[k])) if sums[k] else 0.0)
+            Folded(t.info, t.target, leaves[k], sum(sums[k], 0.0))
             for k, t in enumerate(self.tensors)
         ]
         self.tensors, self.nbytes = [], 0
         return folded
 
-    def _fold_run(self, items: list[tuple[int, int, int]]) -> list[tuple[bytes, float]]:
-        """One thread's consecutive chunks; all per-chunk data stays in its own buffers."""
-        runner, strategy, ctx = self.runner, self.strategy, self.ctx
-        results = []
-        for k, start, stop in items:
-            t = self.tensors[k]
-            dtype, compute = t.info.meta.dtype, t.info.compute_dtype
-            x = t.read(start, stop, runner.scratch("arrival", t.chunk, dtype))
-            leaf = leaf_digest(x.view(torch.uint8).numpy())
-            delta = runner.scratch("delta", t.chunk, compute).numpy()[: stop - start]
-            if t.base_array is not None:
-                base = t.base_array[start:stop]
-                sq = subtract_sum_sq(x.numpy(), base, delta)
-            else:
-                widened = runner.scratch("base", t.chunk, compute)[: stop - start]
-                widened.copy_(t.base[start:stop])
-                torch.from_numpy(delta).copy_(x).sub_(widened)
-                base, sq = widened.numpy(), sum_sq(delta)
-            strategy.fold_into(
-                t.info,
-                {k: v[start:stop] for k, v in t.out.items()},
-                {k: v[start:stop] for k, v in t.old.items()},
-                delta,
-                base,
-                ctx,
-                start,
+    def _fold_chunk(self, item: tuple[int, int, int]) -> tuple[list[bytes], float]:
+        """Entries ``start:stop`` of tensor ``k``: their hash leaves and Σ δ². All per-chunk
+        data stays in the thread's own buffers."""
+        k, start, stop = item
+        t = self.tensors[k]
+        raw = t.read(start, stop, self.runner.scratch("arrival", CHUNK_BYTES))
+        leaves = [leaf_digest(raw[i : i + LEAF_BYTES]) for i in range(0, raw.size, LEAF_BYTES)]
+        if t.base_array is not None:
+            arrival, base = raw.view(t.base_array.dtype), t.base_array[start:stop]
+        else:
+            arrival, base = self._widened(t, raw, start, stop)
+        fused = t.fused
+        if fused is not None:
+            old, out = fused.old[start:stop], fused.out[start:stop]
+            sq = fused.loop(
+                fused.transform_params, fused.params, np.uint64(start), arrival, base, old, out
             )
-            results.append((leaf, sq))
-        return results
+            return leaves, sq
+        delta = self._buffer("delta", stop - start, t.info.compute_dtype)
+        sq = subtract_sum_sq(arrival, base, delta)
+        olds = {slot: v[start:stop] for slot, v in t.old.items()}
+        outs = {slot: v[start:stop] for slot, v in t.out.items()}
+        self.strategy.fold_into(t.info, outs, olds, delta, base, self.ctx, start)
+        return leaves, sq
+
+    def _widened(
+        self, t: _Tensor, raw: np.ndarray, start: int, stop: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Half precision: arrival and base widened to the compute dtype, in cache."""
+        compute, n = t.info.compute_dtype, stop - start
+        arrival = self._buffer("wide arrival", n, compute)
+        base = self._buffer("wide base", n, compute)
+        torch.from_numpy(arrival).copy_(torch.from_numpy(raw).view(t.info.meta.dtype))
+        torch.from_numpy(base).copy_(t.base[start:stop])
+        return arrival, base
+
+    def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> np.ndarray:
+        """This thread's scratch of ``numel`` entries of a numpy-compatible ``dtype``."""
+        raw = self.runner.scratch(key, numel * dtype.itemsize)
+        return raw.view(torch.empty(0, dtype=dtype).numpy().dtype)

@@ -92,6 +92,7 @@ class Merger:
         if keep_base_mapped is None:
             keep_base_mapped = sum(m.nbytes for m in self.base.meta.values()) <= MAPPED_BASE_LIMIT
         self._keep_base_mapped = keep_base_mapped
+        self._base_views: dict[str, torch.Tensor] = {}  # while the base stays mapped
         self.infos = tensor_infos(self.base, linear)
         self.max_relative_delta = max_relative_delta
         self.dedupe = dedupe
@@ -312,7 +313,7 @@ class Merger:
                     batch.add(
                         info,
                         arrival.chunks(info.name),
-                        self.base.view(info.name),
+                        self._base_view(info.name),
                         self.store.view(info.name),
                         staging.target(info.name),
                     )
@@ -405,6 +406,14 @@ class Merger:
             sums[name] = one.sum_sq
             staging.write(name, one.target)
         bar.update(len(folded))
+
+    def _base_view(self, name: str) -> torch.Tensor:
+        if not self._keep_base_mapped:
+            return self.base.view(name)
+        view = self._base_views.get(name)
+        if view is None:
+            view = self._base_views[name] = self.base.view(name)
+        return view
 
     def _release_base(self, name: str) -> None:
         if not self._keep_base_mapped:
@@ -518,6 +527,7 @@ class Merger:
         return out
 
     def close(self) -> None:
+        self._base_views.clear()  # before the base, so its map can close
         self.store.close()
         self.base.close()
         self._runner.close()

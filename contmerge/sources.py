@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +26,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
 CONFIG_FILES_TO_SKIP = set(WEIGHT_FILES) | {"adapter_model.safetensors", "adapter_model.bin"}
-ChunkReader = Callable[[int, int, torch.Tensor], torch.Tensor]
+#: ``reader(start, stop, buffer)``: the bytes of entries ``start:stop`` of a flattened tensor, as
+#: uint8, read into ``buffer`` or a view of memory already holding them; never to be written
+ChunkReader = Callable[[int, int, np.ndarray], np.ndarray]
 
 
 class Checkpoint:
@@ -54,10 +57,10 @@ class Checkpoint:
         """Done with ``view(name)``: memory it brought in may go."""
 
     def chunks(self, name: str) -> ChunkReader:
-        """Reads flat slices of ``name``: ``reader(start, stop, buffer)`` returns entries
-        ``start:stop``, in ``buffer`` (of the tensor's dtype) or as a view, never to be written."""
-        flat = self.view(name).reshape(-1)
-        return lambda start, stop, buffer: flat[start:stop]
+        """Reads ``name`` a flat slice at a time (see ``ChunkReader``)."""
+        raw = self.view(name).reshape(-1).contiguous().view(torch.uint8).numpy()
+        size = self.meta[name].dtype.itemsize
+        return lambda start, stop, buffer: raw[start * size : stop * size]
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """θ − θ0 for one tensor, or None where this source does not change it."""
@@ -80,7 +83,10 @@ class Checkpoint:
 def _pread_chunks(reader: SafetensorsReader, name: str) -> ChunkReader:
     # a copy into a buffer hot in cache costs what mapping fresh pages would, and a file cut
     # short by someone else gives an error instead of a fault
-    return lambda start, stop, buffer: reader.read_into(name, start, buffer[: stop - start])
+    size = reader.meta[name].dtype.itemsize
+    return lambda start, stop, buffer: reader.read_bytes(
+        name, start * size, buffer[: (stop - start) * size]
+    )
 
 
 class StateDictCheckpoint(Checkpoint):

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import torch
 
+from . import buffers
 from .atomic import atomic_write_bytes, fsync_dir
 from .errors import CheckpointError, StateError
 from .strategy import State
@@ -107,7 +108,7 @@ class _MemoryStaging:
         """Buffers for ``name``'s new state (the old generation's, when they fit)."""
         reused = self._spare.pop(name, None)
         if not _fits(reused, self._slots[name]):
-            reused = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in self._slots[name].items()}
+            reused = {k: buffers.empty(m.shape, m.dtype) for k, m in self._slots[name].items()}
         self._targets[name] = reused  # type: ignore[assignment]
         return reused  # type: ignore[return-value]
 
@@ -234,14 +235,14 @@ class _Scratch:
     stay valid until ``reset`` (a batch of tensors is folded into several at once)."""
 
     def __init__(self) -> None:
-        self._bytes = torch.empty(0, dtype=torch.uint8)
+        self._bytes = buffers.empty((0,), torch.uint8)
         self._used = 0
 
     def carve(self, slots: Mapping[str, TensorMeta]) -> State:
         sizes = [-(-m.nbytes // 64) * 64 for m in slots.values()]  # each slot cache-line aligned
         if self._used + sum(sizes) > self._bytes.numel():
             # a larger buffer; what was carved so far keeps the old one alive until written
-            self._bytes = torch.empty(2 * self._bytes.numel() + sum(sizes), dtype=torch.uint8)
+            self._bytes = buffers.empty((2 * self._bytes.numel() + sum(sizes),), torch.uint8)
             self._used = 0
         out = {}
         for (slot, meta), size in zip(slots.items(), sizes):

@@ -16,23 +16,26 @@ inputs in place: the previous state stays valid until the new one is committed.
 
 Speed, as in torch.optim's fused optimisers: ``fold`` is the reference, written for clarity. A
 rule whose every entry folds on its own declares ``elementwise``; the engine then folds flat
-chunks of each tensor (a cache-sized piece at a time, on several threads) through ``fold_into``,
-which such a rule overrides with an allocation-free loop (``contmerge.kernels``). Tests hold
-``fold_into`` equal to ``fold``.
+chunks of each tensor (a cache-sized piece at a time, on several threads) through ``fold_into``.
+A rule with one state slot says how one entry folds, as a compiled function (``entry_fold``):
+the engine builds one loop around it that reads the arrival, differences it against the base,
+checks it and folds it in a single pass over memory. Tests hold both equal to ``fold``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import buffers
 from .errors import StrategyError
+from .kernels import transform_loop, update_loop
 from .tensorfile import TensorMeta
 
 State = dict[str, torch.Tensor]
@@ -54,6 +57,31 @@ class TensorInfo:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.meta.shape
+
+    def scalar(self, value: float) -> np.generic:
+        """``value`` as a numpy scalar of the compute dtype (for ``EntryFold.params``)."""
+        return torch.empty(0, dtype=self.compute_dtype).numpy().dtype.type(value)
+
+
+@dataclass(frozen=True)
+class EntryTransform:
+    """A pre-processor as a compiled function of one entry (``contmerge.kernels.kernel``):
+    ``transform(δ, position, params) -> δ'``, in δ's dtype; ``position`` (uint64) is the entry's
+    index in the flattened tensor."""
+
+    transform: Callable[..., Any]
+    params: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class EntryFold:
+    """A rule's fold as a compiled function of one entry: ``update(δ, old, params) -> new``, all
+    in the compute dtype (pass scalars in ``params`` already cast, so arithmetic stays in that
+    dtype, as torch's does). ``before`` is a pre-processor applied to δ first."""
+
+    update: Callable[..., Any]
+    params: tuple[Any, ...] = ()
+    before: EntryTransform | None = None
 
 
 @dataclass
@@ -120,7 +148,7 @@ class Strategy:
         return {"value": TensorMeta(info.shape, info.compute_dtype)}
 
     def init(self, info: TensorInfo) -> State:
-        return {k: torch.zeros(m.shape, dtype=m.dtype) for k, m in self.slots(info).items()}
+        return {k: buffers.zeros(m.shape, m.dtype) for k, m in self.slots(info).items()}
 
     def fold(
         self,
@@ -155,13 +183,26 @@ class Strategy:
 
         All are numpy views of entries ``start : start + delta.size`` of the flattened tensor, in
         the compute dtype; ``out`` never shares memory with the inputs, and ``delta`` is scratch
-        the rule may overwrite. Override with a compiled loop that allocates nothing; this
-        default goes through torch.
+        the rule may overwrite. This default loops over ``entry_fold`` where the rule has one,
+        else goes through torch; override it with a compiled loop that allocates nothing.
         """
+        entry = self.entry_fold(info, ctx)
+        if entry is not None:
+            if entry.before is not None:
+                step = entry.before
+                transform_loop(step.transform)(step.params, np.uint64(start), delta)
+            (slot,) = out
+            update_loop(entry.update)(entry.params, delta, state[slot], out[slot])
+            return
         as_torch = {k: torch.from_numpy(v) for k, v in state.items()}
         new = self.fold(info, as_torch, torch.from_numpy(delta), torch.from_numpy(base), ctx)
         for slot, value in new.items():
             np.copyto(out[slot], value.numpy())
+
+    def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold | None:
+        """How one entry folds, for an elementwise rule with a single state slot whose new
+        value depends only on the entry's δ and old value; None (the default) otherwise."""
+        return None
 
     # --- whole-model hooks ----------------------------------------------------------------
     def init_globals(self) -> dict[str, Any]:
@@ -199,8 +240,15 @@ class Preprocessor:
         self, info: TensorInfo, delta: np.ndarray, ctx: FoldContext, start: int
     ) -> None:
         """``transform`` in place on entries ``start : start + delta.size`` of the flattened
-        tensor (elementwise pre-processors)."""
-        raise NotImplementedError
+        tensor (elementwise pre-processors); by default a loop over ``entry_transform``."""
+        entry = self.entry_transform(info, ctx)
+        if entry is None:
+            raise NotImplementedError
+        transform_loop(entry.transform)(entry.params, np.uint64(start), delta)
+
+    def entry_transform(self, info: TensorInfo, ctx: FoldContext) -> EntryTransform | None:
+        """The transform as a compiled function of one entry, or None."""
+        return None
 
     def hparams(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
@@ -256,6 +304,16 @@ class Chain(Strategy):
         for step in self.pre:
             step.transform_into(info, delta, ctx, start)  # delta is the engine's scratch
         self.rule.fold_into(info, out, state, delta, base, ctx, start)
+
+    def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold | None:
+        """The rule's, with a single pre-processor fused in front (more are not fused)."""
+        entry = self.rule.entry_fold(info, ctx)
+        if entry is None or not self.pre:
+            return entry
+        if len(self.pre) > 1 or entry.before is not None:
+            return None
+        before = self.pre[0].entry_transform(info, ctx)
+        return None if before is None else replace(entry, before=before)
 
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -180,12 +181,18 @@ class SafetensorsReader:
 
     def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Entries ``start : start + out.numel()`` of the flattened tensor, read into ``out``
-        (a contiguous buffer of the tensor's dtype, typically one reused and hot in cache)."""
-        if out.numel():
+        (a contiguous buffer of the tensor's dtype)."""
+        raw = out.view(-1).view(torch.uint8).numpy()
+        self.read_bytes(name, start * self.meta[name].dtype.itemsize, raw)
+        return out
+
+    def read_bytes(self, name: str, offset: int, out: np.ndarray) -> np.ndarray:
+        """Bytes ``offset : offset + out.size`` of tensor ``name``'s data, read into ``out``
+        (uint8; typically a buffer reused and hot in cache)."""
+        if out.size:
             begin, _ = self._offsets[name]
-            offset = self.data_start + begin + start * self.meta[name].dtype.itemsize
-            view = memoryview(out.view(torch.uint8).numpy())
-            _pread_exact(self._handle.fileno(), view, offset, self.path, name)
+            at = self.data_start + begin + offset
+            _pread_exact(self._handle.fileno(), memoryview(out), at, self.path, name)
         return out
 
     def view(self, name: str) -> torch.Tensor:

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from torch import Tensor
 
 from contmerge.kernels import kernel
-from contmerge.strategy import Arrays, FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo
 
 
 @dataclass
@@ -25,19 +24,9 @@ class Average(Strategy):
         mean = state["value"]
         return {"value": mean + (delta - mean) / ctx.index}
 
-    def fold_into(
-        self,
-        info: TensorInfo,
-        out: Arrays,
-        state: Arrays,
-        delta: np.ndarray,
-        base: np.ndarray,
-        ctx: FoldContext,
-        start: int,
-    ) -> None:
-        mean = state["value"]
+    def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold:
         # divide in the tensor's own dtype, as torch does with a Python number
-        _running_mean(mean, delta, mean.dtype.type(ctx.index), out["value"])
+        return EntryFold(_running_mean, (info.scalar(ctx.index),))
 
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
@@ -46,6 +35,6 @@ class Average(Strategy):
 
 
 @kernel
-def _running_mean(mean: np.ndarray, delta: np.ndarray, count: Any, out: np.ndarray) -> None:
-    for i in range(mean.size):
-        out[i] = mean[i] + (delta[i] - mean[i]) / count
+def _running_mean(delta: Any, mean: Any, params: tuple[Any]) -> Any:
+    (count,) = params
+    return mean + (delta - mean) / count

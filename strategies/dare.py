@@ -9,12 +9,13 @@ same whether a tensor is transformed whole or chunk by chunk on several threads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from contmerge.kernels import kernel
-from contmerge.strategy import FoldContext, Preprocessor, TensorInfo
+from contmerge.strategy import EntryTransform, FoldContext, Preprocessor, TensorInfo
 
 
 @dataclass
@@ -34,26 +35,24 @@ class Dare(Preprocessor):
         self.transform_into(info, kept.view(-1).numpy(), ctx, 0)
         return kept
 
-    def transform_into(
-        self, info: TensorInfo, delta: np.ndarray, ctx: FoldContext, start: int
-    ) -> None:
+    def entry_transform(self, info: TensorInfo, ctx: FoldContext) -> EntryTransform:
         keep = 1.0 - self.p
-        _drop_and_rescale(
-            delta,
-            np.uint64(ctx.key(f"{self.seed}:{info.name}")),
-            np.uint64(start),
-            np.uint64(min(int(self.p * 2.0**64), 2**64 - 1)),  # drop where the hash is below
-            delta.dtype.type(keep if self.rescale else 1.0),
+        return EntryTransform(
+            _drop_and_rescale,
+            (
+                np.uint64(ctx.key(f"{self.seed}:{info.name}")),
+                np.uint64(min(int(self.p * 2.0**64), 2**64 - 1)),  # drop where the hash is below
+                info.scalar(keep if self.rescale else 1.0),
+                info.scalar(0.0),
+            ),
         )
 
 
 @kernel
-def _drop_and_rescale(
-    delta: np.ndarray, key: np.uint64, start: np.uint64, below: np.uint64, keep: float
-) -> None:
-    for i in range(delta.size):
-        z = key + (start + np.uint64(i)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-        delta[i] = 0.0 if z < below else delta[i] / keep
+def _drop_and_rescale(delta: Any, position: np.uint64, params: tuple[Any, ...]) -> Any:
+    key, below, keep, zero = params
+    z = key + position * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return zero if z < below else delta / keep

@@ -10,12 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from contmerge.kernels import kernel
-from contmerge.strategy import Arrays, FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo
 
 
 @dataclass
@@ -30,17 +29,8 @@ class MagMax(Strategy):
         best = state["value"]
         return {"value": torch.where(delta.abs() >= best.abs(), delta, best)}
 
-    def fold_into(
-        self,
-        info: TensorInfo,
-        out: Arrays,
-        state: Arrays,
-        delta: np.ndarray,
-        base: np.ndarray,
-        ctx: FoldContext,
-        start: int,
-    ) -> None:
-        _keep_larger(delta, state["value"], out["value"])
+    def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold:
+        return EntryFold(_keep_larger)
 
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
@@ -49,7 +39,6 @@ class MagMax(Strategy):
 
 
 @kernel
-def _keep_larger(delta: np.ndarray, best: np.ndarray, out: np.ndarray) -> None:
-    # torch's CPU ``where`` branches per entry; this loop compiles to a vector blend
-    for i in range(delta.size):
-        out[i] = delta[i] if abs(delta[i]) >= abs(best[i]) else best[i]
+def _keep_larger(delta: Any, best: Any, params: tuple[()]) -> Any:
+    # torch's CPU ``where`` branches per entry; in a compiled loop this is a vector blend
+    return delta if abs(delta) >= abs(best) else best

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from torch import Tensor
 
 from contmerge.kernels import kernel
-from contmerge.strategy import Arrays, FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo
 
 
 @dataclass
@@ -24,17 +23,8 @@ class TaskArithmetic(Strategy):
     ) -> State:
         return {"value": state["value"] + delta}
 
-    def fold_into(
-        self,
-        info: TensorInfo,
-        out: Arrays,
-        state: Arrays,
-        delta: np.ndarray,
-        base: np.ndarray,
-        ctx: FoldContext,
-        start: int,
-    ) -> None:
-        _add(state["value"], delta, out["value"])
+    def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold:
+        return EntryFold(_add)
 
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
@@ -43,6 +33,5 @@ class TaskArithmetic(Strategy):
 
 
 @kernel
-def _add(total: np.ndarray, delta: np.ndarray, out: np.ndarray) -> None:
-    for i in range(total.size):
-        out[i] = total[i] + delta[i]
+def _add(delta: Any, total: Any, params: tuple[()]) -> Any:
+    return total + delta
