@@ -4,9 +4,11 @@ In one run, side by side:
 - memcpy: a numpy copy of the model's size into a preallocated buffer: the target's reference
   (fold ≥ 0.5× memcpy for elementwise rules). Each row times its own copies, one before each of
   its folds, and compares the best of each (memory bandwidth drifts on a shared machine);
-- traffic floor: the memory traffic no elementwise fold can avoid with the state in memory, run
-  as one compiled loop on arrays already in memory (read arrival, base and state, write the new
-  state: 4 model sizes against memcpy's 2), on the same number of threads as the fold;
+- traffic floor: the memory traffic no elementwise fold can avoid with the state in memory: the
+  engine's own fused loop (task arithmetic's) over arrays already in memory, in chunks taken by
+  the same number of threads as the fold. It reads arrival, base and state and streams the new
+  state out, 4 model sizes against memcpy's 2; the engine adds reading the arrival's file, the
+  content hash and Python between chunks;
 - disk floor: writing the state's size into the previous generation's file and fsync-ing it,
   which every durable commit must do;
 - each rule folding synthetic safetensors arrivals (best of 5 after a warm-up), state in memory
@@ -38,7 +40,9 @@ from _common import Layout, Memcpy, MiB, cpu_note, human, write_checkpoint  # no
 
 from contmerge import Merger  # noqa: E402
 from contmerge.chunks import ChunkRunner, default_workers  # noqa: E402
-from contmerge.kernels import kernel  # noqa: E402
+from contmerge.elementwise import CHUNK_BYTES  # noqa: E402
+from contmerge.kernels import fused_fold, keep_delta  # noqa: E402
+from contmerge.strategies.task_arithmetic import TaskArithmetic  # noqa: E402
 
 ELEMENTWISE = ["average", "task_arithmetic", "magmax", "chain(dare(p=0.9), magmax())"]
 #: folded tensor by tensor: TIES needs exact k-th value passes over the whole model
@@ -46,10 +50,7 @@ OTHERS = ["ties"]
 TARGET = 0.5
 
 
-@kernel
-def _touch_like_a_fold(x: np.ndarray, base: np.ndarray, state: np.ndarray, out: np.ndarray) -> None:
-    for i in range(x.size):
-        out[i] = state[i] + (x[i] - base[i])
+_FLOOR_LOOP = fused_fold(keep_delta, TaskArithmetic().entry_fold(None, None).update)  # type: ignore[arg-type]
 
 
 class TrafficFloor:
@@ -59,13 +60,13 @@ class TrafficFloor:
         n = nbytes // 4
         self.arrays = [np.full(n, 1.0, dtype=np.float32) for _ in range(4)]
         self.runners = {w: ChunkRunner(w) for w in workers}
-        chunk = 1 << 18
+        chunk = CHUNK_BYTES // 4
         self.bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
 
     def _run(self, bounds: tuple[int, int]) -> None:
         a, b = bounds
         x, base, state, out = self.arrays
-        _touch_like_a_fold(x[a:b], base[a:b], state[a:b], out[a:b])
+        _FLOOR_LOOP((), (), np.uint64(a), x[a:b], base[a:b], state[a:b], out[a:b])
 
     def seconds(self, workers: int) -> float:
         started = time.perf_counter()
@@ -185,7 +186,7 @@ def main() -> int:
             seconds = min(floor.seconds(w) for _ in range(5))
             print(
                 f"traffic floor:  {size / seconds / 1e9:6.2f} GB/s = {copy / seconds:.3f}× memcpy "
-                f"on {w} thread(s) (arrival+base+state in, new state out, arrays in memory)"
+                f"on {w} thread(s) (arrival, base, state in; new state streamed out; in memory)"
             )
         print(
             f"disk floor:     {size / disk / 1e9:6.2f} GB/s = {copy / disk:.3f}× memcpy "

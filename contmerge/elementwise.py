@@ -36,7 +36,14 @@ CHUNK_BYTES = 4 * LEAF_BYTES
 BATCH_BYTES = 64 << 20
 
 
-@dataclass(frozen=True)
+def flat_base(info: TensorInfo, base: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The base's tensor as ``ElementwiseBatch.add`` takes it (half precision is widened per
+    chunk, so it has no numpy view)."""
+    flat = base.reshape(-1)
+    return flat, flat.numpy() if info.meta.dtype == info.compute_dtype else None
+
+
+@dataclass(slots=True)
 class _Fused:
     """A rule's ``entry_fold`` as its compiled loop and arguments (single-slot state)."""
 
@@ -47,7 +54,7 @@ class _Fused:
     out: np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Tensor:
     info: TensorInfo
     read: ChunkReader  # the arrival's bytes, chunk by chunk
@@ -60,7 +67,7 @@ class _Tensor:
     fused: _Fused | None  # one loop for the whole chunk, when the rule has an ``entry_fold``
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Folded:
     """One tensor of a batch, folded: its hash leaves and ‖θ_t − θ0‖² (NaN/Inf if any is)."""
 
@@ -79,10 +86,16 @@ class ElementwiseBatch:
         self.nbytes = 0
 
     def add(
-        self, info: TensorInfo, read: ChunkReader, base: torch.Tensor, old: State, target: State
+        self,
+        info: TensorInfo,
+        read: ChunkReader,
+        base: tuple[torch.Tensor, np.ndarray | None],
+        old: State,
+        target: State,
     ) -> None:
-        flat = base.reshape(-1)
-        same = info.meta.dtype == info.compute_dtype  # else half precision: δ in float32
+        """``base`` is the base's tensor flattened, and the same as numpy when it is already
+        in the compute dtype (see ``flat_base``)."""
+        flat, base_array = base
         old_arrays = {k: v.reshape(-1).numpy() for k, v in old.items()}
         out_arrays = {k: v.view(-1).numpy() for k, v in target.items()}
         self.tensors.append(
@@ -91,7 +104,7 @@ class ElementwiseBatch:
                 read,
                 CHUNK_BYTES // info.meta.dtype.itemsize,
                 flat,
-                flat.numpy() if same else None,
+                base_array,
                 old_arrays,
                 target,
                 out_arrays,

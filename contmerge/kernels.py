@@ -92,7 +92,7 @@ def keep_delta(delta: Any, position: np.uint64, params: tuple[()]) -> Any:
 # The loops below are built per per-entry function, so that function is inlined into them (a
 # function passed as an argument is called, not inlined, and the loop runs ~8 % slower). numba
 # cannot cache closures on disk (their key changes every process), so each is compiled once per
-# process, in well under a second, on first use.
+# process, in about half a second, on first use.
 
 
 #: streaming stores need whole vectors at aligned addresses: the loops store normally up to the

@@ -22,13 +22,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_open
 from .chunks import ChunkRunner
-from .elementwise import ElementwiseBatch
+from .elementwise import ElementwiseBatch, flat_base
 from .errors import CheckpointError, StateError
 from .hashing import ContentHash, tensor_leaves
 from .kernels import sum_sq
@@ -92,7 +93,8 @@ class Merger:
         if keep_base_mapped is None:
             keep_base_mapped = sum(m.nbytes for m in self.base.meta.values()) <= MAPPED_BASE_LIMIT
         self._keep_base_mapped = keep_base_mapped
-        self._base_views: dict[str, torch.Tensor] = {}  # while the base stays mapped
+        # the base's tensors as batches take them, while the base stays mapped
+        self._base_views: dict[str, tuple[torch.Tensor, np.ndarray | None]] = {}
         self.infos = tensor_infos(self.base, linear)
         self.max_relative_delta = max_relative_delta
         self.dedupe = dedupe
@@ -313,7 +315,7 @@ class Merger:
                     batch.add(
                         info,
                         arrival.chunks(info.name),
-                        self._base_view(info.name),
+                        self._base_view(info),
                         self.store.view(info.name),
                         staging.target(info.name),
                     )
@@ -407,12 +409,12 @@ class Merger:
             staging.write(name, one.target)
         bar.update(len(folded))
 
-    def _base_view(self, name: str) -> torch.Tensor:
+    def _base_view(self, info: TensorInfo) -> tuple[torch.Tensor, np.ndarray | None]:
         if not self._keep_base_mapped:
-            return self.base.view(name)
-        view = self._base_views.get(name)
+            return flat_base(info, self.base.view(info.name))
+        view = self._base_views.get(info.name)
         if view is None:
-            view = self._base_views[name] = self.base.view(name)
+            view = self._base_views[info.name] = flat_base(info, self.base.view(info.name))
         return view
 
     def _release_base(self, name: str) -> None:

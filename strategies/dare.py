@@ -43,7 +43,7 @@ class Dare(Preprocessor):
                 np.uint64(ctx.key(f"{self.seed}:{info.name}")),
                 np.uint64(min(int(self.p * 2.0**64), 2**64 - 1)),  # drop where the hash is below
                 info.scalar(keep if self.rescale else 1.0),
-                info.scalar(0.0),
+                info.scalar(0.0),  # a float literal would make the result float64
             ),
         )
 

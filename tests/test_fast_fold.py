@@ -4,6 +4,7 @@ reference per-tensor ``fold`` bit for bit, and keep every guarantee of the slow 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import contmerge.elementwise
 from contmerge import Merger
+from contmerge.chunks import ChunkRunner
 from contmerge.errors import CheckpointError
 from contmerge.hashing import LEAF_BYTES, ContentHash
+from contmerge.kernels import STREAM_ALIGN, fused_fold, keep_delta
 from contmerge.registry import parse_strategy
 from contmerge.sources import open_checkpoint
 from contmerge.state import SPARE
@@ -22,7 +26,7 @@ from contmerge.strategies.average import Average
 from contmerge.strategies.dare import Dare
 from contmerge.strategies.magmax import MagMax
 from contmerge.strategies.task_arithmetic import TaskArithmetic
-from contmerge.strategy import Chain, FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import Chain, EntryFold, FoldContext, State, Strategy, TensorInfo
 from contmerge.tensorfile import TensorMeta
 
 from helpers import fine_tuned
@@ -96,10 +100,15 @@ def test_dare_masks_the_same_entries_whole_or_in_chunks() -> None:
     assert not torch.equal(dare.transform(info, delta, FoldContext(index=5, globals={})) != 0, kept)
 
 
+@pytest.mark.parametrize("chunk_bytes", [LEAF_BYTES, contmerge.elementwise.CHUNK_BYTES])
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ELEMENTWISE)
-def test_chunked_path_equals_the_per_tensor_path(tmp_path, name, dtype, workers) -> None:
+def test_chunked_path_equals_the_per_tensor_path(
+    tmp_path, monkeypatch, name, dtype, workers, chunk_bytes
+) -> None:
+    # one leaf per chunk: the big tensors span several chunks, the last one ragged
+    monkeypatch.setattr(contmerge.elementwise, "CHUNK_BYTES", chunk_bytes)
     base = big_base(dtype)
     paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(3)]
     base_path = save(base, tmp_path / "base.safetensors")
@@ -115,8 +124,6 @@ def test_chunked_path_equals_the_per_tensor_path(tmp_path, name, dtype, workers)
 
 @pytest.mark.parametrize("durable", [False, True])
 def test_batches_of_any_size_fold_the_same(tmp_path, monkeypatch, durable) -> None:
-    import contmerge.elementwise
-
     base = big_base()
     base["norm.weight"] = torch.rand(64)  # small tensors between big ones, an int buffer too
     paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(3)]
@@ -239,3 +246,108 @@ def test_durable_state_reuses_the_previous_generation_file(tmp_path) -> None:
         memory.fold(path)
     for key, value in memory.iter_merged():
         assert torch.equal(value, durable[key]), key
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_loop_is_exact_from_any_alignment_and_length(dtype) -> None:
+    """The loop stores plainly up to the first aligned address and streams from there: every
+    offset and length (shorter than the plain head, too) gives numpy's result bit for bit."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    x, base, old = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    old[::7] = -(x - base)[::7]  # ties of magnitude: the arrival wins
+    update = MagMax().entry_fold(None, None).update  # type: ignore[arg-type]
+    loop = fused_fold(keep_delta, update)
+    per_line = STREAM_ALIGN // np.dtype(dtype).itemsize
+    for start in range(per_line + 1):
+        for length in (0, 1, per_line - 1, 3 * per_line + 5, n - start):
+            stop = start + length
+            out = np.full(n, 7.0, dtype=dtype)
+            total = loop(
+                (),
+                (),
+                np.uint64(start),
+                x[start:stop],
+                base[start:stop],
+                old[start:stop],
+                out[start:stop],
+            )
+            delta = x[start:stop] - base[start:stop]
+            want = np.where(np.abs(delta) >= np.abs(old[start:stop]), delta, old[start:stop])
+            assert np.array_equal(out[start:stop], want), (start, length)
+            assert (out[:start] == 7.0).all() and (out[stop:] == 7.0).all()  # nothing else
+            assert total == pytest.approx(float(np.sum(delta.astype(np.float64) ** 2)))
+
+
+def test_fused_loop_sums_nan_and_inf_through() -> None:
+    update = MagMax().entry_fold(None, None).update  # type: ignore[arg-type]
+    loop = fused_fold(keep_delta, update)
+    for bad in (np.nan, np.inf):
+        x = np.ones(1000, dtype=np.float32)
+        x[997] = bad
+        zeros = np.zeros(1000, dtype=np.float32)
+        assert not np.isfinite(loop((), (), np.uint64(0), x, zeros, zeros, np.empty_like(x)))
+
+
+def test_chain_of_two_preprocessors_folds_unfused_and_the_same(tmp_path) -> None:
+    two = Chain(Dare(p=0.5, seed=1), Dare(p=0.3, seed=2), MagMax())
+    info = TensorInfo("w", TensorMeta((10,), torch.float32), False, torch.float32)
+    ctx = FoldContext(index=1, globals={})
+    assert two.entry_fold(info, ctx) is None  # falls back to fold_into on δ
+    one = Chain(Dare(p=0.5, seed=1), MagMax()).entry_fold(info, ctx)
+    assert isinstance(one, EntryFold) and one.before is not None
+    base = big_base()
+    base_path = save(base, tmp_path / "base.safetensors")
+    paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(2)]
+    fast, slow = Merger(base_path, two, workers=2), Merger(base_path, whole(two), workers=2)
+    for path in paths:
+        fast.fold(path)
+        slow.fold(path)
+    for (key, a), (_, b) in zip(fast.iter_merged(), slow.iter_merged()):
+        assert torch.equal(bits(a), bits(b)), key
+
+
+def test_runner_returns_results_in_order_however_uneven_the_items() -> None:
+    runner = ChunkRunner(3)
+    try:
+        sizes = [1, 50_000, 3, 7, 200_000, 0, 11] * 5
+        got = runner.map(sizes, lambda n: float(np.ones(n).sum()))
+        assert got == [float(n) for n in sizes]
+        assert runner.map([], lambda n: n) == []
+    finally:
+        runner.close()
+
+
+def test_runner_raises_the_first_error_after_every_thread_stopped() -> None:
+    runner = ChunkRunner(2)
+    done: list[int] = []
+
+    def work(k: int) -> int:
+        if k == 3:
+            raise ValueError("item 3")
+        time.sleep(0.002)  # items take a while: a thread that stopped taking them shows
+        done.append(k)
+        return k
+
+    try:
+        with pytest.raises(ValueError, match="item 3"):
+            runner.map(list(range(200)), work)
+        settled = len(done)
+        assert settled < 50  # taking stopped soon after the failure, not at the end
+        assert runner.map([1, 2], lambda k: k * 2) == [2, 4]  # and the runner still works
+        assert len(done) == settled  # nothing of the failed map ran on afterwards
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (), (5, 7), (1100, 1024)])  # last: > 4 MiB
+def test_buffers_have_the_shape_and_dtype_asked_and_zeros_are_zero(shape, dtype) -> None:
+    from contmerge import buffers
+
+    for made in (buffers.empty(shape, dtype), buffers.zeros(shape, dtype)):
+        assert made.shape == shape and made.dtype == dtype and made.is_contiguous()
+    zeros = buffers.zeros(shape, dtype)
+    assert not zeros.any()
+    zeros.fill_(1)  # writable, and owns its memory
+    assert zeros.numel() == 0 or bool(zeros.all())
