@@ -89,12 +89,6 @@ def keep_delta(delta: Any, position: np.uint64, params: tuple[()]) -> Any:
     return delta
 
 
-# The loops below are built per per-entry function, so that function is inlined into them (a
-# function passed as an argument is called, not inlined, and the loop runs ~8 % slower). numba
-# cannot cache closures on disk (their key changes every process), so each is compiled once per
-# process, in about half a second, on first use.
-
-
 #: streaming stores need whole vectors at aligned addresses: the loops store normally up to the
 #: first multiple of this many bytes, and stream from there on
 STREAM_ALIGN = 64
@@ -146,6 +140,12 @@ def _store(array: np.ndarray, index: int, value: Any) -> None:
     array[index] = value
 
 
+# The loops below are built per per-entry function, so that function is inlined into them (a
+# function passed as an argument is called, not inlined, and the loop runs ~8 % slower). numba
+# cannot cache closures on disk (their key changes every process), so each is compiled once per
+# process, in about half a second, on first use.
+
+
 def _fold_entries(
     transform: Callable[..., Any], update: Callable[..., Any], store: Callable[..., None]
 ) -> Callable[..., float]:
@@ -173,6 +173,8 @@ def fused_fold(transform: Callable[..., Any], update: Callable[..., Any]) -> Cal
     @numba.njit(nogil=True)
     def loop(transform_params, params, start, x, base, old, out):  # type: ignore[no-untyped-def]
         head = min(x.size, (-out.ctypes.data % STREAM_ALIGN) // out.itemsize)
+        if (out.ctypes.data + head * out.itemsize) % STREAM_ALIGN:
+            head = x.size  # entries off their natural alignment never line up: store them all
         total = stored(
             transform_params, params, start, x[:head], base[:head], old[:head], out[:head]
         )

@@ -410,6 +410,7 @@ class Merger:
         bar.update(len(folded))
 
     def _base_view(self, info: TensorInfo) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The base's tensor in place, as batches take it (``flat_base``)."""
         if not self._keep_base_mapped:
             return flat_base(info, self.base.view(info.name))
         view = self._base_views.get(info.name)

@@ -279,6 +279,21 @@ def test_fused_loop_is_exact_from_any_alignment_and_length(dtype) -> None:
             assert total == pytest.approx(float(np.sum(delta.astype(np.float64) ** 2)))
 
 
+def test_fused_loop_takes_entries_off_their_natural_alignment() -> None:
+    """An output whose entries straddle alignment (a float32 view at an odd byte) can never be
+    streamed: stored plainly, with the same result."""
+    update = MagMax().entry_fold(None, None).update  # type: ignore[arg-type]
+    loop = fused_fold(keep_delta, update)
+    rng = np.random.default_rng(1)
+    x, base, old = (rng.standard_normal(3000).astype(np.float32) for _ in range(3))
+    raw = np.zeros(3000 * 4 + 1, dtype=np.uint8)
+    out = np.frombuffer(raw.data, dtype=np.float32, count=3000, offset=1)
+    assert out.ctypes.data % 4
+    loop((), (), np.uint64(0), x, base, old, out)
+    delta = x - base
+    assert np.array_equal(out, np.where(np.abs(delta) >= np.abs(old), delta, old))
+
+
 def test_fused_loop_sums_nan_and_inf_through() -> None:
     update = MagMax().entry_fold(None, None).update  # type: ignore[arg-type]
     loop = fused_fold(keep_delta, update)
