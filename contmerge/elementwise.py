@@ -1,4 +1,4 @@
-"""The fast path of elementwise rules: tensors folded a few MiB at a time, on several threads.
+"""The fast path of elementwise rules: tensors folded 1 MiB at a time, on several threads.
 
 Tensors are gathered into batches of about ``BATCH_BYTES`` of arrival, so the threads hand work
 over once per batch rather than once per tensor (a model's many small tensors would otherwise
@@ -30,7 +30,8 @@ from .sources import ChunkReader
 from .strategy import Arrays, FoldContext, State, Strategy, TensorInfo
 
 #: arrival bytes per chunk: whole hash leaves, in cache between the read, the hash and the fold
-CHUNK_BYTES = 4 * LEAF_BYTES
+#: (1 to 4 MiB measured within a few % of each other; 1 MiB a little ahead)
+CHUNK_BYTES = LEAF_BYTES
 #: arrival bytes gathered before the threads are set to work (a durable state holds the batch's
 #: new state in memory until it is written)
 BATCH_BYTES = 64 << 20

@@ -100,14 +100,15 @@ def test_dare_masks_the_same_entries_whole_or_in_chunks() -> None:
     assert not torch.equal(dare.transform(info, delta, FoldContext(index=5, globals={})) != 0, kept)
 
 
-@pytest.mark.parametrize("chunk_bytes", [LEAF_BYTES, contmerge.elementwise.CHUNK_BYTES])
+@pytest.mark.parametrize("chunk_bytes", [LEAF_BYTES, 4 * LEAF_BYTES])
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ELEMENTWISE)
 def test_chunked_path_equals_the_per_tensor_path(
     tmp_path, monkeypatch, name, dtype, workers, chunk_bytes
 ) -> None:
-    # one leaf per chunk: the big tensors span several chunks, the last one ragged
+    # one leaf per chunk: the big tensors span several chunks, the last one ragged; or
+    # several leaves per chunk
     monkeypatch.setattr(contmerge.elementwise, "CHUNK_BYTES", chunk_bytes)
     base = big_base(dtype)
     paths = [save(fine_tuned(base, t), tmp_path / f"a{t}.safetensors") for t in range(3)]
