@@ -27,7 +27,7 @@ from .errors import StrategyError
 from .hashing import LEAF_BYTES, leaf_digest
 from .kernels import fused_fold, keep_delta, subtract_sum_sq
 from .sources import ChunkReader
-from .strategy import Arrays, FoldContext, State, Strategy, TensorInfo
+from .strategy import Arrays, EntryFold, FoldContext, State, Strategy, TensorInfo
 
 #: arrival bytes per chunk: whole hash leaves, in cache between the read, the hash and the fold
 #: (1 to 4 MiB measured within a few % of each other; 1 MiB a little ahead)
@@ -62,9 +62,9 @@ class _Tensor:
     chunk: int  # entries per chunk
     base: torch.Tensor  # flat view, the base's dtype
     base_array: np.ndarray | None  # the same as numpy when it is already the compute dtype
-    old: Arrays  # flat views of the current state
+    old: Arrays  # flat views of the current state (unfused rules)
     target: State  # the new state, as the store will keep it
-    out: Arrays  # flat numpy views of ``target``
+    out: Arrays  # flat numpy views of ``target`` (unfused rules)
     fused: _Fused | None  # one loop for the whole chunk, when the rule has an ``entry_fold``
 
 
@@ -97,8 +97,14 @@ class ElementwiseBatch:
         """``base`` is the base's tensor flattened, and the same as numpy when it is already
         in the compute dtype (see ``flat_base``)."""
         flat, base_array = base
-        old_arrays = {k: v.reshape(-1).numpy() for k, v in old.items()}
-        out_arrays = {k: v.view(-1).numpy() for k, v in target.items()}
+        entry = self.strategy.entry_fold(info, self.ctx)
+        if entry is None:
+            old_arrays = {k: v.reshape(-1).numpy() for k, v in old.items()}
+            out_arrays = {k: v.view(-1).numpy() for k, v in target.items()}
+            fused = None
+        else:  # the loop takes the one slot's arrays; nothing else needs them
+            old_arrays = out_arrays = {}
+            fused = self._fused(info, entry, old, target)
         self.tensors.append(
             _Tensor(
                 info,
@@ -109,28 +115,25 @@ class ElementwiseBatch:
                 old_arrays,
                 target,
                 out_arrays,
-                self._fused(info, old_arrays, out_arrays),
+                fused,
             )
         )
         self.nbytes += info.meta.nbytes
 
-    def _fused(self, info: TensorInfo, old: Arrays, out: Arrays) -> _Fused | None:
-        entry = self.strategy.entry_fold(info, self.ctx)
-        if entry is None:
-            return None
-        if len(out) != 1:
+    def _fused(self, info: TensorInfo, entry: EntryFold, old: State, target: State) -> _Fused:
+        if len(target) != 1:
             raise StrategyError(
                 f"{self.strategy.spec()}: entry_fold needs a single state slot, "
-                f"{info.name} has {sorted(out)}"
+                f"{info.name} has {sorted(target)}"
             )
-        ((slot, target),) = out.items()
+        ((slot, out),) = target.items()
         before = entry.before
         return _Fused(
             fused_fold(keep_delta if before is None else before.transform, entry.update),
             () if before is None else before.params,
             entry.params,
-            old[slot],
-            target,
+            old[slot].reshape(-1).numpy(),
+            out.view(-1).numpy(),
         )
 
     @property

@@ -49,6 +49,11 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
+def _shares(state: State, other: State) -> bool:
+    """Whether any tensor of ``state`` is (a view of) one of ``other``'s."""
+    return bool({_storage(t) for t in state.values()} & {_storage(t) for t in other.values()})
+
+
 def _fits(state: State | None, slots: Mapping[str, TensorMeta]) -> bool:
     return state is not None and {k: TensorMeta.of(t) for k, t in state.items()} == dict(slots)
 
@@ -85,12 +90,12 @@ class MemoryStore:
 
     def commit(self, staging: _MemoryStaging, manifest: dict[str, Any]) -> None:
         old, self._tensors = self._tensors, staging.tensors
-        # a rule's fold may hand back a tensor of the old state as the new one: never reuse those
-        live = {_storage(t) for s in self._tensors.values() for t in s.values()}
+        # a rule's fold may hand back a tensor of its old state as the new one: never reuse those
+        # (a new state written into the buffers handed out for it cannot be one)
         self._spare = {
             name: state
             for name, state in old.items()
-            if all(_storage(t) not in live for t in state.values())
+            if name in staging.into_targets or not _shares(state, self._tensors.get(name, {}))
         }
         self.manifest = manifest
 
@@ -103,6 +108,7 @@ class _MemoryStaging:
         self.tensors: dict[str, State] = {}
         self._slots, self._spare = slots, spare
         self._targets: dict[str, State] = {}
+        self.into_targets: set[str] = set()  # names whose new state is the target handed out
 
     def target(self, name: str) -> State:
         """Buffers for ``name``'s new state (the old generation's, when they fit)."""
@@ -114,11 +120,13 @@ class _MemoryStaging:
 
     def write(self, name: str, state: State) -> None:
         self.tensors[name] = state
+        if state is self._targets.get(name):
+            self.into_targets.add(name)
 
     def abort(self) -> None:
         # only buffers handed out here go back: a rule's ``fold`` may return live state tensors
         self._spare.update(self._targets)
-        self.tensors, self._targets = {}, {}
+        self.tensors, self._targets, self.into_targets = {}, {}, set()
 
 
 class DiskStore:
