@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .buffers import numpy_dtype
 from .chunks import ChunkRunner
 from .errors import StrategyError
 from .hashing import LEAF_BYTES, leaf_digest
@@ -200,4 +201,4 @@ class ElementwiseBatch:
     def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> np.ndarray:
         """This thread's scratch of ``numel`` entries of a numpy-compatible ``dtype``."""
         raw = self.runner.scratch(key, numel * dtype.itemsize)
-        return raw.view(torch.empty(0, dtype=dtype).numpy().dtype)
+        return raw.view(numpy_dtype(dtype))

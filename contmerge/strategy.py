@@ -60,7 +60,7 @@ class TensorInfo:
 
     def scalar(self, value: float) -> np.generic:
         """``value`` as a numpy scalar of the compute dtype (for ``EntryFold.params``)."""
-        return torch.empty(0, dtype=self.compute_dtype).numpy().dtype.type(value)
+        return buffers.numpy_dtype(self.compute_dtype).type(value)
 
 
 @dataclass(frozen=True)
