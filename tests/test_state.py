@@ -250,3 +250,27 @@ def test_an_unchanged_file_is_recognised_without_reading_it(tmp_path):
         with pytest.raises(CheckpointError):
             merger.fold(paths[0])
         assert merger.count == 1
+
+
+def test_memory_store_never_reuses_a_buffer_the_new_state_still_holds() -> None:
+    """Old generations become the next fold's output buffers, unless a rule's fold handed back
+    its old state as the new one (then those tensors are live) — checked tensor by tensor."""
+    from contmerge.state import MemoryStore
+    from contmerge.tensorfile import TensorMeta
+
+    meta = TensorMeta((4,), torch.float32)
+    metas = {"a::value": meta, "b::value": meta}
+    first = {"a": {"value": torch.zeros(4)}, "b": {"value": torch.zeros(4)}}
+    store = MemoryStore({}, dict(first))
+    staging = store.begin(metas)
+    written_a = staging.target("a")  # folded into the buffers handed out
+    written_a["value"].fill_(1.0)
+    staging.write("a", written_a)
+    staging.write("b", store.read("b"))  # a fold that returned its old state unchanged
+    store.commit(staging, {})
+    staging = store.begin(metas)
+    reused_a, fresh_b = staging.target("a"), staging.target("b")
+    assert reused_a["value"].data_ptr() == first["a"]["value"].data_ptr()  # the old generation
+    live = store.read("b")["value"]
+    assert fresh_b["value"].data_ptr() != live.data_ptr()  # never the live state
+    assert store.holds("b", live) and not store.holds("a", reused_a["value"])
