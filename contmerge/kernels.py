@@ -54,33 +54,31 @@ SUM_FLAGS = {"reassoc", "contract"}
 
 
 @kernel(fastmath=SUM_FLAGS)
+def add_square(total: float, value: Any) -> float:
+    """total + value² in float64. Its flags travel with it when inlined, so a loop summing with
+    it vectorises while the loop's own arithmetic stays exact (no fused multiply-adds)."""
+    wide = np.float64(value)
+    return total + wide * wide
+
+
+@kernel
 def subtract_sum_sq(x: np.ndarray, base: np.ndarray, out: np.ndarray) -> float:
     """out = x − base; returns Σ out² in float64 (NaN or Inf if any entry is)."""
     total = 0.0
     for i in range(x.size):
         d = x[i] - base[i]
         out[i] = d
-        wide = np.float64(d)
-        total += wide * wide
+        total = add_square(total, d)
     return total
 
 
-@kernel(fastmath=SUM_FLAGS)
+@kernel
 def sum_sq(x: np.ndarray) -> float:
     """Σ x² in float64 (NaN or Inf if any entry is)."""
     total = 0.0
     for i in range(x.size):
-        wide = np.float64(x[i])
-        total += wide * wide
+        total = add_square(total, x[i])
     return total
-
-
-@kernel(fastmath=SUM_FLAGS)
-def add_square(total: float, value: Any) -> float:
-    """total + value² in float64. Its flags travel with it when inlined, so a loop summing with
-    it vectorises while the loop's own arithmetic stays exact (no fused multiply-adds)."""
-    wide = np.float64(value)
-    return total + wide * wide
 
 
 @kernel
