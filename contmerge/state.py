@@ -137,7 +137,7 @@ class DiskStore:
         self.manifest = manifest
         self._lock = _lock_directory(path)
         self._reader: SafetensorsReader | None = None
-        # one tensor's new state is computed here, then written out: reused across folds
+        # a batch's new state is computed here, then written out: reused across folds
         self._scratch = _Scratch()
         self._open_current()
 
