@@ -7,6 +7,10 @@ own algorithm classes on them through a ``BaseModelPool`` (no hub, no task pool,
 without loggers, no saving, our arrival order), and writes each merged state dict and the fold
 timings. All runs share one process, so FusionBench's slow imports are paid once.
 
+Each fold's time is split (OPCM): seconds in its ``svd`` helper, in the rest of
+``merge_linear_weights`` (the matrix products around the SVD), and in loading the model
+(reading the file and building the module); the remainder is its norms and other parameters.
+
 Job (JSON): {"threads": int, "alpha": float, "scaling_factor": float, "layout": {...},
 "report": path, "runs": [{"method": "opcm"|"magmax", "base": path,
 "models": [[name, path], ...], "repeat": int, "out": path}, ...]}.
@@ -82,16 +86,30 @@ def run_all(job: dict[str, Any], report: dict[str, Any]) -> None:
     STEP = "build the backbone module from the layout"
     build_module(job["layout"])  # fail early on an unsupported layout
 
-    events: list[tuple[str, float]] = []  # ("load" | "next", perf_counter)
+    events: list[tuple[str, float, dict[str, float]]] = []  # ("load" | "next", time, clock)
+    clock = {"svd": 0.0, "linear": 0.0, "load": 0.0}  # seconds spent in each, cumulative
+
+    def timed(key: str, func: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                clock[key] += time.perf_counter() - started
+
+        return wrapper
+
+    def mark(kind: str) -> None:
+        events.append((kind, time.perf_counter(), dict(clock)))
 
     class TimedList(list):
         """Records when the algorithm's loop advances: a fold ends when the next one begins."""
 
         def __iter__(self):  # type: ignore[no-untyped-def]
             for item in list.__iter__(self):
-                events.append(("next", time.perf_counter()))
+                mark("next")
                 yield item
-            events.append(("next", time.perf_counter()))
+            mark("next")
 
         def __getitem__(self, key):  # type: ignore[no-untyped-def]
             got = list.__getitem__(self, key)
@@ -104,21 +122,31 @@ def run_all(job: dict[str, Any], report: dict[str, Any]) -> None:
         def load_model(self, model_name_or_config: Any, *args: Any, **kwargs: Any) -> Any:
             name = str(model_name_or_config)
             if name != "_pretrained_":
-                events.append(("load", time.perf_counter()))
+                mark("load")
+            started = time.perf_counter()
             state = safetensors.torch.load_file(str(self._models[name]))
             # in the checkpoints' dtype: load_state_dict would cast into float32 params
             dtype = next(v.dtype for v in state.values() if v.is_floating_point())
             module = build_module(job["layout"]).to(dtype)
             module.load_state_dict(state, strict=True)
+            clock["load"] += time.perf_counter() - started
             return module
 
         @property
         def model_names(self) -> list[str]:
             return TimedList(super().model_names)
 
+    instrumented: set[str] = set()
+
     def make_algo(method: str) -> Any:
         if method == "opcm":
+            import fusion_bench.method.opcm.opcm_general as opcm_general
             from fusion_bench.method.opcm.opcm_general import OPCM
+
+            if "opcm" not in instrumented:  # its module-level ``svd`` and the per-layer merge
+                opcm_general.svd = timed("svd", opcm_general.svd)
+                OPCM.merge_linear_weights = timed("linear", OPCM.merge_linear_weights)
+                instrumented.add("opcm")
 
             algo = OPCM(
                 alpha=float(job["alpha"]),
@@ -144,6 +172,7 @@ def run_all(job: dict[str, Any], report: dict[str, Any]) -> None:
         if list(pool.model_names) != names:
             raise RuntimeError(f"the model pool reordered the models: {list(pool.model_names)}")
         repeats: list[list[float]] = []
+        split_repeats: list[list[dict[str, float]]] = []
         run_seconds: list[float] = []
         merged = None
         for _ in range(max(1, int(spec["repeat"]))):
@@ -155,14 +184,19 @@ def run_all(job: dict[str, Any], report: dict[str, Any]) -> None:
             merged = algo.run(pool)
             finished = time.perf_counter()
             # fold k: from loading model k to the loop's next advance (next fold, or its end)
-            folds = []
-            for i, (kind, t0) in enumerate(events):
+            folds, splits = [], []
+            for i, (kind, t0, c0) in enumerate(events):
                 if kind == "load":
-                    t1 = next((t for k, t in events[i + 1 :] if k == "next"), finished)
+                    t1, c1 = next(
+                        ((t, c) for k, t, c in events[i + 1 :] if k == "next"),
+                        (finished, dict(clock)),
+                    )
                     folds.append(t1 - t0)
+                    splits.append(_split(t1 - t0, {k: c1[k] - c0[k] for k in clock}))
             if len(folds) != len(names):
                 raise RuntimeError(f"timed {len(folds)} folds, expected {len(names)}")
             repeats.append(folds)
+            split_repeats.append(splits)
             run_seconds.append(finished - started)
         STEP = f"write {method}'s merged state dict"
         state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
@@ -173,9 +207,25 @@ def run_all(job: dict[str, Any], report: dict[str, Any]) -> None:
                 "out": spec["out"],
                 # per fold, the fastest repeat: the least disturbed on a shared machine
                 "folds": [min(r[i] for r in repeats) for i in range(len(names))],
+                "splits": [
+                    min((r[i] for r in split_repeats), key=lambda x: x["total"])
+                    for i in range(len(names))
+                ],
                 "run_seconds": min(run_seconds),
             }
         )
+
+
+def _split(total: float, spent: dict[str, float]) -> dict[str, float]:
+    """One fold's seconds by kind of work (see the module's docstring)."""
+    matmul = spent["linear"] - spent["svd"]
+    return {
+        "total": total,
+        "svd": spent["svd"],
+        "matmul": matmul,
+        "io": spent["load"],
+        "other": total - spent["linear"] - spent["load"],
+    }
 
 
 def main() -> int:

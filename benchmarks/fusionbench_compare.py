@@ -8,12 +8,19 @@ What it does, in one run:
 2. Takes the continual scenario's real checkpoints (``contmerge.simulations``: the MLP backbone
    pretrained, then fine-tuned independently per task; trained once and cached) and copies the
    base and the fine-tuned backbones, byte for byte, into a temp dir in one fixed arrival order
-   (the scenario's first order).
+   (the scenario's first order). With ``--size vit-b32`` it writes synthetic checkpoints of a
+   ViT-B/32-sized stack instead (12 blocks of q/k/v/out 768×768 and fc1/fc2 768↔3072, with
+   biases and LayerNorms: 85M parameters; task vectors of low rank plus noise, seeded).
 3. Runs FusionBench's own ``OPCM`` (``fusion_bench.method.opcm.opcm_general``, α) and
    ``MagMaxAlgorithm`` (λ) on those files inside its venv (``_fusionbench_runner.py``), then ours
-   (``contmerge.Merger``) on the same files in the same order, in this process.
+   (``contmerge.Merger``) on the same files in the same order, in this process. ``--threads N``
+   is the cores both sides get: FusionBench as torch's intra-op threads, ours as N layers folded
+   at once (``per_tensor_parallel``) with one torch thread each.
 4. Prints, per method, the max |difference| of the merged weights (overall, linear weights,
-   other tensors) and the fold times (ours / theirs, per fold and in total).
+   other tensors), absolute and relative to the size of the merged update, with FusionBench's
+   own float32-vs-float64 difference as the tolerance; the fold times (ours / theirs, per fold
+   and in total) and, for OPCM, each side's split of a fold: SVD (ours: the float64 Gram
+   eigendecomposition), the matrix products around it, reading the checkpoint, the rest.
 
 If FusionBench cannot be installed or run, it prints the failing step and the error and exits 0
 (that is not a bug of ours); it exits non-zero only when our side fails.
@@ -22,6 +29,8 @@ If FusionBench cannot be installed or run, it prints the failing step and the er
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -29,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -53,6 +63,7 @@ TRANSFORMERS_PIN = "transformers<5"
 # what must import for the comparison: the two algorithm modules, not just the package
 PROBE_IMPORTS = "fusion_bench.method.opcm.opcm_general, fusion_bench.method.magmax"
 QUICK_MODELS = 4  # 1 initial + 3 projected folds: still exercises OPCM's SVD path
+SIZES = ("scenario", "vit-b32")
 # no hub, no telemetry: the runner must work offline (and say so if it does not)
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -252,6 +263,69 @@ def export_checkpoints(
     return Exported(put(base, "00_base"), exported, linear)
 
 
+def vit_b32_stack(blocks: int = 12, width: int = 768, hidden: int = 3072) -> nn.Module:
+    """The linear layers, biases and LayerNorms of ViT-B/32's transformer (no patch embedding,
+    no head), on the meta device: only its layout is needed."""
+    with torch.device("meta"):
+        root = nn.Module()
+        root.blocks = nn.ModuleList()
+        for _ in range(blocks):
+            block = nn.Module()
+            block.ln_1 = nn.LayerNorm(width)
+            block.attn = nn.ModuleDict(
+                {p: nn.Linear(width, width) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+            )
+            block.ln_2 = nn.LayerNorm(width)
+            block.mlp = nn.ModuleDict(
+                {"fc1": nn.Linear(width, hidden), "fc2": nn.Linear(hidden, width)}
+            )
+            root.blocks.append(block)
+    return root
+
+
+def _generator(*parts: object) -> torch.Generator:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _synthetic_tensor(name: str, shape: tuple[int, ...], model: int, seed: int) -> torch.Tensor:
+    """The base (model 0): ViT-like scales; arrival t: base + a task vector of rank 8 plus
+    noise (fine-tuned deltas are far from random: a few directions dominate)."""
+    gen = _generator(seed, name)
+    if name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
+        base = 1 + 0.05 * torch.randn(shape, generator=gen)
+    else:
+        base = 0.02 * torch.randn(shape, generator=gen)
+    if model == 0:
+        return base
+    gen = _generator(seed, model, name)
+    noise = 3e-4 * torch.randn(shape, generator=gen)
+    if len(shape) == 2:
+        rank = 8
+        left = torch.randn(shape[0], rank, generator=gen)
+        right = torch.randn(rank, shape[1], generator=gen)
+        return base + noise + 2e-4 * (left @ right)
+    return base + noise
+
+
+def vit_b32_checkpoints(out: Path, models: int, seed: int) -> tuple[Exported, dict[str, Any]]:
+    """Base and ``models`` arrivals of the ViT-B/32-sized stack as float32 safetensors files."""
+    module = vit_b32_stack()
+    layout, linear = backbone_layout(module)
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    out.mkdir(parents=True)
+
+    def put(model: int, name: str) -> Path:
+        path = out / f"{name}.safetensors"
+        state = {n: _synthetic_tensor(n, s, model, seed) for n, s in shapes.items()}
+        safetensors.torch.save_file(state, str(path))
+        return path
+
+    base = put(0, "00_base")
+    arrivals = [(f"task{t}", put(t, f"{t:02d}_task{t}")) for t in range(1, models + 1)]
+    return Exported(base, arrivals, linear), layout
+
+
 # --------------------------------------------------------------------------------------------
 # The two sides
 
@@ -261,6 +335,8 @@ class SideResult:
     merged: dict[str, torch.Tensor]
     folds: list[float]  # seconds per fold, the fastest of the repeats
     other_seconds: float  # ours: the emit; theirs: the whole run()
+    #: per fold, seconds by kind of work (total, svd, matmul, io, other), of the fastest repeat
+    splits: list[dict[str, float]] | None = None
 
 
 def run_theirs(
@@ -319,9 +395,56 @@ def run_theirs(
     if not report["ok"]:
         raise TheirFailure(report["step"], f"{report['error']}\n{_tail(report['trace'], 15)}")
     return [
-        SideResult(safetensors.torch.load_file(r["out"]), r["folds"], r["run_seconds"])
+        SideResult(
+            safetensors.torch.load_file(r["out"]),
+            r["folds"],
+            r["run_seconds"],
+            r["splits"] if r["method"] == "opcm" else None,
+        )
         for r in report["runs"]
     ]
+
+
+class _Clock:
+    """Seconds spent in a few functions of ours, summed over every thread that calls them."""
+
+    def __init__(self) -> None:
+        self.spent = {"svd": 0.0, "matmul": 0.0, "io": 0.0}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        from contmerge.merger import Merger
+        from contmerge.strategies import opcm
+
+        patched = [
+            (opcm, "singular_basis", "svd"),
+            (opcm, "remove_projection", "matmul"),
+            (Merger, "_delta_of", "io"),  # reads the arrival's tensor and the base's, forms δ
+        ]
+        originals = [getattr(owner, attr) for owner, attr, _ in patched]
+        for (owner, attr, key), func in zip(patched, originals):
+            setattr(owner, attr, self._timed(key, func))
+        try:
+            yield self
+        finally:
+            for (owner, attr, _), func in zip(patched, originals):
+                setattr(owner, attr, func)
+
+    def _timed(self, key: str, func: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.spent[key] += time.perf_counter() - started
+
+        return wrapper
+
+    def split(self, total: float, before: dict[str, float]) -> dict[str, float]:
+        spent = {k: v - before[k] for k, v in self.spent.items()}
+        return {"total": total, **spent, "other": total - sum(spent.values())}
 
 
 def run_ours(ex: Exported, method: str, args: argparse.Namespace, repeat: int) -> SideResult:
@@ -331,22 +454,35 @@ def run_ours(ex: Exported, method: str, args: argparse.Namespace, repeat: int) -
     # the exact nn.Linear weights, as FusionBench's isinstance check sees them
     linear = "^(" + "|".join(re.escape(n) for n in ex.linear_names) + ")$"
     repeats: list[list[float]] = []
+    split_repeats: list[list[dict[str, float]]] = []
     emits: list[float] = []
     merged: dict[str, torch.Tensor] = {}
-    for _ in range(max(1, repeat)):
-        folds: list[float] = []
-        with Merger(str(ex.base), method, None, linear=linear, **hparams) as merger:
-            for _, path in ex.models:
+    clock = _Clock()
+    with clock.installed():
+        for _ in range(max(1, repeat)):
+            folds: list[float] = []
+            splits: list[dict[str, float]] = []
+            with Merger(
+                str(ex.base), method, None, linear=linear, workers=args.threads, **hparams
+            ) as merger:
+                for _, path in ex.models:
+                    before = dict(clock.spent)
+                    started = time.perf_counter()
+                    merger.fold(str(path))
+                    folds.append(time.perf_counter() - started)
+                    splits.append(clock.split(folds[-1], before))
                 started = time.perf_counter()
-                merger.fold(str(path))
-                folds.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            merged = merger.emit_state_dict()
-            emits.append(time.perf_counter() - started)
-        repeats.append(folds)
+                merged = merger.emit_state_dict()
+                emits.append(time.perf_counter() - started)
+            repeats.append(folds)
+            split_repeats.append(splits)
     # per fold, the fastest repeat, as on FusionBench's side
+    fastest = [min(range(len(repeats)), key=lambda r: repeats[r][i]) for i in range(len(ex.models))]
     return SideResult(
-        merged, [min(r[i] for r in repeats) for i in range(len(ex.models))], min(emits)
+        merged,
+        [repeats[r][i] for i, r in enumerate(fastest)],
+        min(emits),
+        [split_repeats[r][i] for i, r in enumerate(fastest)] if method == "opcm" else None,
     )
 
 
@@ -405,6 +541,11 @@ def update_scale(
     return max_abs_diff(delta, zero, linear)
 
 
+def relative(diff: dict[str, float], scale: dict[str, float]) -> dict[str, float]:
+    """A difference per kind over the size of the merged update of that kind."""
+    return {k: diff[k] / scale[k] if scale[k] > 0 else 0.0 for k in KINDS}
+
+
 def _row(label: str, values: dict[str, float], fmt: str = "{:>16.3e}") -> str:
     return f"  {label:<38}" + "".join(fmt.format(values[k]) for k in KINDS)
 
@@ -428,45 +569,95 @@ def report_method(
     linear = set(ex.linear_names)
     print(f"\n== {'OPCM' if method == 'opcm' else 'MagMax'} ==")
     print(f"  {'merged weights':<38}" + "".join(f"{k:>16}" for k in KINDS))
-    print(
-        _row("max |ours − FusionBench|", max_abs_diff(res.ours.merged, res.theirs.merged, linear))
-    )
+    gap = max_abs_diff(res.ours.merged, res.theirs.merged, linear)
+    print(_row("max |ours − FusionBench|", gap))
     scale = update_scale(res.theirs.merged, base, linear)
     print(_row("  (scale: max |merged − base|)", scale, "{:>16.3g}"))
-    verdict = ""
+    print(_row("  relative (÷ scale)", relative(gap, scale)))
+    verdicts = []
     if res.ours64 is not None and res.theirs64 is not None:
         agree = max_abs_diff(res.ours64.merged, res.theirs64.merged, linear)
         print(_row("same, both in float64", agree))
         ref = res.theirs64.merged  # FusionBench's own code in float64: a neutral reference
-        print(_row("max |ours − float64 result|", max_abs_diff(res.ours.merged, ref, linear)))
-        print(
-            _row("max |FusionBench − float64 result|", max_abs_diff(res.theirs.merged, ref, linear))
-        )
+        ours_err = max_abs_diff(res.ours.merged, ref, linear)
+        theirs_err = max_abs_diff(res.theirs.merged, ref, linear)
+        print(_row("max |ours − float64 result|", ours_err))
+        print(_row("max |FusionBench − float64 result|", theirs_err))
         if res.nudged64 is not None:
             # the method's own sensitivity to float32-sized changes of its inputs
             spread = max_abs_diff(res.nudged64, ref, linear)
             print(_row("float64, inputs moved by ~1 f32 ulp", spread))
         same = agree["all"] <= 1e-9 * max(scale["all"], 1e-30)
-        verdict = (
+        verdicts.append(
             "same algorithm (they agree in float64); the float32 gap is float32 rounding, "
             "as amplified by the method (see each side's distance to the float64 result)"
             if same
             else "THE ALGORITHMS DIFFER: they disagree in float64 too"
         )
-    if verdict:
+        # the tolerance: how far FusionBench's own float32 run is from its float64 run
+        tol = relative(theirs_err, scale)["all"]
+        rel_gap = relative(gap, scale)["all"]
+        rel_ours = relative(ours_err, scale)["all"]
+        verdicts.append(
+            f"relative to the update: ours vs FusionBench {rel_gap:.2e}, tolerance (FusionBench "
+            f"float32 vs its float64) {tol:.2e}: {'within' if rel_gap <= tol else 'ABOVE'}; "
+            f"ours vs float64 {rel_ours:.2e} ({'at least as' if rel_ours <= tol else 'LESS'} "
+            "exact as FusionBench)"
+        )
+    for verdict in verdicts:
         print(f"  verdict: {verdict}")
     print("  fold times (s), fastest of the repeats:")
     for i, ((name, _), a, b) in enumerate(zip(ex.models, res.ours.folds, res.theirs.folds), 1):
         print(
             f"    fold {i:2d} {name:<18} ours {a:8.4f}  FusionBench {b:8.4f}  "
-            f"ours/theirs {_ratio(a, b)}"
+            f"ours/theirs {_ratio(a, b)}  theirs/ours {_ratio(b, a)}"
         )
     ta, tb = sum(res.ours.folds), sum(res.theirs.folds)
-    print(f"    total{'':<21} ours {ta:8.4f}  FusionBench {tb:8.4f}  ours/theirs {_ratio(ta, tb)}")
+    print(
+        f"    total{'':<21} ours {ta:8.4f}  FusionBench {tb:8.4f}  ours/theirs {_ratio(ta, tb)}  "
+        f"theirs/ours {_ratio(tb, ta)}"
+    )
+    if len(ex.models) > 1:
+        pa, pb = sum(res.ours.folds[1:]), sum(res.theirs.folds[1:])
+        n = len(ex.models) - 1
+        print(
+            f"    folds 2..{len(ex.models)} (projected), mean per fold: ours {pa / n:.4f} s, "
+            f"FusionBench {pb / n:.4f} s: FusionBench/ours {_ratio(pb, pa)}"
+        )
     print(
         f"    (not in the folds: our emit of the merged model {res.ours.other_seconds:.4f} s; "
         f"FusionBench's whole run() {res.theirs.other_seconds:.4f} s)"
     )
+    if res.ours.splits and res.theirs.splits:
+        report_split(ex, res.ours.splits, res.theirs.splits)
+
+
+SPLIT_KINDS = ("svd", "matmul", "io", "other")
+
+
+def report_split(
+    ex: Exported, ours: list[dict[str, float]], theirs: list[dict[str, float]]
+) -> None:
+    """Each fold's seconds by kind of work. With several threads, ours are thread-seconds (they
+    add up to more than the fold's wall time; "other" is then the wall time left over)."""
+    print(
+        "  split of each fold (s): svd = SVD (ours: float64 Gram eigendecomposition and U); "
+        "matmul = the products"
+    )
+    print(
+        "  around it; io = reading the checkpoint (ours: each tensor and the base's, and δ; "
+        "theirs: the file"
+    )
+    print(
+        "  and building the module); other = the rest (norms, sums, hashing, state); ours are "
+        "thread-seconds"
+    )
+    head = "".join(f"{k:>8}" for k in SPLIT_KINDS)
+    print(f"    {'':<24}ours:{head}    | FusionBench:{head}")
+    for i, ((name, _), a, b) in enumerate(zip(ex.models, ours, theirs), 1):
+        cells_a = "".join(f"{a[k]:8.2f}" for k in SPLIT_KINDS)
+        cells_b = "".join(f"{b[k]:8.2f}" for k in SPLIT_KINDS)
+        print(f"    fold {i:2d} {name:<18}     {cells_a}    |             {cells_b}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,8 +667,18 @@ def report_method(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Example: python benchmarks/fusionbench_compare.py --quick",
+        epilog="Examples: python benchmarks/fusionbench_compare.py --quick; "
+        "python benchmarks/fusionbench_compare.py --size vit-b32 --threads 2",
     )
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="scenario",
+        help="scenario: the continual scenario's trained MLP checkpoints (default); vit-b32: "
+        "synthetic checkpoints of a ViT-B/32-sized stack (85M parameters), OPCM only unless "
+        "--methods says otherwise, 4 arrivals, 1 repeat, no input-sensitivity run",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the vit-b32 checkpoints")
     parser.add_argument(
         "--venv",
         type=Path,
@@ -496,7 +697,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scaling-factor", type=float, default=0.5, help="MagMax's λ (default 0.5)"
     )
     parser.add_argument(
-        "--methods", default="opcm,magmax", help="comma-separated subset of opcm,magmax"
+        "--methods",
+        default=None,
+        help="comma-separated subset of opcm,magmax (default: both; vit-b32: opcm)",
     )
     parser.add_argument(
         "--full-training",
@@ -511,9 +714,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the float64 runs of both sides (on float64 casts of the same checkpoints) "
         "that tell an algorithmic difference from float32 rounding",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="timed runs per side; per fold the fastest counts"
+        "--threads",
+        type=int,
+        default=1,
+        help="cores for each side: FusionBench's torch threads; ours: layers folded at once",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="timed runs per side; per fold the fastest counts (default 3; vit-b32: 1)",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="per subprocess (s)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and print it")
@@ -522,6 +733,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    vit = args.size == "vit-b32"
+    if args.methods is None:
+        args.methods = "opcm" if vit else "opcm,magmax"
+    if args.repeat is None:
+        args.repeat = 1 if vit else 3
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in ("opcm", "magmax") for m in methods):
         print(f"--methods must be a subset of opcm,magmax, got {args.methods!r}", file=sys.stderr)
@@ -539,30 +755,38 @@ def main(argv: list[str] | None = None) -> int:
         f"transformers {versions['transformers']}"
     )
 
-    print("[2/4] our checkpoints (trained and cached first if missing: a few minutes)")
-    base_path, models, desc = scenario_checkpoints(
-        args.full_training, args.cache_dir, args.order_seed
-    )
-    models = models[: args.models or (QUICK_MODELS if args.quick else len(models))]
-    from contmerge.simulations.models import Backbone
-
-    layout, linear = backbone_layout(Backbone())
     workdir = Path(tempfile.mkdtemp(prefix="contmerge-fusionbench-"))
     try:
-        ex = export_checkpoints(workdir / "float32", base_path, models, linear, False)
+        if vit:
+            print("[2/4] synthetic checkpoints of a ViT-B/32-sized stack")
+            ex, layout = vit_b32_checkpoints(
+                workdir / "float32", args.models or QUICK_MODELS, args.seed
+            )
+            linear = ex.linear_names
+            desc = f"ViT-B/32-sized stack, seed {args.seed}, written to {workdir}"
+        else:
+            print("[2/4] our checkpoints (trained and cached first if missing: a few minutes)")
+            base_path, models, desc = scenario_checkpoints(
+                args.full_training, args.cache_dir, args.order_seed
+            )
+            models = models[: args.models or (QUICK_MODELS if args.quick else len(models))]
+            from contmerge.simulations.models import Backbone
+
+            layout, linear = backbone_layout(Backbone())
+            ex = export_checkpoints(workdir / "float32", base_path, models, linear, False)
+            desc += f"; base + {len(ex.models)} fine-tuned backbones, byte-identical copies"
         ex64 = (
             None
             if args.no_float64
-            else export_checkpoints(workdir / "float64", base_path, models, linear, True)
+            else export_checkpoints(workdir / "float64", ex.base, ex.models, linear, True)
         )
         base = safetensors.torch.load_file(str(ex.base))
         print(f"  {desc}")
-        print(f"  base + {len(ex.models)} fine-tuned backbones, byte-identical copies in {workdir}")
         print(f"  arrival order: {' -> '.join(n for n, _ in ex.models)}")
+        names = ", ".join(linear) if len(linear) <= 8 else f"{len(linear)} of them"
         print(
             f"  {len(base)} tensors ({', '.join(sorted({str(v.dtype) for v in base.values()}))}), "
-            f"{sum(v.numel() for v in base.values()):,} parameters; nn.Linear weights: "
-            f"{', '.join(linear)}"
+            f"{sum(v.numel() for v in base.values()):,} parameters; nn.Linear weights: {names}"
         )
 
         print(f"[3/4] FusionBench in its venv: {', '.join(methods)} (+ float64 reference runs)")
@@ -582,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
                 theirs=theirs[i],
                 ours64=None if ex64 is None else run_ours(ex64, method, args, 1),
                 theirs64=None if ex64 is None else theirs[len(methods) + i],
-                nudged64=None if ex64 is None else sensitivity(ex64, method, args),
+                nudged64=None if ex64 is None or vit else sensitivity(ex64, method, args),
             )
 
         print(f"\nFusionBench {versions['fusion_bench']} (torch {versions['torch']}) vs contmerge")

@@ -11,6 +11,7 @@ other rules get whole tensors and their reference ``fold``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
@@ -34,6 +35,7 @@ from .errors import CheckpointError, StateError
 from .hashing import ContentHash, tensor_leaves
 from .kernels import sum_sq
 from .layout import tensor_infos
+from .parallel_folds import ParallelFolds
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import FORMAT, DiskStore, MemoryStore, slot_key
@@ -302,16 +304,24 @@ class Merger:
         hashed: dict[str, _Hashed] = {}
         sums: dict[str, float] = {}
         batch = ElementwiseBatch(self.strategy, self._runner, ctx)
+        # whole-tensor folds on several threads, handed on in order (None: one at a time here)
+        whole = (
+            ParallelFolds(self.strategy, ctx, self._runner.workers, staging.write)
+            if self.strategy.per_tensor_parallel and self._runner.workers > 1
+            else None
+        )
         desc = f"fold {Path(label).name}"
         with tqdm(
             total=len(self.infos), desc=desc, unit="tensor", disable=not self.progress, leave=False
-        ) as bar:
+        ) as bar, whole or contextlib.nullcontext():
             for info in self.infos.values():
                 if not info.meta.is_float:
                     if arrival.carries_full_weights and info.name in arrival.meta:
                         hashed[info.name] = _hashed(arrival.read(info.name))  # not merged
                     bar.update()
                 elif self._chunkable(arrival, info.name):
+                    if whole is not None:
+                        whole.drain()  # keep order
                     batch.add(
                         info,
                         arrival.chunks(info.name),
@@ -325,8 +335,13 @@ class Merger:
                     self._fold_batch(batch, arrival, staging, hashed, sums, bar)  # keep order
                     delta, base, sums[info.name] = self._delta_of(arrival, info, hashed)
                     state = self.store.read(info.name)
-                    staging.write(info.name, self.strategy.fold(info, state, delta, base, ctx))
+                    if whole is None:
+                        staging.write(info.name, self.strategy.fold(info, state, delta, base, ctx))
+                    else:
+                        whole.submit(info, state, delta, base)
                     bar.update()
+            if whole is not None:
+                whole.drain()
             self._fold_batch(batch, arrival, staging, hashed, sums, bar)
         return hashed, sums
 

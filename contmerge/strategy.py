@@ -204,6 +204,11 @@ class Strategy:
         value depends only on the entry's δ and old value; None (the default) otherwise."""
         return None
 
+    #: ``fold`` of one tensor is heavy and depends on that tensor alone: the engine may fold
+    #: several whole tensors at once on its threads (``contmerge.parallel_folds``). Such a fold
+    #: adds to ``ctx.stats`` only through ``add_stat``; the calls are replayed in tensor order
+    per_tensor_parallel: ClassVar[bool] = False
+
     # --- whole-model hooks ----------------------------------------------------------------
     def init_globals(self) -> dict[str, Any]:
         return {}
@@ -274,6 +279,7 @@ class Chain(Strategy):
         self.elementwise = self.rule.elementwise and all(  # type: ignore[misc]
             p.elementwise for p in self.pre
         )
+        self.per_tensor_parallel = self.rule.per_tensor_parallel  # type: ignore[misc]
 
     def _pre(self, info: TensorInfo, delta: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
         for step in self.pre:

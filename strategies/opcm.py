@@ -10,6 +10,12 @@ State: the un-normalised merged task vector S, the sum of arrival norms, and ‖
 
 Keeping S instead of (merged model, λ_t) is the same algorithm: SVD bases and the σ shares do not
 change under positive scaling. Norms run over every float tensor of the model, as in the code.
+
+Speed (``project_out_fast``, what ``fold`` runs; ``project_out`` is the reference, and tests hold
+the two equal): the removed part U (C ∘ mask) Vᵀ needs only τV, the diagonal of Uᵀ(τV) and the
+r×r block, half the matrix products of forming C; a float32 layer's basis comes from the float64
+eigendecomposition of its Gram matrix, faster than a float32 SVD and 10–100× closer to the
+float64 result (measured); the engine folds several layers at once (``per_tensor_parallel``).
 """
 
 from __future__ import annotations
@@ -47,9 +53,57 @@ def project_out(merged: torch.Tensor, delta: torch.Tensor, alpha: float) -> torc
     return (d - removed).to(delta.dtype)
 
 
+#: a float32 layer whose σ_min/σ_max is below this (rank-deficient, e.g. after a LoRA arrival)
+#: takes its basis from a float64 SVD: the Gram matrix no longer resolves its small σ
+GRAM_MIN_RATIO = 1e-6
+
+
+def singular_basis(tall: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U, σ (descending) and V of the thin SVD of a matrix with at least as many rows as columns,
+    in its dtype. Float32 goes through float64: V and σ² from the Gram matrix's eigenvectors,
+    U = (tall V) with unit columns; float64 is SVD'd as it is."""
+    if tall.dtype != torch.float32:
+        u, sigma, vh = torch.linalg.svd(tall, full_matrices=False)
+        return u, sigma, vh.mT
+    wide = tall.double()
+    _, v = torch.linalg.eigh(wide.mT @ wide)
+    v = v.flip(1)  # eigh sorts ascending
+    scaled = wide @ v
+    sigma = torch.linalg.vector_norm(scaled, dim=0)
+    if not float(sigma.min()) > GRAM_MIN_RATIO * float(sigma.max()):
+        u, sigma, vh = torch.linalg.svd(wide, full_matrices=False)
+        return u.float(), sigma.float(), vh.mT.float()
+    return (scaled / sigma).float(), sigma.float(), v.float()
+
+
+def remove_projection(u: Tensor, sigma: Tensor, v: Tensor, delta: Tensor, alpha: float) -> Tensor:
+    """δ − U (C ∘ mask) Vᵀ with C = Uᵀ δ V, from δV alone: column j of U (C ∘ mask) is
+    U_r C_{r,j} for j < r and u_j c_jj beyond."""
+    rank = split_rank(sigma, alpha)
+    projected = delta @ v
+    left = u * (u * projected).sum(0)  # u_j · c_jj
+    if rank:
+        left[:, :rank] = u[:, :rank] @ (u[:, :rank].mT @ projected[:, :rank])
+    return delta - left @ v.mT
+
+
+def project_out_fast(merged: Tensor, delta: Tensor, alpha: float) -> Tensor:
+    """``project_out`` with half the matrix products and, for float32, a float64 basis."""
+    if merged.shape[0] < merged.shape[1]:  # the projection commutes with transposition
+        return project_out_fast(merged.mT, delta.mT, alpha).mT.contiguous()
+    work = merged if merged.dtype in (torch.float32, torch.float64) else merged.float()
+    u, sigma, v = singular_basis(work)
+    if float(sigma.sum()) == 0.0:
+        return delta
+    kept = remove_projection(u, sigma, v, delta.to(work.dtype), alpha)
+    return kept.to(delta.dtype)
+
+
 @dataclass
 class OPCM(Strategy):
     name = "opcm"
+    #: every layer's SVD is its own: the engine may fold several layers at once
+    per_tensor_parallel = True
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
@@ -66,7 +120,7 @@ class OPCM(Strategy):
     ) -> State:
         merged = state["value"]
         if ctx.index > 1 and info.is_linear and len(info.shape) == 2 and merged.any():
-            delta_kept = project_out(merged, delta, self.alpha)
+            delta_kept = project_out_fast(merged, delta, self.alpha)
         else:
             delta_kept = delta
         new = merged + delta_kept

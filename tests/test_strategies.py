@@ -8,7 +8,13 @@ import torch
 
 from contmerge import Merger
 from contmerge.strategies.dare import Dare
-from contmerge.strategies.opcm import project_out, split_rank
+from contmerge.strategies.opcm import (
+    GRAM_MIN_RATIO,
+    project_out,
+    project_out_fast,
+    singular_basis,
+    split_rank,
+)
 from contmerge.strategy import FoldContext, TensorInfo
 from contmerge.tensorfile import TensorMeta
 
@@ -184,6 +190,73 @@ def test_opcm_adds_unprojected_where_the_merged_layer_is_all_zero():
     state = merger.store.read("encoder.1.weight")["value"]
     expected = second["encoder.1.weight"] - base["encoder.1.weight"]
     torch.testing.assert_close(state, expected)
+
+
+def _layer_pair(shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A merged update (low rank plus noise, as fine-tuned deltas are) and an arriving one."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    low = torch.randn(m, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, n, generator=g, dtype=torch.float64
+    )
+    merged = low + 0.2 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return merged, torch.randn(m, n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (60, 24), (24, 60)])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
+def test_fast_projection_equals_the_reference_in_float64(shape, alpha):
+    merged, delta = _layer_pair(shape, seed=sum(shape))
+    fast = project_out_fast(merged, delta, alpha)
+    assert fast.shape == delta.shape and fast.is_contiguous()
+    torch.testing.assert_close(fast, project_out(merged, delta, alpha), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (160, 64), (64, 160)])
+def test_fast_float32_projection_is_closer_to_float64_than_a_float32_svd(shape):
+    # float32 is the fast path's Gram route: it must be at least as exact as the reference
+    # computed in float32 (the float32 SVD that FusionBench and the reference use)
+    merged, delta = _layer_pair(shape, seed=7 + shape[0])
+    merged32, delta32 = merged.float(), delta.float()
+    truth = project_out(merged32.double(), delta32.double(), 0.5)
+    fast_error = (project_out_fast(merged32, delta32, 0.5).double() - truth).abs().max()
+    reference_error = (project_out(merged32, delta32, 0.5).double() - truth).abs().max()
+    assert fast_error <= reference_error
+    assert fast_error < 1e-5 * truth.abs().max()
+
+
+def test_rank_deficient_float32_layer_takes_its_basis_from_an_svd():
+    # a merged update of rank 2 (one LoRA arrival): the Gram matrix cannot resolve its null
+    # space, so the basis comes from a float64 SVD and stays orthonormal
+    g = torch.Generator().manual_seed(5)
+    merged = (torch.randn(40, 2, generator=g) @ torch.randn(2, 30, generator=g)).float()
+    delta = torch.randn(40, 30, generator=g)
+    u, sigma, v = singular_basis(merged)
+    assert float(sigma[-1]) < GRAM_MIN_RATIO * float(sigma[0])
+    torch.testing.assert_close(u.T @ u, torch.eye(30), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v.T @ v, torch.eye(30), atol=1e-5, rtol=0)
+    removed = delta.double() - project_out_fast(merged, delta, 0.5).double()
+    reference = delta.double() - project_out(merged.double(), delta.double(), 0.5)
+    # what is removed along the two directions merged spans does not depend on the basis its
+    # null space gets (which is arbitrary, in any SVD)
+    u2, _, vh2 = torch.linalg.svd(merged.double(), full_matrices=False)
+    u2, v2 = u2[:, :2], vh2[:2].T
+    torch.testing.assert_close(u2.T @ removed @ v2, u2.T @ reference @ v2, atol=1e-5, rtol=0)
+
+
+def test_opcm_folds_several_layers_at_once_with_the_same_result(setup):
+    # the engine folds OPCM's layers on several threads (per_tensor_parallel): written in
+    # order, with the norms summed in order, the merge is the same bit for bit as one thread
+    base, models = setup
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one intra-op thread on both sides, as inside the parallel folds
+    try:
+        one = run("opcm", base, models, workers=1)
+        several = run("opcm", base, models, workers=3)
+    finally:
+        torch.set_num_threads(before)
+    for name in base:
+        assert torch.equal(one[name], several[name]), name
 
 
 def reference_ties(base: Model, models: list[Model], lam=0.3, k=20, merge_func="sum") -> Model:
