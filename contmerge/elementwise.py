@@ -28,7 +28,7 @@ from .errors import StrategyError
 from .hashing import LEAF_BYTES, leaf_digest
 from .kernels import fused_fold, keep_delta, subtract_sum_sq
 from .sources import ChunkReader
-from .strategy import Arrays, EntryFold, FoldContext, State, Strategy, TensorInfo
+from .strategy import Arrays, EntryFold, FoldContext, Pass, State, Strategy, TensorInfo
 
 #: arrival bytes per chunk: whole hash leaves, in cache between the read, the hash and the fold
 #: (1 to 4 MiB measured within a few % of each other; 1 MiB a little ahead)
@@ -180,7 +180,7 @@ class ElementwiseBatch:
                 fused.transform_params, fused.params, np.uint64(start), arrival, base, old, out
             )
             return leaves, sq
-        delta = self._buffer("delta", stop - start, t.info.compute_dtype)
+        delta = _buffer(self.runner, "delta", stop - start, t.info.compute_dtype)
         sq = subtract_sum_sq(arrival, base, delta)
         olds = {slot: v[start:stop] for slot, v in t.old.items()}
         outs = {slot: v[start:stop] for slot, v in t.out.items()}
@@ -190,15 +190,91 @@ class ElementwiseBatch:
     def _widened(
         self, t: _Tensor, raw: np.ndarray, start: int, stop: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Half precision: arrival and base widened to the compute dtype, in cache."""
-        compute, n = t.info.compute_dtype, stop - start
-        arrival = self._buffer("wide arrival", n, compute)
-        base = self._buffer("wide base", n, compute)
-        torch.from_numpy(arrival).copy_(torch.from_numpy(raw).view(t.info.meta.dtype))
-        torch.from_numpy(base).copy_(t.base[start:stop])
-        return arrival, base
+        return _widened(self.runner, t.info, raw, t.base, start, stop)
 
-    def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> np.ndarray:
-        """This thread's scratch of ``numel`` entries of a numpy-compatible ``dtype``."""
-        raw = self.runner.scratch(key, numel * dtype.itemsize)
-        return raw.view(numpy_dtype(dtype))
+
+def _widened(
+    runner: ChunkRunner,
+    info: TensorInfo,
+    raw: np.ndarray,
+    base: torch.Tensor,
+    start: int,
+    stop: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Half precision: arrival and base widened to the compute dtype, in cache."""
+    compute, n = info.compute_dtype, stop - start
+    arrival = _buffer(runner, "wide arrival", n, compute)
+    wide_base = _buffer(runner, "wide base", n, compute)
+    torch.from_numpy(arrival).copy_(torch.from_numpy(raw).view(info.meta.dtype))
+    torch.from_numpy(wide_base).copy_(base[start:stop])
+    return arrival, wide_base
+
+
+def _buffer(runner: ChunkRunner, key: str, numel: int, dtype: torch.dtype) -> np.ndarray:
+    """This thread's scratch of ``numel`` entries of a numpy-compatible ``dtype``."""
+    raw = runner.scratch(key, numel * dtype.itemsize)
+    return raw.view(numpy_dtype(dtype))
+
+
+@dataclass(slots=True)
+class _Swept:
+    info: TensorInfo
+    read: ChunkReader
+    chunk: int
+    base: torch.Tensor
+    base_array: np.ndarray | None
+    state: Arrays  # flat views of the current state
+
+
+class ElementwiseSweep:
+    """A strategy's elementwise ``Pass`` over a batch of tensors, chunk by chunk on the fold
+    threads: each chunk of the arrival is read and differenced in cache, then handed to
+    ``Pass.update_chunk`` with the state's matching entries. Nothing is written."""
+
+    def __init__(self, sweep: Pass, runner: ChunkRunner, ctx: FoldContext) -> None:
+        self.sweep, self.runner, self.ctx = sweep, runner, ctx
+        self.tensors: list[_Swept] = []
+        self.nbytes = 0
+
+    def add(
+        self,
+        info: TensorInfo,
+        read: ChunkReader,
+        base: tuple[torch.Tensor, np.ndarray | None],
+        state: State,
+    ) -> None:
+        flat, base_array = base
+        chunk = CHUNK_BYTES // info.meta.dtype.itemsize
+        views = {k: v.reshape(-1).numpy() for k, v in state.items()}
+        self.tensors.append(_Swept(info, read, chunk, flat, base_array, views))
+        self.nbytes += info.meta.nbytes
+
+    @property
+    def full(self) -> bool:
+        return self.nbytes >= BATCH_BYTES
+
+    def run(self) -> list[str]:
+        """Sweep every chunk; the names of the tensors swept (to release)."""
+        items = [
+            (k, start, min(start + t.chunk, t.info.meta.numel))
+            for k, t in enumerate(self.tensors)
+            for start in range(0, t.info.meta.numel, t.chunk)
+        ]
+        with self.runner.exclusive_torch_threads():
+            self.runner.map(items, self._sweep_chunk)
+        names = [t.info.name for t in self.tensors]
+        self.tensors, self.nbytes = [], 0
+        return names
+
+    def _sweep_chunk(self, item: tuple[int, int, int]) -> None:
+        k, start, stop = item
+        t = self.tensors[k]
+        raw = t.read(start, stop, self.runner.scratch("arrival", CHUNK_BYTES))
+        if t.base_array is not None:
+            arrival, base = raw.view(t.base_array.dtype), t.base_array[start:stop]
+        else:
+            arrival, base = _widened(self.runner, t.info, raw, t.base, start, stop)
+        delta = _buffer(self.runner, "delta", stop - start, t.info.compute_dtype)
+        subtract_sum_sq(arrival, base, delta)
+        state = {slot: v[start:stop] for slot, v in t.state.items()}
+        self.sweep.update_chunk(t.info, delta, state, self.ctx, start)

@@ -4,14 +4,38 @@ Non-negative IEEE floats sort like their bit patterns, so a radix select on 16-b
 the exact k-th smallest |x| with one sweep per digit (2 for float32, 4 for float64) and a
 65,536-bin histogram of memory, however large the model. Global top-k trims (TIES over the
 whole flattened model, as in the authors' code) need this to stay in constant memory.
+
+The histogram is a compiled loop over the bits (no temporaries), and ``update`` may be called
+from several threads at once on pieces of the model: each thread counts into its own
+histogram, summed by ``next_digit`` (counts add up exactly in any order).
 """
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import torch
+
+from .kernels import kernel
 
 DIGIT_BITS = 16
 BINS = 1 << DIGIT_BITS
+
+
+@kernel
+def _count_digit(
+    bits: np.ndarray, hist: np.ndarray, shift: np.uint64, higher: np.uint64, prefix: np.uint64
+) -> None:
+    """hist[digit at ``shift``] += 1 for each |x| whose digits above ``higher`` are ``prefix``
+    (``bits`` is the array's unsigned view; its sign bit is dropped here). All in uint64:
+    numba turns uint64 mixed with signed integers into floats."""
+    magnitude = (np.uint64(1) << np.uint64(bits.itemsize * 8 - 1)) - np.uint64(1)
+    low = np.uint64(BINS - 1)
+    for i in range(bits.size):
+        b = np.uint64(bits[i]) & magnitude
+        if (b >> higher) == prefix:
+            hist[(b >> shift) & low] += 1
 
 
 class KthSmallestAbs:
@@ -27,33 +51,57 @@ class KthSmallestAbs:
         self.digits = self.total_bits // DIGIT_BITS
         self.level = 0
         self.prefix = 0
-        self._hist = torch.zeros(BINS, dtype=torch.int64)
+        self._local = threading.local()
+        self._hists: list[np.ndarray] = []  # one per thread that counted in this digit
+        self._lock = threading.Lock()
 
     @property
     def done(self) -> bool:
         return self.level == self.digits
 
     def update(self, values: torch.Tensor) -> None:
-        bits = values.detach().to(self.float_dtype).abs().reshape(-1).view(self.int_dtype)
-        bits = bits.to(torch.int64)
-        if self.level:
-            # only the entries whose higher digits match the ones already fixed
-            higher = self.total_bits - DIGIT_BITS * self.level
-            bits = bits[(bits >> higher) == self.prefix]
+        flat = values.detach().reshape(-1)
+        if flat.dtype != self.float_dtype:
+            flat = flat.to(self.float_dtype)  # a float32 tensor of a model with float64 ones
+        self.update_array(flat.cpu().numpy())
+
+    def update_array(self, values: np.ndarray) -> None:
+        """``update`` for a flat numpy array (any thread)."""
+        if values.dtype.itemsize * 8 != self.total_bits:
+            values = values.astype(np.float64 if self.total_bits == 64 else np.float32)
+        unsigned = np.uint64 if self.total_bits == 64 else np.uint32
         shift = self.total_bits - DIGIT_BITS * (self.level + 1)
-        digit = (bits >> shift) & (BINS - 1)
-        self._hist += torch.bincount(digit, minlength=BINS)
+        # the digits already fixed; at the first digit none (a magnitude shifted right by 63
+        # is 0, the empty prefix: shifting a uint64 by 64 is undefined)
+        higher = min(self.total_bits - DIGIT_BITS * self.level, 63)
+        _count_digit(
+            values.view(unsigned),
+            self._histogram(),
+            np.uint64(shift),
+            np.uint64(higher),
+            np.uint64(self.prefix),
+        )
+
+    def _histogram(self) -> np.ndarray:
+        hist = getattr(self._local, "hist", None)
+        if hist is None or getattr(self._local, "level", -1) != self.level:
+            hist = np.zeros(BINS, dtype=np.int64)
+            self._local.hist, self._local.level = hist, self.level
+            with self._lock:
+                self._hists.append(hist)
+        return hist
 
     def next_digit(self) -> None:
-        cumulative = torch.cumsum(self._hist, 0)
+        hist = np.sum(self._hists, axis=0) if self._hists else np.zeros(BINS, dtype=np.int64)
+        cumulative = np.cumsum(hist)
         if int(cumulative[-1]) < self.k:
             raise ValueError(f"asked for the {self.k}-th value of {int(cumulative[-1])}")
-        digit = int(torch.searchsorted(cumulative, self.k))
+        digit = int(np.searchsorted(cumulative, self.k))
         if digit:
             self.k -= int(cumulative[digit - 1])
         self.prefix = (self.prefix << DIGIT_BITS) | digit
         self.level += 1
-        self._hist.zero_()
+        self._hists = []
 
     @property
     def value(self) -> float:

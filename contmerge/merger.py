@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_open
 from .chunks import ChunkRunner
-from .elementwise import ElementwiseBatch, flat_base
+from .elementwise import ElementwiseBatch, ElementwiseSweep, flat_base
 from .errors import CheckpointError, StateError
 from .hashing import ContentHash, tensor_leaves
 from .kernels import sum_sq
@@ -39,7 +39,7 @@ from .parallel_folds import ParallelFolds
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import FORMAT, DiskStore, MemoryStore, slot_key
-from .strategy import FoldContext, Strategy, TensorInfo
+from .strategy import FoldContext, Pass, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
@@ -231,14 +231,38 @@ class Merger:
                 ),
             )
             for sweep in self.strategy.passes(ctx):
-                for info, delta, _, _ in self._deltas(arrival, "pass"):
-                    sweep.update(info, delta, self.store.read(info.name), ctx)
+                if sweep.elementwise:
+                    self._sweep_chunks(arrival, sweep, ctx)
+                else:
+                    for info, delta, _, _ in self._deltas(arrival, "pass"):
+                        sweep.update(info, delta, self.store.read(info.name), ctx)
                 sweep.finish(ctx)
             return self._fold_pass(arrival, ctx, label, identity, started)
         finally:
             arrival.close()
             for extra in opened_extras.values():
                 extra.close()
+
+    def _sweep_chunks(self, arrival: Checkpoint, sweep: Pass, ctx: FoldContext) -> None:
+        """An elementwise pass: chunked on the fold threads where the fold would be chunked."""
+        batch = ElementwiseSweep(sweep, self._runner, ctx)
+
+        def run() -> None:
+            for name in batch.run():
+                arrival.release(name)
+                self._release_base(name)
+                self.store.release(name)
+
+        for name in self._float_names:
+            info = self.infos[name]
+            if self._chunkable(arrival, name):
+                batch.add(info, arrival.chunks(name), self._base_view(info), self.store.view(name))
+                if batch.full:
+                    run()
+            else:  # e.g. an adapter's δ, computed whole
+                delta, _, _ = self._delta_of(arrival, info, None)
+                sweep.update(info, delta, self.store.read(name), ctx)
+        run()
 
     def _fold_pass(
         self,
@@ -311,9 +335,16 @@ class Merger:
             else None
         )
         desc = f"fold {Path(label).name}"
-        with tqdm(
-            total=len(self.infos), desc=desc, unit="tensor", disable=not self.progress, leave=False
-        ) as bar, whole or contextlib.nullcontext():
+        with (
+            tqdm(
+                total=len(self.infos),
+                desc=desc,
+                unit="tensor",
+                disable=not self.progress,
+                leave=False,
+            ) as bar,
+            whole or contextlib.nullcontext(),
+        ):
             for info in self.infos.values():
                 if not info.meta.is_float:
                     if arrival.carries_full_weights and info.name in arrival.meta:

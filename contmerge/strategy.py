@@ -128,7 +128,19 @@ class FoldContext:
 class Pass:
     """A read-only sweep over the whole arrival before folding (see ``Strategy.passes``)."""
 
+    #: what ``update`` gathers is a sum over entries: the engine may instead call
+    #: ``update_chunk`` on flat chunks of each tensor, from several threads at once (with no δ
+    #: tensor made: each chunk is differenced in cache), when the rule is elementwise
+    elementwise: ClassVar[bool] = False
+
     def update(self, info: TensorInfo, delta: torch.Tensor, state: State, ctx: FoldContext) -> None:
+        raise NotImplementedError
+
+    def update_chunk(
+        self, info: TensorInfo, delta: np.ndarray, state: Arrays, ctx: FoldContext, start: int
+    ) -> None:
+        """``update`` for entries ``start : start + delta.size`` of the flattened tensor (numpy
+        views in the compute dtype; ``delta`` is scratch). Must be safe to call concurrently."""
         raise NotImplementedError
 
     def finish(self, ctx: FoldContext) -> None:
@@ -347,9 +359,17 @@ class _PreprocessedPass(Pass):
 
     def __init__(self, inner: Pass, chain: Chain) -> None:
         self.inner, self.chain = inner, chain
+        self.elementwise = inner.elementwise and chain.elementwise  # type: ignore[misc]
 
     def update(self, info: TensorInfo, delta: Tensor, state: State, ctx: FoldContext) -> None:
         self.inner.update(info, self.chain._pre(info, delta, ctx), state, ctx)
+
+    def update_chunk(
+        self, info: TensorInfo, delta: np.ndarray, state: Arrays, ctx: FoldContext, start: int
+    ) -> None:
+        for step in self.chain.pre:
+            step.transform_into(info, delta, ctx, start)  # delta is the engine's scratch
+        self.inner.update_chunk(info, delta, state, ctx, start)
 
     def finish(self, ctx: FoldContext) -> None:
         self.inner.finish(ctx)

@@ -26,12 +26,21 @@ from contmerge.strategies.average import Average
 from contmerge.strategies.dare import Dare
 from contmerge.strategies.magmax import MagMax
 from contmerge.strategies.task_arithmetic import TaskArithmetic
+from contmerge.strategies.ties import ContinualTies
 from contmerge.strategy import Chain, EntryFold, FoldContext, State, Strategy, TensorInfo
 from contmerge.tensorfile import TensorMeta
 
 from helpers import fine_tuned
 
-ELEMENTWISE = ["average", "task_arithmetic", "magmax", "chain(dare(p=0.7, seed=2), magmax())"]
+ELEMENTWISE = [
+    "average",
+    "task_arithmetic",
+    "magmax",
+    "chain(dare(p=0.7, seed=2), magmax())",
+    "ties",  # its passes too: chunked on the threads vs whole tensors
+    "ties(merge_func='mean', threshold=35.0)",
+    "chain(dare(p=0.7, seed=2), ties())",
+]
 
 
 def big_base(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -81,6 +90,30 @@ def test_fold_into_equals_fold_bit_for_bit(rule: Strategy, dtype: torch.dtype) -
         out = {"value": np.empty_like(array)}
         rule.fold_into(info, out, {"value": array}, delta.numpy().copy(), array, ctx, 0)
         assert torch.equal(bits(torch.from_numpy(out["value"])), bits(want)), (rule.name, index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("majority", [-1.0, 0.0, 1.0])
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+def test_ties_entry_fold_equals_fold_bit_for_bit(dtype, majority, merge_func) -> None:
+    n = 50_000
+    g = torch.Generator().manual_seed(2)
+    state = torch.randn(n, generator=g).to(dtype)
+    delta = torch.randn(n, generator=g).to(dtype)
+    state[:100] = 0.0
+    state[100:150] = -0.0
+    delta[200:300] = -state[200:300]  # columns that cancel: the majority sign decides
+    delta[300:310] = -0.0
+    rule = ContinualTies(merge_func=merge_func)
+    info = TensorInfo("w", TensorMeta((n,), dtype), False, dtype)
+    for index in (1, 2, 5):
+        stats = {"thresholds": (0.8, 0.5), "majority_sign": majority}
+        ctx = FoldContext(index=index, globals={}, stats=stats)
+        want = rule.fold(info, {"value": state}, delta.clone(), state, ctx)["value"]
+        array = state.numpy()
+        out = {"value": np.empty_like(array)}
+        rule.fold_into(info, out, {"value": array}, delta.numpy().copy(), array, ctx, 0)
+        assert torch.equal(bits(torch.from_numpy(out["value"])), bits(want)), index
 
 
 def test_dare_masks_the_same_entries_whole_or_in_chunks() -> None:
