@@ -254,9 +254,10 @@ class ElementwiseSweep:
         return self.nbytes >= BATCH_BYTES
 
     def run(self) -> list[str]:
-        """Sweep every chunk; the names of the tensors swept (to release)."""
+        """Sweep every chunk (or its first ``1/sample``); the names of the tensors swept."""
+        sample = self.sweep.sample or 1
         items = [
-            (k, start, min(start + t.chunk, t.info.meta.numel))
+            (k, start, min(start + max(1, t.chunk // sample), t.info.meta.numel))
             for k, t in enumerate(self.tensors)
             for start in range(0, t.info.meta.numel, t.chunk)
         ]

@@ -91,9 +91,12 @@ class KthSmallestAbs:
                 self._hists.append(hist)
         return hist
 
+    def histogram(self) -> np.ndarray:
+        """The counts of the current digit so far, over every thread."""
+        return np.sum(self._hists, axis=0) if self._hists else np.zeros(BINS, dtype=np.int64)
+
     def next_digit(self) -> None:
-        hist = np.sum(self._hists, axis=0) if self._hists else np.zeros(BINS, dtype=np.int64)
-        cumulative = np.cumsum(hist)
+        cumulative = np.cumsum(self.histogram())
         if int(cumulative[-1]) < self.k:
             raise ValueError(f"asked for the {self.k}-th value of {int(cumulative[-1])}")
         digit = int(np.searchsorted(cumulative, self.k))
@@ -109,3 +112,46 @@ class KthSmallestAbs:
             raise RuntimeError("k-th value asked for before every digit was resolved")
         bits = torch.tensor([self.prefix], dtype=torch.int64).to(self.int_dtype)
         return float(bits.view(self.float_dtype)[0])
+
+
+# --- one exact pass instead of one per digit -----------------------------------------------
+#
+# A look at a sample of the model (a prefix of every chunk) bounds where the k-th smallest |x|
+# lies: a window [lo, hi] of magnitudes. One pass then counts the entries below the window and
+# keeps the few inside it; when k falls among those, the k-th is picked from them exactly, and
+# the radix passes are not needed. Otherwise (a sample unlike the rest) the caller falls back.
+
+#: how many standard deviations of the sample's rank error the window spans on each side
+WINDOW_SIGMAS = 6.0
+#: entries kept inside windows (over every row and thread) before the caller must fall back
+MAX_CANDIDATES = 16 << 20
+
+
+def sample_window(hist: np.ndarray, k: int, total: int) -> tuple[float, float]:
+    """Magnitudes [lo, hi] likely to hold the k-th smallest of ``total`` values, from the
+    first-digit histogram (float32 bits) of a sample of them."""
+    seen = int(hist.sum())
+    if seen == 0:
+        return 0.0, float("inf")
+    share = k / total
+    rank = share * seen
+    spread = WINDOW_SIGMAS * float(np.sqrt(seen * share * (1 - share))) + 64
+    cumulative = np.cumsum(hist)
+    lower_bin = int(np.searchsorted(cumulative, max(rank - spread, 0), side="left"))
+    upper_bin = int(np.searchsorted(cumulative, rank + spread, side="left"))
+    if rank - spread <= 0:
+        lo = 0.0
+    else:
+        lo = float(np.array([lower_bin << DIGIT_BITS], dtype=np.uint32).view(np.float32)[0])
+    if rank + spread >= seen or upper_bin >= BINS - 1:
+        return lo, float("inf")
+    top = ((upper_bin + 1) << DIGIT_BITS) - 1
+    return lo, float(np.array([top], dtype=np.uint32).view(np.float32)[0])
+
+
+def kth_in_window(k: int, below: int, inside: np.ndarray) -> float | None:
+    """The k-th smallest magnitude, given how many lie below a window and the magnitudes
+    inside it; None when the k-th is not inside (the window missed)."""
+    if not below < k <= below + inside.size:
+        return None
+    return float(np.partition(inside, k - below - 1)[k - below - 1])

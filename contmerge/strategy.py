@@ -25,7 +25,7 @@ checks it and folds it in a single pass over memory. Tests hold both equal to ``
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -132,6 +132,9 @@ class Pass:
     #: ``update_chunk`` on flat chunks of each tensor, from several threads at once (with no δ
     #: tensor made: each chunk is differenced in cache), when the rule is elementwise
     elementwise: ClassVar[bool] = False
+    #: an elementwise pass that only needs a look at the model: the engine hands it the first
+    #: ``1/sample`` of each chunk, and reads no more (None: every entry)
+    sample: int | None = None
 
     def update(self, info: TensorInfo, delta: torch.Tensor, state: State, ctx: FoldContext) -> None:
         raise NotImplementedError
@@ -225,7 +228,10 @@ class Strategy:
     def init_globals(self) -> dict[str, Any]:
         return {}
 
-    def passes(self, ctx: FoldContext) -> Sequence[Pass]:
+    def passes(self, ctx: FoldContext) -> Iterable[Pass]:
+        """Sweeps before the fold, run in order; a generator may decide what comes next from
+        what the earlier ones left in ``ctx.stats`` (each is finished before the next is asked
+        for)."""
         return ()
 
     def end_fold(self, globals: Mapping[str, Any], ctx: FoldContext) -> dict[str, Any]:
@@ -341,8 +347,8 @@ class Chain(Strategy):
     def init_globals(self) -> dict[str, Any]:
         return self.rule.init_globals()
 
-    def passes(self, ctx: FoldContext) -> Sequence[Pass]:
-        return [_PreprocessedPass(p, self) for p in self.rule.passes(ctx)]
+    def passes(self, ctx: FoldContext) -> Iterable[Pass]:
+        return (_PreprocessedPass(p, self) for p in self.rule.passes(ctx))  # lazily, as the rule
 
     def end_fold(self, globals: Mapping[str, Any], ctx: FoldContext) -> dict[str, Any]:
         return self.rule.end_fold(globals, ctx)
@@ -360,6 +366,7 @@ class _PreprocessedPass(Pass):
     def __init__(self, inner: Pass, chain: Chain) -> None:
         self.inner, self.chain = inner, chain
         self.elementwise = inner.elementwise and chain.elementwise  # type: ignore[misc]
+        self.sample = inner.sample
 
     def update(self, info: TensorInfo, delta: Tensor, state: State, ctx: FoldContext) -> None:
         self.inner.update(info, self.chain._pre(info, delta, ctx), state, ctx)
