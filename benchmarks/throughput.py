@@ -208,8 +208,8 @@ def main() -> int:
         )
         header = (
             f"{'strategy':30} {'state':6} {'workers':>7} {'GB/s':>6} {'memcpy':>6} "
-            f"{'vs memcpy':>9} {'vs floor':>8} {'cpu ratio':>9}  target (state in memory): "
-            f"{TARGET}× memcpy, ties {TARGETS['ties']}×"
+            f"{'vs memcpy':>9} {'vs floor':>8} {'cpu ratio':>9}  target {TARGET}× memcpy, "
+            f"ties {TARGETS['ties']}× (state in memory)"
         )
         print(header)
         print("-" * len(header))
@@ -222,7 +222,10 @@ def main() -> int:
                     # a durable fold's floor is the disk's, a memory fold's the traffic floor
                     against = disk if durable else row["floor"]
                     target = TARGETS.get(strategy, TARGET)
-                    verdict = "" if durable else ("met" if ratio >= target else "missed")
+                    # TIES is held to its target with the state in memory (a durable fold
+                    # also writes the state out: the disk floor, far below 0.1× here)
+                    held = strategy in ELEMENTWISE or not durable
+                    verdict = ("met" if ratio >= target else "missed") if held else ""
                     print(
                         f"{strategy:30} {'disk' if durable else 'memory':6} {workers:7d} "
                         f"{size / seconds / 1e9:6.2f} {size / row['copy'] / 1e9:6.2f} "
