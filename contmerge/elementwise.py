@@ -254,10 +254,9 @@ class ElementwiseSweep:
         return self.nbytes >= BATCH_BYTES
 
     def run(self) -> list[str]:
-        """Sweep every chunk (or its first ``1/sample``); the names of the tensors swept."""
-        sample = self.sweep.sample or 1
+        """Sweep every chunk; the names of the tensors swept (to release)."""
         items = [
-            (k, start, min(start + max(1, t.chunk // sample), t.info.meta.numel))
+            (k, start, min(start + t.chunk, t.info.meta.numel))
             for k, t in enumerate(self.tensors)
             for start in range(0, t.info.meta.numel, t.chunk)
         ]
@@ -275,7 +274,9 @@ class ElementwiseSweep:
             arrival, base = raw.view(t.base_array.dtype), t.base_array[start:stop]
         else:
             arrival, base = _widened(self.runner, t.info, raw, t.base, start, stop)
-        delta = _buffer(self.runner, "delta", stop - start, t.info.compute_dtype)
+        step = self.sweep.sample or 1  # a sample: every step-th entry, only those differenced
+        arrival, base = arrival[::step], base[::step]
+        delta = _buffer(self.runner, "delta", arrival.size, t.info.compute_dtype)
         subtract_sum_sq(arrival, base, delta)
-        state = {slot: v[start:stop] for slot, v in t.state.items()}
+        state = {slot: v[start:stop:step] for slot, v in t.state.items()}
         self.sweep.update_chunk(t.info, delta, state, self.ctx, start)

@@ -132,8 +132,9 @@ class Pass:
     #: ``update_chunk`` on flat chunks of each tensor, from several threads at once (with no δ
     #: tensor made: each chunk is differenced in cache), when the rule is elementwise
     elementwise: ClassVar[bool] = False
-    #: an elementwise pass that only needs a look at the model: the engine hands it the first
-    #: ``1/sample`` of each chunk, and reads no more (None: every entry)
+    #: an elementwise pass that only needs a look at the model: the engine hands it every
+    #: ``sample``-th entry of each chunk (strided views of the state), differencing no others
+    #: (None: every entry). The sample's own order is its positions, for pre-processors
     sample: int | None = None
 
     def update(self, info: TensorInfo, delta: torch.Tensor, state: State, ctx: FoldContext) -> None:

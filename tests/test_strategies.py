@@ -303,6 +303,85 @@ def test_continual_ties_float32_thresholds_are_exact():
     assert_close(merged, reference_ties(base, models, k=35), base, tol=1e-5)
 
 
+def _ties_models(seed: int = 0) -> tuple[Model, list[Model]]:
+    """Large enough that a sample of each chunk says where the thresholds are."""
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "layer.weight": torch.randn(600, 500, generator=g),
+        "layer.bias": torch.randn(600, generator=g),
+        "head.weight": torch.randn(200, 600, generator=g),
+    }
+    return base, [fine_tuned(base, s) for s in range(4)]
+
+
+def test_ties_finds_thresholds_in_one_exact_pass(monkeypatch):
+    import contmerge.strategies.ties as ties
+
+    def no_radix(*args):
+        raise AssertionError("the radix passes ran: the sampled window missed")
+
+    monkeypatch.setattr(ties._DigitPass, "__init__", no_radix)
+    base, models = _ties_models()
+    merged = run("ties", base, models)
+    assert_close(merged, reference_ties(base, models), base, tol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["window missed", "too many inside"])
+def test_ties_falls_back_to_the_radix_passes_with_the_same_result(monkeypatch, why):
+    import contmerge.strategies.ties as ties
+
+    base, models = _ties_models(1)
+    usual = run("ties", base, models)
+    if why == "window missed":  # a window below every magnitude: the k-th is never inside
+        monkeypatch.setattr(ties, "sample_window", lambda *args: (0.0, 1e-30))
+    else:
+        monkeypatch.setattr(ties, "MAX_CANDIDATES", 0)
+    radix = []
+    original = ties._DigitPass.__init__
+    monkeypatch.setattr(
+        ties._DigitPass, "__init__", lambda self, rows: radix.append(1) or original(self, rows)
+    )
+    fallen_back = run("ties", base, models)
+    assert len(radix) == 2 * (len(models) - 1)  # two digits per fold after the first
+    for name in base:
+        assert torch.equal(fallen_back[name], usual[name]), name
+
+
+def test_window_helpers_bound_and_pick_the_kth():
+    from contmerge.kth import KthSmallestAbs, kth_in_window, sample_window
+
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(200_000, generator=g)
+    k = 160_000
+    exact = float(values.abs().kthvalue(k).values)
+    sample = KthSmallestAbs(k)
+    sample.update(values[::16].contiguous())
+    lo, hi = sample_window(sample.histogram(), k, values.numel())
+    assert lo <= exact <= hi
+    magnitude = values.abs().numpy()
+    inside = magnitude[(magnitude >= lo) & (magnitude <= hi)]
+    assert inside.size < 0.2 * magnitude.size  # a narrow window, not the whole row
+    below = int((magnitude < lo).sum())
+    assert kth_in_window(k, below, inside) == exact
+    assert kth_in_window(below, below, inside) is None  # the k-th lies below the window
+
+
+def test_kth_counts_from_several_threads_add_up():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from contmerge.kth import KthSmallestAbs
+
+    values = torch.randn(300_001, generator=torch.Generator().manual_seed(8))
+    pieces = [p.numpy() for p in values.split(7_919)]
+    for k in (1, 150_000, 300_001):
+        kth = KthSmallestAbs(k)
+        with ThreadPoolExecutor(4) as pool:
+            while not kth.done:
+                list(pool.map(kth.update_array, pieces))
+                kth.next_digit()
+        assert kth.value == float(values.abs().kthvalue(k).values)
+
+
 def test_ties_depends_on_order(setup):
     base, models = setup
     forward = run("ties", base, models)
