@@ -337,6 +337,8 @@ class SideResult:
     other_seconds: float  # ours: the emit; theirs: the whole run()
     #: per fold, seconds by kind of work (total, svd, matmul, io, other), of the fastest repeat
     splits: list[dict[str, float]] | None = None
+    #: every round's seconds per fold (``fastest``), for the spread
+    rounds: list[list[float]] | None = None
 
 
 def run_theirs(
@@ -445,6 +447,18 @@ class _Clock:
     def split(self, total: float, before: dict[str, float]) -> dict[str, float]:
         spent = {k: v - before[k] for k, v in self.spent.items()}
         return {"total": total, **spent, "other": total - sum(spent.values())}
+
+
+def fastest(rounds: list[SideResult]) -> SideResult:
+    """Per fold, the fastest round (with its split), and every round's folds for the spread."""
+    picks = [min(rounds, key=lambda r: r.folds[i]) for i in range(len(rounds[0].folds))]
+    return SideResult(
+        rounds[-1].merged,
+        [r.folds[i] for i, r in enumerate(picks)],
+        min(r.other_seconds for r in rounds),
+        [r.splits[i] for i, r in enumerate(picks)] if rounds[0].splits else None,
+        [r.folds for r in rounds],
+    )
 
 
 def run_ours(ex: Exported, method: str, args: argparse.Namespace, repeat: int) -> SideResult:
@@ -621,9 +635,18 @@ def report_method(
         pa, pb = sum(res.ours.folds[1:]), sum(res.theirs.folds[1:])
         n = len(ex.models) - 1
         print(
-            f"    folds 2..{len(ex.models)} (projected), mean per fold: ours {pa / n:.4f} s, "
+            f"    folds 2..{len(ex.models)}{' (projected)' if method == 'opcm' else ''}, mean "
+            f"per fold: ours {pa / n:.4f} s, "
             f"FusionBench {pb / n:.4f} s: FusionBench/ours {_ratio(pb, pa)}"
         )
+        if res.ours.rounds and res.theirs.rounds and len(res.ours.rounds) > 1:
+            # each round's own ratio (theirs and ours of one round ran one after the other)
+            ratios = [sum(b[1:]) / sum(a[1:]) for a, b in zip(res.ours.rounds, res.theirs.rounds)]
+            print(
+                f"    per round, FusionBench/ours over folds 2..{len(ex.models)}: "
+                + ", ".join(f"{r:.2f}x" for r in ratios)
+                + f" (spread {min(ratios):.2f}–{max(ratios):.2f}x)"
+            )
     print(
         f"    (not in the folds: our emit of the merged model {res.ours.other_seconds:.4f} s; "
         f"FusionBench's whole run() {res.theirs.other_seconds:.4f} s)"
@@ -726,7 +749,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="timed runs per side; per fold the fastest counts (default 3; vit-b32: 1)",
     )
-    parser.add_argument("--timeout", type=float, default=1800.0, help="per subprocess (s)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="per subprocess (s; default 1800, vit-b32: 14400)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and print it")
     return parser.parse_args(argv)
 
@@ -738,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = "opcm" if vit else "opcm,magmax"
     if args.repeat is None:
         args.repeat = 1 if vit else 3
+    if args.timeout is None:
+        args.timeout = 14400.0 if vit else 1800.0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in ("opcm", "magmax") for m in methods):
         print(f"--methods must be a subset of opcm,magmax, got {args.methods!r}", file=sys.stderr)
@@ -789,29 +819,47 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(v.numel() for v in base.values()):,} parameters; nn.Linear weights: {names}"
         )
 
-        print(f"[3/4] FusionBench in its venv: {', '.join(methods)} (+ float64 reference runs)")
-        runs = [(m, ex, args.repeat) for m in methods]
+        # the timed float32 runs alternate, theirs then ours, so that both sides see the same
+        # load on a shared machine; the float64 reference runs come after
+        print(
+            f"[3/4] {args.repeat} round(s), each FusionBench (in its venv) then ours: "
+            f"{', '.join(methods)}"
+        )
+        python = _venv_python(args.venv)
+        theirs_rounds: list[list[SideResult]] = []
+        ours_rounds: dict[str, list[SideResult]] = {m: [] for m in methods}
+        for round_ in range(1, args.repeat + 1):
+            try:
+                theirs_rounds.append(
+                    run_theirs(python, [(m, ex, 1) for m in methods], args, layout, workdir)
+                )
+            except TheirFailure as exc:
+                return _unavailable(exc)
+            for method in methods:
+                ours_rounds[method].append(run_ours(ex, method, args, 1))
+            print(f"  round {round_}: done")
+        print("[4/4] float64 reference runs, FusionBench then ours" if ex64 else "[4/4] -")
+        theirs64: list[SideResult | None] = [None] * len(methods)
         if ex64 is not None:
-            runs += [(m, ex64, 1) for m in methods]
-        try:
-            theirs = run_theirs(_venv_python(args.venv), runs, args, layout, workdir)
-        except TheirFailure as exc:
-            return _unavailable(exc)
-
-        print(f"[4/4] ours: {', '.join(methods)}")
+            try:
+                theirs64 = list(
+                    run_theirs(python, [(m, ex64, 1) for m in methods], args, layout, workdir)
+                )
+            except TheirFailure as exc:
+                return _unavailable(exc)
         results: dict[str, MethodResult] = {}
         for i, method in enumerate(methods):
             results[method] = MethodResult(
-                ours=run_ours(ex, method, args, args.repeat),
-                theirs=theirs[i],
+                ours=fastest(ours_rounds[method]),
+                theirs=fastest([r[i] for r in theirs_rounds]),
                 ours64=None if ex64 is None else run_ours(ex64, method, args, 1),
-                theirs64=None if ex64 is None else theirs[len(methods) + i],
+                theirs64=theirs64[i],
                 nudged64=None if ex64 is None or vit else sensitivity(ex64, method, args),
             )
 
         print(f"\nFusionBench {versions['fusion_bench']} (torch {versions['torch']}) vs contmerge")
         print(f"  α = {args.alpha} (OPCM), λ = {args.scaling_factor} (MagMax); fold times are")
-        print(f"  the fastest of {args.repeat} runs, each fold from reading the file to done")
+        print(f"  the fastest of {args.repeat} round(s), each fold from reading the file to done")
         for method, res in results.items():
             report_method(method, res, ex, base)
     finally:
