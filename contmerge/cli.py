@@ -61,6 +61,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         max_relative_delta=None if args.any_base else args.max_relative_delta,
         progress=not args.quiet,
         workers=args.workers,
+        device=args.device,
         **settings,
     ) as merger:
         print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
@@ -182,6 +183,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         type=int,
         help="threads folding the chunks of each tensor for elementwise rules "
         "(default: one per core, at most 4)",
+    )
+    merge.add_argument(
+        "--device",
+        help="torch device for the strategy's per-tensor work, e.g. cuda or cuda:1 (OPCM's "
+        "SVDs and products); default: the CPU",
     )
     merge.add_argument(
         "--any-base",

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_open
 from .chunks import ChunkRunner
 from .elementwise import ElementwiseBatch, ElementwiseSweep, flat_base
-from .errors import CheckpointError, StateError
+from .errors import CheckpointError, ContmergeError, StateError
 from .hashing import ContentHash, tensor_leaves
 from .kernels import sum_sq
 from .layout import tensor_infos
@@ -74,6 +74,8 @@ class Merger:
     which two clients return the same model). ``workers`` threads fold the chunks of each
     tensor for elementwise rules (default: up to 4, one per core). ``keep_base_mapped``
     keeps the base's pages mapped between folds (default: when it is at most 1 GiB).
+    ``device`` (a torch device, e.g. "cuda") is where rules do their heavy per-tensor work
+    (OPCM's SVDs and products); the state stays in CPU memory or on disk.
     """
 
     def __init__(
@@ -88,8 +90,10 @@ class Merger:
         progress: bool = False,
         workers: int | None = None,
         keep_base_mapped: bool | None = None,
+        device: str | torch.device | None = None,
         **hparams: Any,
     ) -> None:
+        self.device = _compute_device(device)
         self.base = open_checkpoint(base)
         self._runner = ChunkRunner(workers)
         if keep_base_mapped is None:
@@ -229,6 +233,7 @@ class Merger:
                 float64=any(
                     self.infos[n].compute_dtype == torch.float64 for n in self._float_names
                 ),
+                device=self.device,
             )
             for sweep in self.strategy.passes(ctx):
                 if sweep.elementwise:
@@ -604,6 +609,21 @@ class _LazyInit(Mapping[str, dict[str, torch.Tensor]]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def _compute_device(device: str | torch.device | None) -> torch.device | None:
+    """The device asked for, checked to exist here (a clear error, before any work)."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+        if resolved.type == "meta":
+            raise RuntimeError("the meta device holds no values")
+        torch.empty(1, device=resolved)
+    except (RuntimeError, AssertionError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContmergeError(f"device {str(device)!r} cannot be used here: {reason}") from exc
+    return resolved
 
 
 def _sum_sq(tensor: torch.Tensor) -> float:

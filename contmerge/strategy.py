@@ -99,6 +99,16 @@ class FoldContext:
     #: number of float entries in the whole model, and whether any is computed in float64
     numel: int = 0
     float64: bool = False
+    #: where a rule's heavy per-tensor work runs (``Merger(device=...)``); None: where the
+    #: tensors are (the CPU). State, inputs and results stay on the CPU
+    device: torch.device | None = None
+
+    def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """The tensors on ``device`` for the work (unchanged when none is set); the caller hands
+        its result back with ``.to(<input>.device)``."""
+        if self.device is None:
+            return list(tensors)
+        return [t.to(self.device) for t in tensors]
 
     def extra(self, kind: str, name: str) -> torch.Tensor:
         """This arrival's ``kind`` statistic for tensor ``name`` (clear error if absent)."""

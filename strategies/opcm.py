@@ -120,7 +120,8 @@ class OPCM(Strategy):
     ) -> State:
         merged = state["value"]
         if ctx.index > 1 and info.is_linear and len(info.shape) == 2 and merged.any():
-            delta_kept = project_out_fast(merged, delta, self.alpha)
+            on_device = ctx.to_device(merged, delta)  # the SVD and products, on --device
+            delta_kept = project_out_fast(*on_device, self.alpha).to(delta.device)
         else:
             delta_kept = delta
         new = merged + delta_kept

@@ -62,9 +62,10 @@ class ContinualTies(Strategy):
     def fold(
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
     ) -> State:
-        merged = state["value"]
+        home = delta.device  # whole tensors (an adapter's δ) are worked on on --device
+        merged, delta = ctx.to_device(state["value"], delta)
         if ctx.index == 1:
-            return {"value": self.scaling_factor * delta}
+            return {"value": (self.scaling_factor * delta).to(home)}
         trimmed_merged, trimmed_delta = _trim(merged, delta, ctx)
         signs = _elected_signs(trimmed_merged, trimmed_delta, ctx.stats["majority_sign"])
         kept = [_agree(row, signs) for row in (trimmed_merged, trimmed_delta)]
@@ -72,7 +73,7 @@ class ContinualTies(Strategy):
         if self.merge_func == "mean":
             count = (kept[0] != 0).to(combined.dtype) + (kept[1] != 0).to(combined.dtype)
             combined = combined / count.clamp(min=1)
-        return {"value": merged + self.scaling_factor * combined}
+        return {"value": (merged + self.scaling_factor * combined).to(home)}
 
     def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold:
         lam = info.scalar(self.scaling_factor)

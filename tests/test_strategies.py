@@ -494,3 +494,70 @@ def test_half_precision_bases_merge_in_float32(strategy):
     for name in float_names(base):
         assert merged[name].dtype == torch.bfloat16
         assert torch.equal(merged[name], as_float[name].to(torch.bfloat16)), name
+
+
+# --- a device for the per-tensor work ------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["opcm", "ties"])
+def test_device_cpu_gives_the_same_merge(setup, strategy):
+    base, models = setup
+    plain = run(strategy, base, models)
+    on_cpu = run(strategy, base, models, device="cpu")
+    for name in base:
+        assert torch.equal(on_cpu[name], plain[name]), name
+
+
+def test_the_device_reaches_the_strategy_and_the_state_stays_on_the_cpu(setup):
+    from contmerge.strategies.opcm import OPCM
+
+    seen = []
+
+    class Probe(OPCM):
+        def fold(self, info, state, delta, base, ctx):
+            seen.append(ctx.device)
+            new = super().fold(info, state, delta, base, ctx)
+            assert all(t.device.type == "cpu" for t in new.values())
+            return new
+
+    base, models = setup
+    merger = Merger(base, Probe(), device="cpu")
+    merger.fold(models[0])
+    merger.fold(models[1])
+    assert seen and set(seen) == {torch.device("cpu")}
+    assert FoldContext(index=1, globals={}).to_device(torch.ones(2))[0].device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["nosuch", "meta", "cuda:7"])
+def test_a_device_that_cannot_be_used_is_a_clear_error(setup, device):
+    from contmerge.errors import ContmergeError
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ContmergeError, match=f"device '{device}' cannot be used here"):
+        Merger(setup[0], "opcm", device=device)
+
+
+def test_merge_command_takes_a_device(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from contmerge.cli import main
+
+    base = random_base()
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for seed in range(3):
+        paths.append(str(tmp_path / f"ft{seed}.safetensors"))
+        save_file(fine_tuned(base, seed), paths[-1])
+    common = ["merge", "--base", str(tmp_path / "base.safetensors"), "--strategy", "opcm"]
+    out = str(tmp_path / "merged.safetensors")
+    state = str(tmp_path / "state")
+    assert (
+        main([*common, "--state", state, "--quiet", "--device", "cpu", "--out", out, *paths]) == 0
+    )
+    expected = run("opcm", base, [load_file(p) for p in paths])
+    merged = load_file(out)
+    assert all(torch.equal(merged[n], expected[n]) for n in base)
+    capsys.readouterr()
+    assert main([*common, "--state", str(tmp_path / "s2"), "--device", "nosuch", *paths]) == 1
+    assert "device 'nosuch' cannot be used here" in capsys.readouterr().err
