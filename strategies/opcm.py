@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from contmerge.kernels import sum_sq
 from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
 
 
@@ -99,6 +100,14 @@ def project_out_fast(merged: Tensor, delta: Tensor, alpha: float) -> Tensor:
     return kept.to(delta.dtype)
 
 
+def _sum_sq(tensor: Tensor) -> float:
+    """Σx² accumulated in float64, in one compiled pass (no float64 copy of the tensor)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64) or flat.device.type != "cpu":
+        return float(torch.sum(flat.double() ** 2))
+    return float(sum_sq(flat.contiguous().numpy()))
+
+
 @dataclass
 class OPCM(Strategy):
     name = "opcm"
@@ -125,8 +134,8 @@ class OPCM(Strategy):
         else:
             delta_kept = delta
         new = merged + delta_kept
-        ctx.add_stat("delta_sq", float(torch.sum(delta.double() ** 2)))
-        ctx.add_stat("merged_sq", float(torch.sum(new.double() ** 2)))
+        ctx.add_stat("delta_sq", _sum_sq(delta))
+        ctx.add_stat("merged_sq", _sum_sq(new))
         return {"value": new}
 
     def end_fold(self, globals: Mapping[str, Any], ctx: FoldContext) -> dict[str, Any]:
