@@ -79,13 +79,33 @@ class Folded:
     sum_sq: float
 
 
-class ElementwiseBatch:
+class _Gathered:
+    """Tensors gathered for the fold threads (``tensors`` have ``info`` and ``chunk``)."""
+
+    def __init__(self, runner: ChunkRunner, ctx: FoldContext) -> None:
+        self.runner, self.ctx = runner, ctx
+        self.tensors: list[Any] = []
+        self.nbytes = 0
+
+    @property
+    def full(self) -> bool:
+        return self.nbytes >= BATCH_BYTES
+
+    def _items(self) -> list[tuple[int, int, int]]:
+        """(tensor, start, stop) of every chunk: the work the threads take in turn."""
+        return [
+            (k, start, min(start + t.chunk, t.info.meta.numel))
+            for k, t in enumerate(self.tensors)
+            for start in range(0, t.info.meta.numel, t.chunk)
+        ]
+
+
+class ElementwiseBatch(_Gathered):
     """Tensors waiting to be folded together; ``run`` folds them all."""
 
     def __init__(self, strategy: Strategy, runner: ChunkRunner, ctx: FoldContext) -> None:
-        self.strategy, self.runner, self.ctx = strategy, runner, ctx
-        self.tensors: list[_Tensor] = []
-        self.nbytes = 0
+        super().__init__(runner, ctx)
+        self.strategy = strategy
 
     def add(
         self,
@@ -137,17 +157,9 @@ class ElementwiseBatch:
             out.view(-1).numpy(),
         )
 
-    @property
-    def full(self) -> bool:
-        return self.nbytes >= BATCH_BYTES
-
     def run(self) -> list[Folded]:
         """Fold every chunk of every tensor; results per tensor, in the order added."""
-        items = [
-            (k, start, min(start + t.chunk, t.info.meta.numel))
-            for k, t in enumerate(self.tensors)
-            for start in range(0, t.info.meta.numel, t.chunk)
-        ]
+        items = self._items()
         with self.runner.exclusive_torch_threads():
             results = self.runner.map(items, self._fold_chunk)
         leaves: list[list[bytes]] = [[] for _ in self.tensors]
@@ -226,15 +238,14 @@ class _Swept:
     state: Arrays  # flat views of the current state
 
 
-class ElementwiseSweep:
+class ElementwiseSweep(_Gathered):
     """A strategy's elementwise ``Pass`` over a batch of tensors, chunk by chunk on the fold
     threads: each chunk of the arrival is read and differenced in cache, then handed to
     ``Pass.update_chunk`` with the state's matching entries. Nothing is written."""
 
     def __init__(self, sweep: Pass, runner: ChunkRunner, ctx: FoldContext) -> None:
-        self.sweep, self.runner, self.ctx = sweep, runner, ctx
-        self.tensors: list[_Swept] = []
-        self.nbytes = 0
+        super().__init__(runner, ctx)
+        self.sweep = sweep
 
     def add(
         self,
@@ -249,19 +260,10 @@ class ElementwiseSweep:
         self.tensors.append(_Swept(info, read, chunk, flat, base_array, views))
         self.nbytes += info.meta.nbytes
 
-    @property
-    def full(self) -> bool:
-        return self.nbytes >= BATCH_BYTES
-
     def run(self) -> list[str]:
         """Sweep every chunk; the names of the tensors swept (to release)."""
-        items = [
-            (k, start, min(start + t.chunk, t.info.meta.numel))
-            for k, t in enumerate(self.tensors)
-            for start in range(0, t.info.meta.numel, t.chunk)
-        ]
         with self.runner.exclusive_torch_threads():
-            self.runner.map(items, self._sweep_chunk)
+            self.runner.map(self._items(), self._sweep_chunk)
         names = [t.info.name for t in self.tensors]
         self.tensors, self.nbytes = [], 0
         return names

@@ -198,20 +198,17 @@ def _window_chunk(
 BLOCK = 1 << 18
 
 
-class _SamplePass(Pass):
-    """Each row's first-digit counts over every 61st entry: where its k-th lies. A prime
-    stride, so that the sample crosses every column of a row-major matrix (a prefix of each
-    chunk, a few rows, missed the thresholds of low-rank deltas)."""
+class _DigitPass(Pass):
+    """One radix digit of both rows' thresholds (merged task vector, arriving task vector)."""
 
     elementwise = True
-    sample = 61
 
-    def __init__(self, k: int) -> None:
-        self.rows = [KthSmallestAbs(k), KthSmallestAbs(k)]  # float32 bits, whatever the dtype
+    def __init__(self, rows: list[KthSmallestAbs]) -> None:
+        self.rows = rows
 
     def update(self, info: TensorInfo, delta: Tensor, state: State, ctx: FoldContext) -> None:
-        for row, values in zip(self.rows, (state["value"], delta)):
-            row.update(values.reshape(-1)[:: self.sample].contiguous())
+        self.rows[0].update(state["value"])
+        self.rows[1].update(delta)
 
     def update_chunk(
         self, info: TensorInfo, delta: np.ndarray, state: Arrays, ctx: FoldContext, start: int
@@ -220,7 +217,28 @@ class _SamplePass(Pass):
         self.rows[1].update_array(delta)
 
     def finish(self, ctx: FoldContext) -> None:
-        pass
+        for row in self.rows:
+            row.next_digit()
+        if self.rows[0].done:
+            ctx.stats["thresholds"] = (self.rows[0].value, self.rows[1].value)
+
+
+class _SamplePass(_DigitPass):
+    """Each row's first-digit counts over every 61st entry: where its k-th lies. A prime
+    stride, so that the sample crosses every column of a row-major matrix (a prefix of each
+    chunk, a few rows, missed the thresholds of low-rank deltas)."""
+
+    sample = 61
+
+    def __init__(self, k: int) -> None:
+        super().__init__([KthSmallestAbs(k), KthSmallestAbs(k)])  # float32 bits, any dtype
+
+    def update(self, info: TensorInfo, delta: Tensor, state: State, ctx: FoldContext) -> None:
+        for row, values in zip(self.rows, (state["value"], delta)):
+            row.update(values.reshape(-1)[:: self.sample].contiguous())
+
+    def finish(self, ctx: FoldContext) -> None:
+        pass  # the counts stay, for ``windows``
 
     def windows(self, total: int) -> list[tuple[float, float]]:
         return [sample_window(row.histogram(), row.k, total) for row in self.rows]
@@ -294,31 +312,6 @@ class _WindowPass(Pass):
         total = self.total + int(np.count_nonzero(s > 0)) - int(np.count_nonzero(s < 0))
         ctx.stats["thresholds"] = tuple(thresholds)
         ctx.stats["majority_sign"] = float(np.sign(total))
-
-
-class _DigitPass(Pass):
-    """One radix digit of both rows' thresholds (merged task vector, arriving task vector)."""
-
-    elementwise = True
-
-    def __init__(self, rows: list[KthSmallestAbs]) -> None:
-        self.rows = rows
-
-    def update(self, info: TensorInfo, delta: Tensor, state: State, ctx: FoldContext) -> None:
-        self.rows[0].update(state["value"])
-        self.rows[1].update(delta)
-
-    def update_chunk(
-        self, info: TensorInfo, delta: np.ndarray, state: Arrays, ctx: FoldContext, start: int
-    ) -> None:
-        self.rows[0].update_array(state["value"])
-        self.rows[1].update_array(delta)
-
-    def finish(self, ctx: FoldContext) -> None:
-        for row in self.rows:
-            row.next_digit()
-        if self.rows[0].done:
-            ctx.stats["thresholds"] = (self.rows[0].value, self.rows[1].value)
 
 
 class _MajoritySignPass(Pass):

@@ -320,7 +320,7 @@ def test_ties_finds_thresholds_in_one_exact_pass(monkeypatch):
     def no_radix(*args):
         raise AssertionError("the radix passes ran: the sampled window missed")
 
-    monkeypatch.setattr(ties._DigitPass, "__init__", no_radix)
+    monkeypatch.setattr(ties._MajoritySignPass, "__init__", no_radix)  # the fallback's last
     base, models = _ties_models()
     merged = run("ties", base, models)
     assert_close(merged, reference_ties(base, models), base, tol=1e-5)
@@ -337,12 +337,12 @@ def test_ties_falls_back_to_the_radix_passes_with_the_same_result(monkeypatch, w
     else:
         monkeypatch.setattr(ties, "MAX_CANDIDATES", 0)
     radix = []
-    original = ties._DigitPass.__init__
+    original = ties._MajoritySignPass.__init__
     monkeypatch.setattr(
-        ties._DigitPass, "__init__", lambda self, rows: radix.append(1) or original(self, rows)
+        ties._MajoritySignPass, "__init__", lambda self: radix.append(1) or original(self)
     )
     fallen_back = run("ties", base, models)
-    assert len(radix) == 2 * (len(models) - 1)  # two digits per fold after the first
+    assert len(radix) == len(models) - 1  # the radix passes, every fold after the first
     for name in base:
         assert torch.equal(fallen_back[name], usual[name]), name
 
