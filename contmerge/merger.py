@@ -5,8 +5,9 @@ base, of the arrival, and of the state (old and new) at a time; the state itself
 durable directory (or in memory when no directory is given). A fold either commits entirely or
 leaves the previous state untouched: validation failures, NaNs, crashes.
 
-Speed: elementwise rules fold in 1 MiB chunks on a few threads (``contmerge.elementwise``);
-other rules get whole tensors and their reference ``fold``.
+Speed: elementwise rules fold in 1 MiB chunks on a few threads (``contmerge.elementwise``), and
+so do their passes; other rules get whole tensors and their reference ``fold``, several tensors
+at once when the rule declares ``per_tensor_parallel`` (``contmerge.parallel_folds``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class Merger:
     state in memory. With ``dedupe`` (the default) a checkpoint whose content was folded before
     is skipped; turn it off where identical arrivals must each count (a federated round in
     which two clients return the same model). ``workers`` threads fold the chunks of each
-    tensor for elementwise rules (default: up to 4, one per core). ``keep_base_mapped``
+    tensor for elementwise rules, and whole tensors at once for rules whose per-tensor work is
+    heavy (OPCM) (default: up to 4, one per core). ``keep_base_mapped``
     keeps the base's pages mapped between folds (default: when it is at most 1 GiB).
     ``device`` (a torch device, e.g. "cuda") is where rules do their heavy per-tensor work
     (OPCM's SVDs and products); the state stays in CPU memory or on disk.
