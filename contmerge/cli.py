@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ContmergeError
 from .merger import DEFAULT_MAX_RELATIVE_DELTA
-from .registry import available, parse_value
+from .registry import parse_value
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -126,8 +126,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    for name, target in sorted(available().items()):
-        print(f"{name:18s} {target}")
+    from .catalog import entries, entry, render_list, render_one
+
+    print(render_one(entry(args.name)) if args.name else render_list(entries()), end="")
     return 0
 
 
@@ -222,9 +223,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     strategies = sub.add_parser(
         "strategies",
-        help="list available strategies",
-        description="List built-in and installed strategies.",
+        help="list the strategies with their settings",
+        description="List built-in and installed strategies: each one's settings (type, default, "
+        "meaning), what it needs with each arrival, and whether it is a one-pass fold; DIMAT and "
+        "FW-Merging, which are not, with where they are used.",
+        epilog="examples: contmerge strategies; contmerge strategies ties",
     )
+    strategies.add_argument("name", nargs="?", metavar="NAME", help="show this one in detail")
     strategies.set_defaults(func=cmd_strategies)
 
     selected = argv[0] if argv else None
