@@ -97,7 +97,7 @@ def _describe_class(name: str, cls: type, target: str) -> Entry:
             "nothing beyond what the rule needs",
             f"a transform of each arrival's task vector before the rule: chain({name}(), RULE)",
             f"{target} ({origin})",
-            [("elementwise", _elementwise(cls))],
+            details=[("elementwise", _elementwise(cls))],
         )
     needs = getattr(cls, "needs_extras", ())
     per_arrival = "the checkpoint only"
@@ -116,7 +116,7 @@ def _describe_class(name: str, cls: type, target: str) -> Entry:
             ("spec", f"{name}({', '.join(f'{s.name}={s.default!r}' for s in settings)})")
         )
     return Entry(name, RULES, doc_of(cls), settings, per_arrival, one_pass, f"{target} ({origin})",
-                 details)  # fmt: skip
+                 details=details)  # fmt: skip
 
 
 def _elementwise(cls: type) -> str:
@@ -151,7 +151,7 @@ def _describe_elsewhere(name: str, method: Elsewhere) -> Entry:
         "no: not usable as --strategy; used through " + method.where(),
         method.api,
         f"its Python API's arguments (`contmerge strategies {name}`), explained in {method.docs}",
-        [("settings explained in", method.docs)],
+        details=[("settings explained in", method.docs)],
     )
 
 
