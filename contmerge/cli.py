@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import ContmergeError
+from .errors import CheckpointError, ContmergeError
 from .merger import DEFAULT_MAX_RELATIVE_DELTA
 from .registry import parse_value
 
@@ -70,7 +70,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 result = merger.fold(checkpoint)
             except ContmergeError as exc:
                 failures += 1
-                print(f"rejected {checkpoint}: {exc}", file=sys.stderr)
+                print(_rejection(checkpoint, exc), file=sys.stderr)
                 if not args.keep_going:
                     return 1
                 continue
@@ -79,6 +79,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if args.out:
             print(f"merged model written to {merger.emit(args.out)}")
     return 1 if failures else 0
+
+
+def _rejection(checkpoint: str, exc: ContmergeError) -> str:
+    """``rejected FILE, tensor 'x': reason``: the file named once (the error starts with it
+    when the checkpoint itself is at fault, rather than e.g. its statistics sidecar)."""
+    if isinstance(exc, CheckpointError) and exc.source == checkpoint:
+        return f"rejected {exc}"
+    return f"rejected {checkpoint}: {exc}"
 
 
 def cmd_emit(args: argparse.Namespace) -> int:

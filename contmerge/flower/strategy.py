@@ -78,7 +78,7 @@ class RoundReport:
 class ContmergeStrategy(FedAvg):
     """A Flower strategy whose training aggregation is a contmerge fold.
 
-    ``strategy`` is a contmerge strategy object or spec (``"opcm"``, ``"ties(lam=0.3)"``,
+    ``strategy`` is a contmerge strategy object or spec (``"opcm"``, ``"ties(scaling_factor=0.3)"``,
     ``"chain(dare(p=0.9), magmax())"``). Sampling, evaluation and the record keys are FedAvg's
     (same keyword arguments). Contmerge rules weigh every accepted reply equally: the
     ``weighted_by_key`` value only weights the averaged client metrics.
