@@ -103,7 +103,7 @@ _LABELS = {
 
 def parse_strategy_arg(text: str) -> StrategySpec:
     """CLI form ``SPEC[@independent|@sequential][=LABEL]``, e.g. ``magmax@sequential``,
-    ``ties(scaling_factor=0.1)``, ``opcm(alpha=0.3)=OPCM a0.3``; SPEC is passed to the engine as is."""
+    ``ties(scaling_factor=0.1)``, ``opcm(alpha=0.3)=OPCM a0.3``; SPEC goes to the engine as is."""
     depth, cut = 0, None
     for i, ch in enumerate(text):  # a label starts at the first '=' outside parentheses
         depth += (ch == "(") - (ch == ")")
