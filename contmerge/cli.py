@@ -7,14 +7,17 @@ Commands that live in optional parts (serve, simulate, demo) are imported only w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
-from .errors import CheckpointError, ContmergeError
+from .errors import CheckpointError, ContmergeError, Notice
 from .merger import DEFAULT_MAX_RELATIVE_DELTA
 from .registry import parse_value
 
@@ -272,11 +275,38 @@ def _unavailable(name: str, exc: Exception) -> int:
     return 2
 
 
+@contextlib.contextmanager
+def notices_as_lines() -> Iterator[None]:
+    """Show each :class:`Notice` as one ``note:`` line on stderr, not as a warning with the
+    source line that raised it; other warnings are shown as before."""
+    shown = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, Notice):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with notices_as_lines():
+            return int(args.func(args) or 0)
     except ContmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

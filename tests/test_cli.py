@@ -85,6 +85,24 @@ def test_another_base_refusal_says_how_to_allow_it(files, tmp_path, capsys):
     assert main([*args, "--quiet", "--any-base", str(other)]) == 0
 
 
+def test_a_missing_data_set_is_one_clean_note_with_the_full_install_command(
+    tmp_path, monkeypatch, capsys
+):
+    from contmerge.simulations.data import DataConfig, resolve_use_fashion
+
+    def scenario(_args) -> int:  # what a scenario does first: decide on its data
+        use_fashion, notes = resolve_use_fashion(DataConfig(fashion_dir=str(tmp_path)))
+        assert not use_fashion and len(notes) == 1
+        return 0
+
+    monkeypatch.setattr("contmerge.cli.cmd_strategies", scenario)
+    assert main(["strategies"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: Fashion-MNIST not found"), err
+    assert "`apt-get update && apt-get install -y dataset-fashion-mnist`" in err
+    assert "Warning" not in err and "warnings.warn" not in err
+
+
 def test_unknown_strategy_names_the_available_ones(files, tmp_path, capsys):
     base, paths = files
     code = main(
