@@ -72,7 +72,9 @@ class Processes:
     def env(self, home: str) -> dict[str, str]:
         flwr_home = self.root / home
         flwr_home.mkdir(parents=True, exist_ok=True)
-        return {**os.environ, **BASE_ENV, "FLWR_HOME": str(flwr_home)}
+        # the SuperLink starts flower-superexec by name: this venv's, even when not activated
+        path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+        return {**os.environ, **BASE_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
 
     def start(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")
