@@ -24,7 +24,15 @@ from .registry import (
     lookup,
     unknown_strategy_message,
 )
-from .strategy import Chain, Preprocessor, Setting, Strategy, doc_of, settings_of
+from .strategy import (
+    Chain,
+    Preprocessor,
+    Setting,
+    Strategy,
+    doc_of,
+    first_paragraph,
+    settings_of,
+)
 
 WIDTH = 100
 INDENT = 4
@@ -57,7 +65,7 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        return " ".join(self.doc.split("\n\n", 1)[0].split())
+        return first_paragraph(self.doc)
 
 
 def entries() -> list[Entry]:

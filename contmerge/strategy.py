@@ -113,8 +113,11 @@ def doc_of(cls: type) -> str:
 
 def summary_of(cls: type) -> str:
     """The first paragraph of :func:`doc_of`, on one line."""
-    paragraph = doc_of(cls).split("\n\n", 1)[0]
-    return " ".join(paragraph.split())
+    return first_paragraph(doc_of(cls))
+
+
+def first_paragraph(doc: str) -> str:
+    return " ".join(doc.split("\n\n", 1)[0].split())
 
 
 @dataclass(frozen=True)
