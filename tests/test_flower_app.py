@@ -205,6 +205,7 @@ def _check_results(results: dict, dtype: str) -> None:
     assert 0.3 < final <= 1.0  # 10-way tasks: far above chance
 
 
+@pytest.mark.slow
 def test_flwr_run_local_simulation(processes: Processes, tmp_path: Path) -> None:
     port = _free_port()
     processes.start("superlink", ["flower-superlink", "--insecure", "--simulation",
@@ -217,6 +218,7 @@ def test_flwr_run_local_simulation(processes: Processes, tmp_path: Path) -> None
     _check_results(results, "float32")
 
 
+@pytest.mark.slow
 def test_flwr_run_on_superlink_and_two_supernodes_with_bf16(
     processes: Processes, tmp_path: Path
 ) -> None:

@@ -33,6 +33,7 @@ def test_parser_accepts_the_documented_options_and_refuses_bad_partitions() -> N
         parser.parse_args(["federated", "--partition", "dirichlet:-1"])
 
 
+@pytest.mark.slow
 def test_average_strategy_matches_fedavg_in_one_simulation(tmp_path: Path) -> None:
     out = tmp_path / "report"
     cmd = [
