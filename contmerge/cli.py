@@ -7,16 +7,19 @@ Commands that live in optional parts (serve, simulate, demo) are imported only w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
-from .errors import ContmergeError
+from .errors import CheckpointError, ContmergeError, Notice
 from .merger import DEFAULT_MAX_RELATIVE_DELTA
-from .registry import available, parse_value
+from .registry import parse_value
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -70,7 +73,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 result = merger.fold(checkpoint)
             except ContmergeError as exc:
                 failures += 1
-                print(f"rejected {checkpoint}: {exc}", file=sys.stderr)
+                print(_rejection(checkpoint, exc), file=sys.stderr)
                 if not args.keep_going:
                     return 1
                 continue
@@ -79,6 +82,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if args.out:
             print(f"merged model written to {merger.emit(args.out)}")
     return 1 if failures else 0
+
+
+def _rejection(checkpoint: str, exc: ContmergeError) -> str:
+    """``rejected FILE, tensor 'x': reason``: the file named once (the error starts with it
+    when the checkpoint itself is at fault, rather than e.g. its statistics sidecar)."""
+    if isinstance(exc, CheckpointError) and exc.source == checkpoint:
+        return f"rejected {exc}"
+    return f"rejected {checkpoint}: {exc}"
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
@@ -126,8 +137,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    for name, target in sorted(available().items()):
-        print(f"{name:18s} {target}")
+    from .catalog import entries, entry, render_list, render_one
+
+    print(render_one(entry(args.name)) if args.name else render_list(entries()), end="")
     return 0
 
 
@@ -222,9 +234,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     strategies = sub.add_parser(
         "strategies",
-        help="list available strategies",
-        description="List built-in and installed strategies.",
+        help="list the strategies with their settings",
+        description="List built-in and installed strategies: each one's settings (type, default, "
+        "meaning), what it needs with each arrival, and whether it is a one-pass fold; DIMAT and "
+        "FW-Merging, which are not, with where they are used.",
+        epilog="examples: contmerge strategies; contmerge strategies ties",
     )
+    strategies.add_argument("name", nargs="?", metavar="NAME", help="show this one in detail")
     strategies.set_defaults(func=cmd_strategies)
 
     selected = argv[0] if argv else None
@@ -259,11 +275,38 @@ def _unavailable(name: str, exc: Exception) -> int:
     return 2
 
 
+@contextlib.contextmanager
+def notices_as_lines() -> Iterator[None]:
+    """Show each :class:`Notice` as one ``note:`` line on stderr, not as a warning with the
+    source line that raised it; other warnings are shown as before."""
+    shown = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, Notice):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with notices_as_lines():
+            return int(args.func(args) or 0)
     except ContmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,3 +24,8 @@ class StateError(ContmergeError):
 
 class StrategyError(ContmergeError, ValueError):
     """A strategy name or setting that does not resolve."""
+
+
+class Notice(UserWarning):
+    """Something the user should know that is not an error (e.g. a data set is missing, so a
+    fallback is used); the CLI shows it as one ``note:`` line."""

@@ -278,7 +278,9 @@ class Merger:
                 raise CheckpointError(
                     label,
                     f"differs from the base by {moved:.2f}× the norm of its weight matrices "
-                    f"(median over matrices; limit {limit}): it looks fine-tuned from another base",
+                    f"(median over matrices; limit {limit}): it looks fine-tuned from another base "
+                    "(if it is a fine-tune of this one, allow it with --any-base or a larger "
+                    "--max-relative-delta; in Python max_relative_delta=None)",
                 )
             record = {
                 "hash": content_hash,

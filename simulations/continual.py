@@ -70,7 +70,7 @@ class StrategySpec:
     """One row of the results: a strategy (engine spec string) on one kind of checkpoints."""
 
     label: str
-    strategy: str  # e.g. "opcm", "ties(lam=0.3)", or NO_MERGE
+    strategy: str  # e.g. "opcm", "ties(scaling_factor=0.3)", or NO_MERGE
     checkpoints: str = "independent"  # or "sequential" (MagMax's recipe)
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
@@ -103,7 +103,7 @@ _LABELS = {
 
 def parse_strategy_arg(text: str) -> StrategySpec:
     """CLI form ``SPEC[@independent|@sequential][=LABEL]``, e.g. ``magmax@sequential``,
-    ``ties(lam=0.1)``, ``opcm(alpha=0.3)=OPCM a0.3``; SPEC is passed to the engine as is."""
+    ``ties(scaling_factor=0.1)``, ``opcm(alpha=0.3)=OPCM a0.3``; SPEC goes to the engine as is."""
     depth, cut = 0, None
     for i, ch in enumerate(text):  # a label starts at the first '=' outside parentheses
         depth += (ch == "(") - (ch == ")")
@@ -469,7 +469,7 @@ def add_continual_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
                         help=f"checkpoint cache (default: {default_cache_dir()})")  # fmt: skip
     parser.add_argument(
         "--strategy", action="append", default=None, metavar="SPEC[@sequential][=LABEL]",
-        help="repeatable; engine spec such as opcm, 'ties(lam=0.1)', magmax@sequential, "
+        help="repeatable; engine spec such as opcm, 'ties(scaling_factor=0.1)', magmax@sequential, "
         f"or '{NO_MERGE}@sequential' (no merge). Default: all baselines, OPCM and MagMax-Seq",
     )  # fmt: skip
     parser.add_argument("--orders", type=int, default=None, help="arrival orders (10; quick: 5)")

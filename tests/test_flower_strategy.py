@@ -142,6 +142,7 @@ def _expected_average(pids: list[int], rounds: int) -> dict[str, torch.Tensor]:
     return model
 
 
+@pytest.mark.slow
 def test_streaming_average_equals_flowers_fedavg(sim: dict[str, Any]) -> None:
     result, reports = sim["average"]
     ours = from_array_record(result.arrays)
@@ -155,6 +156,7 @@ def test_streaming_average_equals_flowers_fedavg(sim: dict[str, Any]) -> None:
     assert result.train_metrics_clientapp[1]["pid"] == pytest.approx(sum(range(NODES)) / NODES)
 
 
+@pytest.mark.slow
 def test_a_bounded_window_of_messages_in_flight_gives_the_same_model(sim: dict[str, Any]) -> None:
     result, reports = sim["windowed"]
     same = from_array_record(sim["average"][0].arrays)
@@ -164,6 +166,7 @@ def test_a_bounded_window_of_messages_in_flight_gives_the_same_model(sim: dict[s
     assert [sorted(r.folded) for r in reports] == [sorted(sim["pid"])] * 2
 
 
+@pytest.mark.slow
 def test_continual_merge_folds_every_reply_of_every_round_into_one_durable_state(
     sim: dict[str, Any],
 ) -> None:
@@ -179,6 +182,7 @@ def test_continual_merge_folds_every_reply_of_every_round_into_one_durable_state
     assert not torch.equal(final["fc1.weight"], BASE["fc1.weight"])
 
 
+@pytest.mark.slow
 def test_bad_replies_are_rejected_with_reasons_and_the_round_completes(sim: dict[str, Any]) -> None:
     result, reports, seconds = sim["faulty"]
     pid = sim["pid"]
@@ -200,6 +204,7 @@ def test_bad_replies_are_rejected_with_reasons_and_the_round_completes(sim: dict
         torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_too_few_accepted_replies_keep_the_previous_model(sim: dict[str, Any]) -> None:
     result, (report,) = sim["strict"]
     assert sorted(sim["pid"][n] for n in report.folded) == [0, 1, 6]

@@ -569,6 +569,7 @@ def test_inbox_rejects_bad_checkpoints_with_the_reason_beside_them(inboxed: Serv
 
 
 # --- crash safety ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kill_9_during_folds_loses_nothing_and_folds_nothing_twice(tmp_path: Path) -> None:
     # wide tensors make a fold take long enough that SIGKILL lands inside one
     server = Served(tmp_path, width=384, layers=3)
@@ -613,6 +614,7 @@ def load_emitted(server: Served) -> dict[str, torch.Tensor]:
         return merger.emit_state_dict()
 
 
+@pytest.mark.slow
 def test_restart_completes_whatever_step_a_crash_interrupted(tmp_path: Path) -> None:
     """The disk as SIGKILL leaves it in each window between the durable steps of an arrival,
     made exactly: restart must fold each accepted checkpoint once and clear the rest."""

@@ -166,6 +166,7 @@ FOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
     base, paths = write_models(tmp_path, 6, scale=8)
     state = tmp_path / "state"

@@ -69,6 +69,8 @@ class RoundReport:
     #: True when the round produced a new global model
     updated: bool = False
     seconds: float = 0.0
+    #: of which the server's own work: folding the replies and emitting the merge
+    fold_seconds: float = 0.0
 
     @property
     def accepted(self) -> int:
@@ -78,7 +80,7 @@ class RoundReport:
 class ContmergeStrategy(FedAvg):
     """A Flower strategy whose training aggregation is a contmerge fold.
 
-    ``strategy`` is a contmerge strategy object or spec (``"opcm"``, ``"ties(lam=0.3)"``,
+    ``strategy`` is a contmerge strategy object or spec (``"opcm"``, ``"ties(scaling_factor=0.3)"``,
     ``"chain(dare(p=0.9), magmax())"``). Sampling, evaluation and the record keys are FedAvg's
     (same keyword arguments). Contmerge rules weigh every accepted reply equally: the
     ``weighted_by_key`` value only weights the averaged client metrics.
@@ -316,15 +318,18 @@ class ContmergeStrategy(FedAvg):
                 _first_line(report.failed[node]))  # fmt: skip
             self.on_reply(report.server_round, reply, "failed")
             return
+        started = time.perf_counter()
         try:
             record = self._reply_arrays(reply, node)
             arrival = ArrayRecordCheckpoint(record, f"node {node}")
             result = merger.fold(arrival, name=f"round {report.server_round} node {node}")
         except CheckpointError as exc:
+            report.fold_seconds += time.perf_counter() - started
             report.rejected[node] = str(exc)
             log(WARNING, "round %d: rejected reply: %s", report.server_round, exc)
             self.on_reply(report.server_round, reply, "rejected")
             return
+        report.fold_seconds += time.perf_counter() - started
         (report.folded if result.status == "folded" else report.duplicates).append(node)
         metrics.add(reply.content)
         self.on_reply(report.server_round, reply, result.status)
@@ -345,7 +350,9 @@ class ContmergeStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays = None
         if report.accepted >= self.min_replies and merger.count > 0:
+            started = time.perf_counter()
             arrays = to_array_record(merger.iter_merged())
+            report.fold_seconds += time.perf_counter() - started
             report.updated = True
         if self.merge == "round":
             merger.close()
