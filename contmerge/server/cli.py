@@ -111,10 +111,14 @@ def _log_to_stderr(level: str) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ..cli import _parse_settings, missing_extra
 
-    from ..cli import _parse_settings
-    from .app import create_app
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ModuleNotFoundError as exc:
+        return missing_extra("serve", exc)
     from .auth import AuthSetupError, is_loopback, load_token
     from .service import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, MergeService, ServeSettings
 
