@@ -114,11 +114,11 @@ class Served:
         self.client = MergeClient(self.process.url, TOKEN)
         self.uploaded: dict[str, Path] = {}
 
-    def restart(self, kill: bool = False) -> None:
+    def restart(self, kill: bool = False, already_stopped: bool = False) -> None:
         self.client.close()
         if kill:
             self.process.kill()
-        else:
+        elif not already_stopped:
             assert self.process.stop() == 0
         self.process = ServerProcess(self.args, self.root / "server.log").start()
         self.client = MergeClient(self.process.url, TOKEN)
