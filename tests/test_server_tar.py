@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save, save_file
-from server_helpers import STRATEGY, Served, final_events, finetune, journal, wait_for
+from server_helpers import STRATEGY, TOKEN, Served, final_events, finetune, journal, wait_for
 from torch import nn
 
 from contmerge import Merger
@@ -232,3 +234,30 @@ def test_an_unpacked_directory_in_the_spool_is_folded_after_a_crash(tmp_path: Pa
         wait_for(lambda: not list((server.state / "spool").iterdir()), what="an empty spool")
     finally:
         server.close()
+
+
+def _readme_command(starting: str) -> str:
+    """The README's shell command that starts with ``starting`` (with its continuation lines)."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(starting))
+    command = [lines[start]]
+    while command[-1].endswith("\\"):
+        command.append(lines[start + len(command)])
+    return "\n".join(command)
+
+
+@pytest.mark.skipif(not (shutil.which("tar") and shutil.which("curl")), reason="needs tar, curl")
+def test_the_readme_tar_and_curl_upload_of_an_adapter_works(served: Served, tmp_path: Path) -> None:
+    make_adapter(served, tmp_path / "my-adapter", seed=4)
+    command = _readme_command("tar -cf - -C my-adapter .")
+    env = {**os.environ, "TOKEN": TOKEN, "URL": served.process.url}
+    run = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    receipt = json.loads(run.stdout)
+    assert receipt["status"] == "queued" and receipt["name"] == "my-adapter"
+    outcome = served.client.wait([receipt["id"]])[receipt["id"]]
+    assert outcome["status"] == "folded", outcome
+    assert outcome["content_hash"] == direct_hash(served, tmp_path / "my-adapter")

@@ -259,16 +259,10 @@ class MergeService:
             self.board.record(record)
             return record
 
-    def accept_upload(
-        self,
-        path: Path,
-        checkpoint_id: str,
-        name: str,
-        size: int,
-        client: str | None,
-        upload: Upload,
-    ) -> dict[str, Any]:
-        """Journal and queue a spooled upload whose queue slot is reserved (blocking: fsync)."""
+    def accept_upload(self, upload: Upload, path: Path, client: str | None) -> dict[str, Any]:
+        """Journal and queue an upload spooled at ``path`` whose queue slot is reserved
+        (blocking: fsync); its ``accepted`` record."""
+        checkpoint_id, name = upload.id, upload.name
         extra = {"sha256": upload.digest.hexdigest()}
         try:
             record = self._journal(
@@ -278,7 +272,7 @@ class MergeService:
                     "origin": "http",
                     "name": name,
                     "label": upload_label(checkpoint_id, name),
-                    "bytes": size,
+                    "bytes": upload.size,
                     "client": client,
                     **extra,
                 }
@@ -287,7 +281,7 @@ class MergeService:
             upload.forget(path)  # not journaled, not acknowledged: not accepted
             raise
         self.metrics.accepted.inc(1, "http")
-        self.metrics.upload_bytes.inc(size)
+        self.metrics.upload_bytes.inc(upload.size)
         self.queue.put_reserved(self._upload_item(Spooled(checkpoint_id, name, path), extra))
         return record
 

@@ -163,7 +163,7 @@ class Upload:
                 raise service.busy("queue full, retry later")
             try:
                 path = self._commit()
-                record = service.accept_upload(path, self.id, self.name, self.size, client, self)
+                record = service.accept_upload(self, path, client)
             except BaseException:
                 service.queue.release()
                 raise

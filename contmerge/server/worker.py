@@ -68,14 +68,14 @@ def is_servers_fault(exc: BaseException) -> bool:
     return False
 
 
-def server_reason(exc: BaseException, state_dir: Path) -> str:
+def server_reason(exc: BaseException, state_dir: Path, doing: str = "folding") -> str:
     """A failure of the server's, said without its paths."""
     if isinstance(exc, OSError) and exc.strerror:
         name = errno.errorcode.get(exc.errno or 0, "")
         text = exc.strerror[:1].lower() + exc.strerror[1:] + (f" ({name})" if name else "")
-        return f"{text} in the state directory"
+        return f"{text} while {doing}"
     if isinstance(exc, MemoryError):
-        return "out of memory"
+        return f"out of memory while {doing}"
     return f"{type(exc).__name__}: {exc}".replace(str(state_dir), "<state>")
 
 
@@ -160,7 +160,7 @@ class Writer(threading.Thread):
             self._retry(item, exc.reason)
             return
         except OSError as exc:  # the journal's disk
-            self._retry(item, server_reason(exc, self.emit_dir.parent))
+            self._retry(item, server_reason(exc, self.emit_dir.parent, "journaling the fold"))
             return
         finally:
             self.manifest = self.merger.manifest
