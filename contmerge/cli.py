@@ -259,7 +259,7 @@ def _add_external(
         adder: Callable[..., None] = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as exc:
         missing = sub.add_parser(name, help=f"(unavailable: {exc})")
-        missing.set_defaults(func=lambda _args, exc=exc: _unavailable(name, exc))
+        missing.set_defaults(func=lambda _args, exc=exc: missing_extra(name, exc), unavailable=True)
         return
     if "rest" in inspect.signature(adder).parameters:
         adder(sub, rest=rest)
@@ -267,11 +267,34 @@ def _add_external(
         adder(sub)
 
 
-def _unavailable(name: str, exc: Exception) -> int:
-    print(
-        f"contmerge {name} is unavailable: {exc}. Install the extras: pip install 'contmerge[dev]'",
-        file=sys.stderr,
-    )
+#: the extra of pyproject.toml that installs each optional top-level module
+EXTRA_OF_MODULE = {
+    "uvicorn": "server",
+    "fastapi": "server",
+    "starlette": "server",
+    "httpx": "server",
+    "flwr": "flower",
+    "ray": "flower",
+    "transformers": "transformers",
+    "peft": "transformers",
+    "sklearn": "sim",
+    "matplotlib": "sim",
+}
+
+
+def missing_extra(command: str, exc: Exception) -> int:
+    """One line naming the extra that a command without its optional dependency needs."""
+    module = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        print(f"contmerge {command} is unavailable: {exc}", file=sys.stderr)
+    else:
+        print(
+            f"contmerge {command} needs the [{extra}] extra (module {module!r} is not "
+            f"installed): pip install 'contmerge[{extra}]', or from a checkout pip install "
+            f"'.[{extra}]'",
+            file=sys.stderr,
+        )
     return 2
 
 
@@ -303,7 +326,11 @@ def notices_as_lines() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "unavailable", False):
+        # as parse_args would; a command that is unavailable says why whatever its options
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with notices_as_lines():
             return int(args.func(args) or 0)

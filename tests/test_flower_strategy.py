@@ -13,6 +13,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,29 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     state_dir = tmp_path_factory.mktemp("flower") / "continual-state"
     server = ServerApp()
     server.main()(lambda grid, context: _scenarios(grid, out, state_dir))
-    run_simulation(server, _client_app(), num_supernodes=NODES, backend_config=backend_config(2))
+    lines = _LogLines()
+    flower_log = logging.getLogger("flwr")
+    flower_log.addHandler(lines)
+    try:
+        run_simulation(
+            server, _client_app(), num_supernodes=NODES, backend_config=backend_config(2)
+        )
+    finally:
+        flower_log.removeHandler(lines)
     out["state_dir"] = state_dir
+    out["log"] = lines.messages
     return out
+
+
+class _LogLines(logging.Handler):
+    """What the strategy logged through Flower's logger, as formatted messages."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _expected_average(pids: list[int], rounds: int) -> dict[str, torch.Tensor]:
@@ -195,6 +216,11 @@ def test_bad_replies_are_rejected_with_reasons_and_the_round_completes(sim: dict
     assert "shape" in reasons[3] and "fc2.weight" in reasons[3]
     assert "another base" in reasons[4]
     assert "client 5 crashed" in next(iter(report.failed.values()))
+    # the log line names the client's own error, not only Ray's exception header
+    failed_lines = [m for m in sim["log"] if m.startswith("round 1: node") and " failed: " in m]
+    assert failed_lines  # the faulty and the strict scenario each had client 5 crash
+    for line in failed_lines:
+        assert line.endswith("failed: RuntimeError: client 5 crashed"), line
     assert report.updated
     # the round waited for the timeout, not for the hanging client
     assert FAULTY_TIMEOUT <= seconds < HANG

@@ -27,6 +27,7 @@ otherwise the previous global model is kept.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -315,7 +316,7 @@ class ContmergeStrategy(FedAvg):
         if reply.has_error():
             report.failed[node] = str(reply.error.reason)
             log(WARNING, "round %d: node %d failed: %s", report.server_round, node,
-                _first_line(report.failed[node]))  # fmt: skip
+                client_message(report.failed[node]))  # fmt: skip
             self.on_reply(report.server_round, reply, "failed")
             return
         started = time.perf_counter()
@@ -362,7 +363,23 @@ class ContmergeStrategy(FedAvg):
         return arrays, metrics.result()
 
 
-def _first_line(text: str, limit: int = 300) -> str:
-    """Client errors can carry whole remote tracebacks; the log gets their gist."""
-    line = text.strip().splitlines()[0] if text.strip() else "(no reason given)"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# the last line of a Python traceback: "RuntimeError: message" (also dotted, e.g. torch.x.Error)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*$")
+_FLOWER_WRAPPER = "ClientAppException"
+
+
+def client_message(text: str, limit: int = 300) -> str:
+    """The client's own error in a failed reply's reason, for one log line.
+
+    Under Ray the reason is the repr of a RayTaskError: its first line is Ray's header (actor,
+    pid, colour codes), the client's traceback comes after and ends in the line that says what
+    went wrong, which Flower then wraps in a ClientAppException. That line is what a reader needs.
+    """
+    lines = [_ANSI.sub("", line).strip() for line in text.strip().splitlines()]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and _FLOWER_WRAPPER not in line]
+    if raised:
+        line = raised[0]  # the client's exception, before Ray's and Flower's re-raises
+    else:
+        line = next((x for x in lines if x), "(no reason given)")
     return line if len(line) <= limit else line[:limit] + "…"

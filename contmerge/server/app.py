@@ -1,18 +1,21 @@
 """The HTTP API (FastAPI): upload, status, metrics, merged model, manifest, health.
 
-``POST /checkpoints?name=NAME`` takes the raw safetensors bytes as the body, streamed to the
-spool in chunks under a size limit, and answers 202 with an id once the upload is durable.
-Everything but ``/healthz`` needs ``Authorization: Bearer <token>``.
+``POST /checkpoints?name=NAME`` takes the raw safetensors bytes as the body, or a tar of a
+checkpoint directory (``Content-Type: application/x-tar``, ``?format=tar`` or a ``.tar`` name),
+streamed to the spool in chunks under a size limit, and answers 202 with an id once the upload
+is durable. A body that stops arriving for ``upload_idle_timeout`` seconds, or arrives slower
+than ``upload_min_rate`` once that long has passed, is cut with 408. Everything but
+``/healthz`` needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import IO, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -21,25 +24,24 @@ from starlette.requests import ClientDisconnect
 
 from .auth import bearer_check
 from .metrics import CONTENT_TYPE
-from .service import MergeService, UploadRejected
+from .service import MergeService
 from .spool import BadName, check_name
+from .upload import Refusal, Upload, body_kind
 
 log = logging.getLogger("contmerge.server")
 WRITE_BLOCK = 1 << 20  # gather the body into ~1 MiB writes, done off the event loop
 READ_BLOCK = 1 << 20
 
 
-def _write(handle: IO[bytes], digest: Any, data: bytes | bytearray) -> None:
-    digest.update(data)
-    handle.write(data)
-
-
-def _refused(exc: UploadRejected) -> JSONResponse:
-    record = exc.record
-    return JSONResponse(
-        {"id": record["id"], "status": "rejected", "reason": record["reason"]},
-        status_code=exc.status_code,
-    )
+def _refused(refusal: Refusal, record: dict) -> JSONResponse:
+    headers = {}
+    body = {"status": record.get("status", "rejected"), "reason": refusal.reason}
+    if "id" in record:
+        body = {"id": record["id"], **body}
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
+        body["retry_after"] = refusal.retry_after
+    return JSONResponse(body, status_code=refusal.status_code, headers=headers)
 
 
 def create_app(service: MergeService, token: str | None) -> FastAPI:
@@ -58,6 +60,13 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
         openapi_url=None,
     )
     auth = [Depends(bearer_check(token))]
+    settings = service.settings
+
+    async def refuse(refusal: Refusal, checkpoint_id: str, name: str, **fields: object) -> Response:
+        record = await run_in_threadpool(
+            service.refuse_upload, refusal, checkpoint_id, name, **fields
+        )
+        return _refused(refusal, record)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -69,92 +78,50 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
     async def upload(
         request: Request,
         name: str | None = None,
+        format: str | None = None,
         x_checkpoint_name: str | None = Header(default=None),
     ) -> Response:
         raw_name = name or x_checkpoint_name or "checkpoint"
         checkpoint_id = service.spool.new_id()
-        limit = service.settings.max_upload_bytes
+        limit = settings.max_upload_bytes
         try:
             safe_name = check_name(raw_name)
         except BadName as exc:
-            return _refused(
-                await run_in_threadpool(
-                    service.reject_upload, 400, checkpoint_id, raw_name, str(exc)
-                )
-            )
+            return await refuse(Refusal(400, str(exc)), checkpoint_id, raw_name)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             # refused before reading: with "Expect: 100-continue" (curl) nothing is even sent
-            return _refused(
-                await run_in_threadpool(
-                    service.reject_upload,
-                    413,
-                    checkpoint_id,
-                    safe_name,
-                    f"upload of {declared} bytes is over the limit of {limit} bytes",
-                )
-            )
-        if not service.reserve_upload():
-            seconds = service.retry_after()
-            return JSONResponse(
-                {"status": "busy", "reason": "queue full, retry later", "retry_after": seconds},
-                status_code=503,
-                headers={"Retry-After": str(seconds)},
-            )
-        return await _receive(request, checkpoint_id, safe_name, limit)
-
-    async def _receive(request: Request, checkpoint_id: str, name: str, limit: int) -> Response:
-        temp, handle = service.spool.open_temp(checkpoint_id)
-        queued = False
+            reason = f"upload of {declared} bytes is over the limit of {limit} bytes"
+            return await refuse(Refusal(413, reason), checkpoint_id, safe_name)
         try:
-            digest = hashlib.sha256()
-            size = 0
-            pending = bytearray()
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    return _refused(
-                        await run_in_threadpool(
-                            service.reject_upload,
-                            413,
-                            checkpoint_id,
-                            name,
-                            f"upload is over the limit of {limit} bytes",
-                        )
-                    )
-                pending += chunk
-                if len(pending) >= WRITE_BLOCK:
-                    data, pending = pending, bytearray()
-                    await run_in_threadpool(_write, handle, digest, data)
-            await run_in_threadpool(_write, handle, digest, pending)
-            client = request.client.host if request.client else None
-            record = await run_in_threadpool(
-                service.accept_upload,
-                temp,
-                handle,
+            kind = body_kind(request.headers.get("content-type", ""), format, safe_name)
+            receiving = await run_in_threadpool(
+                service.begin_upload,
                 checkpoint_id,
-                name,
-                size,
-                digest.hexdigest(),
-                client,
+                safe_name,
+                kind,
+                int(declared) if declared.isdigit() else None,
             )
-            queued = True
-        except UploadRejected as exc:
-            return _refused(exc)
+        except Refusal as refusal:
+            return await refuse(refusal, checkpoint_id, safe_name)
+        try:
+            await _receive(request, receiving)
+            client = request.client.host if request.client else None
+            record = await run_in_threadpool(receiving.finish, client)
+        except Refusal as refusal:
+            fields = {"bytes": receiving.size}
+            return await refuse(refusal, checkpoint_id, safe_name, **fields)
         except ClientDisconnect:
             log.info("upload %s: client went away before the body was complete", checkpoint_id)
             return Response(status_code=400)
         finally:
-            if not queued:
-                handle.close()
-                service.spool.discard(temp)
-                service.queue.release()
+            await run_in_threadpool(receiving.close)
         return JSONResponse(
             {
                 "id": checkpoint_id,
-                "name": name,
+                "name": safe_name,
                 "status": "queued",
-                "bytes": size,
+                "bytes": receiving.size,
                 "sha256": record["sha256"],
                 "queue_depth": len(service.queue),
                 "status_url": f"/uploads/{checkpoint_id}",
@@ -163,16 +130,54 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
             headers={"Location": f"/uploads/{checkpoint_id}"},
         )
 
+    async def _receive(request: Request, receiving: Upload) -> None:
+        """Read the body into the upload; Refusal (408) for a client too slow to wait for."""
+        idle, floor = settings.upload_idle_timeout, settings.upload_min_rate
+        started = time.monotonic()
+        pending = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(request.receive(), timeout=idle)
+            except asyncio.TimeoutError:
+                raise Refusal(
+                    408, f"upload stalled: no data for {idle:g} s (--upload-idle-timeout)"
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            if chunk:
+                receiving.check(chunk)
+                pending += chunk
+                if len(pending) >= WRITE_BLOCK:
+                    data, pending = pending, bytearray()
+                    await run_in_threadpool(receiving.write, data)
+            if not message.get("more_body", False):
+                break
+            elapsed = time.monotonic() - started
+            if floor > 0 and elapsed > idle and receiving.size < floor * elapsed:
+                raise Refusal(
+                    408,
+                    f"upload too slow: {receiving.size} bytes in {elapsed:.0f} s, below the "
+                    f"minimum of {floor:g} bytes/s (--upload-min-rate)",
+                )
+        await run_in_threadpool(receiving.write, pending)
+
     @app.get("/uploads/{checkpoint_id}", dependencies=auth)
     def upload_status(checkpoint_id: str) -> JSONResponse:
         record = service.lookup(checkpoint_id)
         if record is None:
             return JSONResponse({"id": checkpoint_id, "status": "unknown"}, status_code=404)
         status = record.get("event")
+        extra = {}
         if status == "accepted":
-            current = service.board.current
-            status = "folding" if current and current["id"] == checkpoint_id else "queued"
-        return JSONResponse({**record, "status": status})
+            current, retrying = service.board.current, service.board.retrying
+            if current and current["id"] == checkpoint_id:
+                status = "folding"
+            elif retrying and retrying["id"] == checkpoint_id:
+                status, extra = "retrying", {"retry": retrying}
+            else:
+                status = "queued"
+        return JSONResponse({**record, **extra, "status": status})
 
     @app.get("/status", dependencies=auth)
     def status() -> JSONResponse:

@@ -9,6 +9,7 @@ reads to see what happened to a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -45,10 +46,17 @@ class Journal:
         record = {"time": now_iso(), **record}
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:
+            start = os.fstat(self._fd).st_size
             view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError:
+                # a full disk can take half a line: cut it, or the next line would be glued on
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise
         return record
 
     def records(self) -> Iterator[dict[str, Any]]:

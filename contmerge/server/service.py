@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import CheckpointError
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
-from ..tensorfile import SafetensorsReader
+from .headercheck import DEFAULT_MAX_HEADER_BYTES
 from .inbox import InboxEntry, InboxWatcher, is_ignored
 from .journal import FINAL_EVENTS, JOURNAL_FILE, Journal
 from .metrics import ServerMetrics
-from .spool import SPOOL_DIR, Spool, Spooled, id_sequence
+from .spool import SPOOL_DIR, Spool, Spooled, id_sequence, spooled_bytes
 from .status import StatusBoard
+from .upload import InFlight, Refusal, Upload, storage_refusal
 from .worker import Writer
 from .workqueue import WorkItem, WorkQueue
 
@@ -29,6 +29,10 @@ log = logging.getLogger("contmerge.server")
 EMIT_DIR = "server-cache"
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024**3
 DEFAULT_QUEUE_SIZE = 64
+DEFAULT_MAX_CONCURRENT_UPLOADS = 16
+DEFAULT_UPLOAD_IDLE_TIMEOUT = 30.0
+DEFAULT_UPLOAD_MIN_RATE = 16 * 1024  # bytes/s, averaged once the idle timeout has passed
+DEFAULT_MAX_TAR_MEMBERS = 10_000
 
 
 @dataclass
@@ -43,15 +47,11 @@ class ServeSettings:
     poll_interval: float = 1.0
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     queue_size: int = DEFAULT_QUEUE_SIZE
-
-
-class UploadRejected(Exception):
-    """An upload refused before it was queued; ``record`` is its journal line."""
-
-    def __init__(self, status_code: int, record: dict[str, Any]) -> None:
-        super().__init__(record.get("reason"))
-        self.status_code = status_code
-        self.record = record
+    max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
+    upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
 
 
 class MergeService:
@@ -79,6 +79,7 @@ class MergeService:
         self.board = StatusBoard()
         self.metrics = ServerMetrics()
         self.queue = WorkQueue(settings.queue_size)
+        self.in_flight = InFlight(settings.max_concurrent_uploads)
         self.spool = Spool(state / SPOOL_DIR)
         self.writer = Writer(
             self.merger, self.queue, self.journal, self.board, self.metrics, state / EMIT_DIR
@@ -90,6 +91,7 @@ class MergeService:
                 self._submit_inbox,
                 settings.poll_interval,
                 self.merger.strategy.needs_extras,
+                settings.max_header_bytes,
             )
         self._add_gauges()
         self._recover()
@@ -112,6 +114,16 @@ class MergeService:
             "contmerge_writer_busy", "1 while a fold runs.", lambda: self.board.current is not None
         )
         gauge("contmerge_start_time_seconds", "Unix time the server started.", lambda: self.started)
+        gauge(
+            "contmerge_stalled_arrivals",
+            "Arrivals held up while a fold is retried: the retried one and those behind it.",
+            lambda: len(self.queue) if self.board.retrying else 0,
+        )
+        gauge(
+            "contmerge_uploads_in_progress",
+            "Uploads whose body is still arriving or being checked.",
+            self.in_flight.__len__,
+        )
 
     # --- recovery ---------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -149,7 +161,7 @@ class MergeService:
                         "origin": "http",
                         "name": spooled_item.name,
                         "label": upload_label(spooled_item.id, spooled_item.name),
-                        "bytes": spooled_item.path.stat().st_size,
+                        "bytes": spooled_bytes(spooled_item.path),
                         "recovered": True,
                     }
                 )
@@ -196,69 +208,80 @@ class MergeService:
             extra=extra,
         )
 
-    def reserve_upload(self) -> bool:
-        """Hold a queue slot for an upload about to stream in; False (and counted) when full."""
-        if self.queue.reserve():
-            return True
+    def busy(self, reason: str) -> Refusal:
+        """A 503 (counted): the client should send again after Retry-After seconds."""
         self.metrics.busy.inc()
-        return False
+        return Refusal(503, reason, journal=False, retry_after=self.retry_after())
 
-    def reject_upload(
-        self, status_code: int, checkpoint_id: str, name: str, reason: str, **fields: Any
-    ) -> UploadRejected:
-        record = self._journal(
-            {
-                "event": "rejected",
-                "id": checkpoint_id,
-                "origin": "http",
-                "name": name[:200],
-                "reason": reason,
-                **fields,
-            }
-        )
-        self.metrics.rejected.inc(1, "http")
-        return UploadRejected(status_code, record)
+    def begin_upload(
+        self, checkpoint_id: str, name: str, kind: str, declared: int | None
+    ) -> Upload:
+        """Take an upload whose body is about to stream in, or Refusal (503, 507) at once.
 
-    def accept_upload(
-        self,
-        temp: Path,
-        handle: IO[bytes],
-        checkpoint_id: str,
-        name: str,
-        size: int,
-        sha256: str,
-        client: str | None,
-    ) -> dict[str, Any]:
-        """Validate, make durable, journal and queue an upload whose slot is reserved.
-
-        Blocking (fsync): call it from a worker thread. Raises UploadRejected (422) for a body
-        that is not a readable safetensors file; the caller releases the slot on any error.
+        Only uploads in flight are counted here; a queue slot is taken once the body is in.
         """
-        handle.flush()
+        if self.queue.full():
+            raise self.busy("queue full, retry later")
+        if not self.in_flight.take():
+            raise self.busy(
+                f"{self.in_flight.limit} uploads in progress, the most this server takes at "
+                "once (--max-concurrent-uploads); retry later"
+            )
         try:
-            SafetensorsReader(temp).close()  # the header: truncation, garbage, pickles
-        except CheckpointError as exc:
-            handle.close()
-            self.spool.discard(temp)
-            raise self.reject_upload(
-                422, checkpoint_id, name, exc.reason, bytes=size, sha256=sha256
-            ) from exc
-        path = self.spool.commit(temp, handle, checkpoint_id, name)
-        extra = {"sha256": sha256}
-        record = self._journal(
-            {
-                "event": "accepted",
-                "id": checkpoint_id,
-                "origin": "http",
-                "name": name,
-                "label": upload_label(checkpoint_id, name),
-                "bytes": size,
-                "client": client,
-                **extra,
-            }
-        )
+            return Upload(self, checkpoint_id, name, kind, declared)
+        except OSError as exc:
+            self.in_flight.give_back()
+            raise storage_refusal(exc) from exc
+
+    def refuse_upload(
+        self, refusal: Refusal, checkpoint_id: str, name: str, **fields: Any
+    ) -> dict[str, Any]:
+        """Journal a refused upload (when it is an arrival at all); what the client is told."""
+        if refusal.status_code == 408:
+            self.metrics.timed_out.inc()
+        elif refusal.status_code == 507:
+            self.metrics.no_space.inc()
+        if not refusal.journal:
+            return {"status": "busy", "reason": refusal.reason}
+        record = {
+            "event": "rejected",
+            "id": checkpoint_id,
+            "origin": "http",
+            "name": name[:200],
+            "reason": refusal.reason,
+            **fields,
+        }
+        self.metrics.rejected.inc(1, "http")
+        try:
+            return self._journal(record)
+        except OSError:  # the journal's disk is the one that is full: say it all the same
+            log.warning("upload %s refused (%s), not journaled", checkpoint_id, refusal.reason)
+            self.board.record(record)
+            return record
+
+    def accept_upload(self, upload: Upload, path: Path, client: str | None) -> dict[str, Any]:
+        """Journal and queue an upload spooled at ``path`` whose queue slot is reserved
+        (blocking: fsync); its ``accepted`` record."""
+        checkpoint_id, name = upload.id, upload.name
+        extra = {"sha256": upload.digest.hexdigest()}
+        try:
+            record = self._journal(
+                {
+                    "event": "accepted",
+                    "id": checkpoint_id,
+                    "origin": "http",
+                    "name": name,
+                    "label": upload_label(checkpoint_id, name),
+                    "bytes": upload.size,
+                    "client": client,
+                    **extra,
+                }
+            )
+        except OSError:
+            upload.forget(path)  # not journaled, not acknowledged: not accepted
+            raise
         self.metrics.accepted.inc(1, "http")
-        self.metrics.upload_bytes.inc(size)
+        self.metrics.upload_bytes.inc(upload.size)
         self.queue.put_reserved(self._upload_item(Spooled(checkpoint_id, name, path), extra))
         return record
 
@@ -272,6 +295,22 @@ class MergeService:
         if memory is not None and memory.get("event") in FINAL_EVENTS:
             # journaled before a crash, not moved yet
             inbox.settle(entry, memory["id"], memory["event"], memory.get("reason"))
+            return True
+        if entry.refused is not None:  # rejected as it is: nothing to fold, no slot needed
+            checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
+            self._journal(
+                {
+                    "event": "rejected",
+                    "id": checkpoint_id,
+                    "origin": "inbox",
+                    "name": entry.name,
+                    "label": inbox_label(checkpoint_id, entry.name),
+                    "reason": entry.refused,
+                    "signature": entry.signature,
+                }
+            )
+            self.metrics.rejected.inc(1, "inbox")
+            inbox.settle(entry, checkpoint_id, "rejected", entry.refused)
             return True
         if not self.queue.reserve():
             if memory is not None:
@@ -339,6 +378,11 @@ class MergeService:
                 "depth": len(self.queue),
                 "capacity": self.queue.capacity,
                 "folding": self.board.current,
+                "retrying": self.board.retrying,
+            },
+            "uploads": {
+                "in_progress": len(self.in_flight),
+                "max_concurrent": self.in_flight.limit,
             },
             "totals": {  # since this process started; the journal has the whole history
                 "accepted": int(metrics.accepted.total()),
@@ -357,7 +401,13 @@ class MergeService:
                 "scans": inbox.scans,
                 "waiting": inbox.waiting,
             },
-            "limits": {"max_upload_bytes": self.settings.max_upload_bytes},
+            "limits": {
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "max_header_bytes": self.settings.max_header_bytes,
+                "max_tar_members": self.settings.max_tar_members,
+                "upload_idle_timeout": self.settings.upload_idle_timeout,
+                "upload_min_rate": self.settings.upload_min_rate,
+            },
             "uptime_seconds": round(time.time() - self.started, 3),
         }
 

@@ -19,6 +19,7 @@ class StatusBoard:
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self._remember = remember
         self._current: dict[str, Any] | None = None
+        self._retrying: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
 
     def record(self, record: dict[str, Any]) -> None:
@@ -50,6 +51,23 @@ class StatusBoard:
     def current(self) -> dict[str, Any] | None:
         with self._lock:
             return dict(self._current) if self._current else None
+
+    def retry(self, info: dict[str, Any] | None) -> None:
+        """The arrival waiting to be folded again (``next_attempt`` in Unix time), or None."""
+        with self._lock:
+            self._retrying = dict(info) if info else None
+
+    @property
+    def retrying(self) -> dict[str, Any] | None:
+        """The arrival being retried, with ``next_attempt_in`` seconds and a one-line message."""
+        with self._lock:
+            if self._retrying is None:
+                return None
+            info = dict(self._retrying)
+        wait = max(0, round(info.pop("next_attempt") - time.time()))
+        info["next_attempt_in"] = wait
+        info["message"] = f"retrying: {info['reason']}, next attempt in {wait} s"
+        return info
 
     def recent(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -10,18 +10,26 @@ Killed between 1 and 2, a restart folds the arrival again; the Merger sees the s
 hash already folded *under the same label* and changes nothing, and the writer records it as
 folded (``recovered``). Killed between 2 and 3, the restart reads the outcome from the journal
 and only clears the arrival. Either way each accepted checkpoint is folded exactly once.
+
+Only a fault of the checkpoint itself (CheckpointError) rejects it. A failure of the server's
+(disk full or an I/O error in the state directory, out of memory, a state that changed under
+the writer) keeps the arrival where it is and tries it again, first after 1 s, then after twice
+as long each time up to a minute, for as long as it takes: an accepted upload was promised a
+fold. Any other exception is a bug; it gets a few attempts, then the arrival is rejected naming
+the internal error, so that one bad arrival cannot stall the queue forever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import CheckpointError, ContmergeError
+from ..errors import CheckpointError, ContmergeError, StateError
 from ..merger import Merger
 from .journal import Journal
 from .metrics import ServerMetrics
@@ -30,6 +38,45 @@ from .workqueue import Call, WorkItem, WorkQueue
 
 log = logging.getLogger("contmerge.server")
 MERGED_PREFIX = "merged-"
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
+ATTEMPTS_OF_A_BUG = 3
+
+
+class RetryLater(Exception):
+    """The fold failed for a reason of the server's; ``reason`` is safe to show clients."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before attempt ``attempts + 1``: 1, 2, 4, ... up to a minute."""
+    return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, attempts - 1))
+
+
+def is_servers_fault(exc: BaseException) -> bool:
+    """A failure a retry can outlive: of the disk, the memory, or the state, not the input."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, MemoryError, StateError)):
+            return True
+        if isinstance(seen, RuntimeError) and "can't allocate memory" in str(seen):
+            return True  # how torch's CPU allocator reports out of memory
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def server_reason(exc: BaseException, state_dir: Path, doing: str = "folding") -> str:
+    """A failure of the server's, said without its paths."""
+    if isinstance(exc, OSError) and exc.strerror:
+        name = errno.errorcode.get(exc.errno or 0, "")
+        text = exc.strerror[:1].lower() + exc.strerror[1:] + (f" ({name})" if name else "")
+        return f"{text} while {doing}"
+    if isinstance(exc, MemoryError):
+        return f"out of memory while {doing}"
+    return f"{type(exc).__name__}: {exc}".replace(str(state_dir), "<state>")
 
 
 def describe(exc: Exception, item: WorkItem) -> str:
@@ -95,7 +142,8 @@ class Writer(threading.Thread):
         self.board.folding(item.id, item.name)
         try:
             event, reason, fields = self._fold(item)
-            # if this append fails the arrival stays pending on disk and is retried on restart
+            # a fold that committed and then failed to be journaled is recognised on its retry
+            # (same content, same label) and recorded as folded once
             record = self.journal.append(
                 {
                     "event": event,
@@ -108,9 +156,16 @@ class Writer(threading.Thread):
                     **item.extra,
                 }
             )
+        except RetryLater as exc:
+            self._retry(item, exc.reason)
+            return
+        except OSError as exc:  # the journal's disk
+            self._retry(item, server_reason(exc, self.emit_dir.parent, "journaling the fold"))
+            return
         finally:
             self.manifest = self.merger.manifest
             self.board.folding(None)
+        self.board.retry(None)
         self._count(event, item, fields)
         self.board.record(record)
         log.info("%s %s%s", event, item.label, f": {reason}" if reason else "")
@@ -119,14 +174,47 @@ class Writer(threading.Thread):
         except OSError:
             log.exception("could not clear %s after %s", item.label, event)
 
+    def _retry(self, item: WorkItem, reason: str) -> None:
+        """Keep the arrival (its spool file, its inbox entry) and try it again later."""
+        item.attempts += 1
+        delay = retry_delay(item.attempts)
+        self.metrics.retries.inc(1, item.origin)
+        self.board.retry(
+            {
+                "id": item.id,
+                "name": item.name,
+                "origin": item.origin,
+                "attempts": item.attempts,
+                "reason": reason,
+                "next_attempt": time.time() + delay,
+            }
+        )
+        log.warning(
+            "fold of %s failed (%s): attempt %d, next in %.0f s",
+            item.label,
+            reason,
+            item.attempts,
+            delay,
+        )
+        self.queue.put_back(item, delay)
+
     def _fold(self, item: WorkItem) -> tuple[str, str | None, dict[str, Any]]:
         try:
             result = self.merger.fold(item.path, name=item.label)
-        except ContmergeError as exc:
+        except CheckpointError as exc:
             return "rejected", describe(exc, item), {}
-        except Exception as exc:  # a bug or I/O trouble; the fold is atomic, the state intact
+        except Exception as exc:  # the fold is atomic: the state is intact either way
+            if is_servers_fault(exc):
+                raise RetryLater(server_reason(exc, self.emit_dir.parent)) from exc
             log.exception("fold of %s failed", item.label)
-            return "rejected", describe(exc, item), {}
+            if item.attempts + 1 < ATTEMPTS_OF_A_BUG:
+                raise RetryLater(describe(exc, item)) from exc
+            return (
+                "rejected",
+                f"{describe(exc, item)} (an internal error, after {ATTEMPTS_OF_A_BUG} attempts; "
+                "the server's log has the details)",
+                {},
+            )
         fields: dict[str, Any] = {
             "content_hash": result.content_hash,
             "index": result.index,
