@@ -17,7 +17,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import io
 import re
 from collections.abc import Callable
 from functools import lru_cache
@@ -102,7 +101,7 @@ def read_wordnet(directory: str = str(WORDNET_DIR), pos_file: str = "data.noun"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no WordNet data; install Debian's `wordnet-base`")
     rows = []
-    with io.open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.startswith("  "):  # the licence header
                 continue

@@ -4,8 +4,8 @@
 The encoder's initialisers map onto transformers' ``Dinov2Model`` (12 layers, 384 wide, 6 heads,
 patch 14). Named initialisers keep their PyTorch names; the linear weights were exported as
 anonymous ``MatMul`` constants, transposed, each named by the graph node that uses it
-(``/backbone/encoder/layer.N/attention/attention/query/MatMul``, …); the position embedding was split into its class-token row and the
-37×37 patch grid. ``verify_against_onnx`` runs the ONNX graph with onnxruntime and compares the
+(``/backbone/encoder/layer.N/attention/attention/query/MatMul``, …); the position embedding
+was split into its class-token row and the 37×37 patch grid. ``verify_against_onnx`` runs the ONNX graph with onnxruntime and compares the
 encoder's final LayerNorm output with the rebuilt model's.
 """
 
@@ -66,7 +66,7 @@ def state_from_onnx(path: Path | None = None) -> dict[str, torch.Tensor]:
     for name, a in arrays.items():
         if name.startswith("backbone."):
             state[name.removeprefix("backbone.")] = torch.from_numpy(np.array(a, np.float32))
-    # Each MatMul constant is named by the node that uses it: /backbone/encoder/layer.N/<path>/MatMul
+    # A MatMul constant is named by the node using it: /backbone/encoder/layer.N/<path>/MatMul
     found = 0
     for node in graph.node:
         match = _MATMUL_NODE.match(node.name)
