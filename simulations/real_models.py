@@ -157,12 +157,21 @@ def to_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-def vit_s(trained_blocks: int = 3, image_size: int = 56) -> SplitModel:
-    from .vit_onnx import load_dinov2_small
+def vit_s(trained_blocks: int = 3, image_size: int = 56, tiny: bool = False) -> SplitModel:
+    """``tiny``: a small random-init DINOv2 of the same code path (tests), not the real one."""
+    from .vit_onnx import dinov2_config, load_dinov2_small
 
     if image_size % 14:
         raise ValueError("image_size must be a multiple of the patch size 14")
-    model = load_dinov2_small()
+    if tiny:
+        from transformers import Dinov2Model
+
+        torch.manual_seed(0)
+        cfg = dinov2_config()
+        cfg.update({"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2})
+        model = Dinov2Model(cfg).eval()
+    else:
+        model = load_dinov2_small()
     blocks = model.encoder.layer
     keep = len(blocks) - trained_blocks
     if not 0 < keep < len(blocks):
@@ -233,8 +242,22 @@ class LlamaTop(nn.Module):
         return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
 
-def smollm2(trained_blocks: int = 4, max_tokens: int = 32) -> SplitModel:
-    tokenizer, model = load_smollm2()
+def tiny_llama():  # -> (tokenizer, LlamaModel)
+    """A small random-init Llama with MiniLM's tokenizer: the LoRA code path for tests."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    return tokenizer, transformers.LlamaModel(config).eval()
+
+
+def smollm2(trained_blocks: int = 4, max_tokens: int = 32, tiny: bool = False) -> SplitModel:
+    tokenizer, model = tiny_llama() if tiny else load_smollm2()
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,8 +5,9 @@ The encoder's initialisers map onto transformers' ``Dinov2Model`` (12 layers, 38
 patch 14). Named initialisers keep their PyTorch names; the linear weights were exported as
 anonymous ``MatMul`` constants, transposed, each named by the graph node that uses it
 (``/backbone/encoder/layer.N/attention/attention/query/MatMul``, …); the position embedding
-was split into its class-token row and the 37×37 patch grid. ``verify_against_onnx`` runs the ONNX graph with onnxruntime and compares the
-encoder's final LayerNorm output with the rebuilt model's.
+was split into its class-token row and the 37×37 patch grid. ``verify_against_onnx`` runs the
+ONNX graph with onnxruntime and compares the encoder's final LayerNorm output with the
+rebuilt model's.
 """
 
 from __future__ import annotations
