@@ -331,6 +331,7 @@ def run_continual(config: ContinualConfig, merge_fn: MergeFn | None = None) -> d
     diagnostics["ta_beats_average"] = ta_beats_average(results)
     results["diagnostics"] = diagnostics
     results["cache_dir"] = str(scenario.root)
+    results["trained_now"] = getattr(scenario, "trainings", None)  # None: the MLP's own counter
     results["timing_s"] = {
         "data": round(t_data - t_start, 2),
         "training_or_cache": round(t_train - t_data, 2),
