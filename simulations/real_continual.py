@@ -38,44 +38,15 @@ from .train import load_safetensors, save_safetensors
 REAL_CACHE_FORMAT = 1
 LORA_TARGETS = ("q_proj", "v_proj")
 
-#: model -> (task registry name, default tasks, trained blocks, extra builder kwargs)
+TEXT_DEFAULT_TASKS = ("rt_sentiment", "rt_review_or_plot", "debate_party", "fortune_topic",
+                      "wordnet_noun_sense", "wordnet_verb_sense")  # fmt: skip
+VISION_DEFAULT_TASKS = ("fashion", "fashion_invert", "mnist", "mnist_rot90", "opencv_digits",
+                        "sklearn_digits")  # fmt: skip
+#: model -> its task domain, default tasks and number of trained (suffix) blocks
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "minilm": {
-        "domain": "text",
-        "tasks": (
-            "rt_sentiment",
-            "rt_review_or_plot",
-            "debate_party",
-            "fortune_topic",
-            "wordnet_noun_sense",
-            "wordnet_verb_sense",
-        ),
-        "trained_blocks": 2,
-    },  # fmt: skip
-    "vit-s": {
-        "domain": "vision",
-        "tasks": (
-            "fashion",
-            "fashion_invert",
-            "mnist",
-            "mnist_rot90",
-            "opencv_digits",
-            "sklearn_digits",
-        ),
-        "trained_blocks": 3,
-    },  # fmt: skip
-    "smollm2-lora": {
-        "domain": "text",
-        "tasks": (
-            "rt_sentiment",
-            "rt_review_or_plot",
-            "debate_party",
-            "fortune_topic",
-            "wordnet_noun_sense",
-            "wordnet_verb_sense",
-        ),
-        "trained_blocks": 4,
-    },  # fmt: skip
+    "minilm": {"domain": "text", "tasks": TEXT_DEFAULT_TASKS, "trained_blocks": 2},
+    "vit-s": {"domain": "vision", "tasks": VISION_DEFAULT_TASKS, "trained_blocks": 3},
+    "smollm2-lora": {"domain": "text", "tasks": TEXT_DEFAULT_TASKS, "trained_blocks": 4},
 }
 
 

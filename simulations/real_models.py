@@ -68,6 +68,30 @@ def _batched(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _frozen_count(blocks: nn.ModuleList, trained_blocks: int) -> int:
+    keep = len(blocks) - trained_blocks
+    if not 0 < keep < len(blocks):
+        raise ValueError(f"trained_blocks must be 1..{len(blocks) - 1}, not {trained_blocks}")
+    return keep
+
+
+def _text_prefix(tokenizer: Any, model: nn.Module, blocks: nn.ModuleList, keep: int,
+                 max_tokens: int, batch: int
+                 ) -> Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Texts → (hidden states after the frozen blocks, attention mask), right-padded."""
+
+    def prefix_hidden(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, masks = [], []
+        for chunk in _batched(list(texts), batch):
+            enc = tokenizer(list(chunk), truncation=True, max_length=max_tokens,
+                            padding="max_length", return_tensors="pt")  # fmt: skip
+            hidden.append(_run_prefix(model, blocks, keep, lambda enc=enc: model(**enc)))
+            masks.append(enc["attention_mask"])
+        return torch.cat(hidden), torch.cat(masks)
+
+    return prefix_hidden
+
+
 def _blocks_dict(blocks: nn.ModuleList, start: int) -> nn.ModuleDict:
     return nn.ModuleDict({str(i): blocks[i] for i in range(start, len(blocks))})
 
@@ -107,19 +131,8 @@ def minilm(trained_blocks: int = 2, max_tokens: int = 32) -> SplitModel:
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
     blocks = model.encoder.layer
-    keep = len(blocks) - trained_blocks
-    if not 0 < keep < len(blocks):
-        raise ValueError(f"trained_blocks must be 1..{len(blocks) - 1}")
-
-    def prefix_hidden(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, masks = [], []
-        for chunk in _batched(list(texts), 64):
-            enc = tokenizer(list(chunk), truncation=True, max_length=max_tokens,
-                            padding="max_length", return_tensors="pt")  # fmt: skip
-            hidden.append(_run_prefix(model, blocks, keep, lambda enc=enc: model(**enc)))
-            masks.append(enc["attention_mask"])
-        return torch.cat(hidden), torch.cat(masks)
-
+    keep = _frozen_count(blocks, trained_blocks)
+    prefix_hidden = _text_prefix(tokenizer, model, blocks, keep, max_tokens, 64)
     return SplitModel(
         name="minilm",
         describe=f"all-MiniLM-L6-v2 (22.7M), last {trained_blocks} of 6 layers trained, "
@@ -173,9 +186,7 @@ def vit_s(trained_blocks: int = 3, image_size: int = 56, tiny: bool = False) -> 
     else:
         model = load_dinov2_small()
     blocks = model.encoder.layer
-    keep = len(blocks) - trained_blocks
-    if not 0 < keep < len(blocks):
-        raise ValueError(f"trained_blocks must be 1..{len(blocks) - 1}")
+    keep = _frozen_count(blocks, trained_blocks)
 
     def prefix_hidden(images: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
@@ -262,19 +273,8 @@ def smollm2(trained_blocks: int = 4, max_tokens: int = 32, tiny: bool = False) -
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     blocks = model.layers
-    keep = len(blocks) - trained_blocks
-    if not 0 < keep < len(blocks):
-        raise ValueError(f"trained_blocks must be 1..{len(blocks) - 1}")
-
-    def prefix_hidden(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, masks = [], []
-        for chunk in _batched(list(texts), 32):
-            enc = tokenizer(list(chunk), truncation=True, max_length=max_tokens,
-                            padding="max_length", return_tensors="pt")  # fmt: skip
-            hidden.append(_run_prefix(model, blocks, keep, lambda enc=enc: model(**enc)))
-            masks.append(enc["attention_mask"])
-        return torch.cat(hidden), torch.cat(masks)
-
+    keep = _frozen_count(blocks, trained_blocks)
+    prefix_hidden = _text_prefix(tokenizer, model, blocks, keep, max_tokens, 32)
     return SplitModel(
         name="smollm2",
         describe=f"SmolLM2-135M-Instruct (Q4_1 GGUF → float32), LoRA on q/v of the last "
