@@ -10,13 +10,14 @@ for models larger than RAM. Files are byte-compatible with the safetensors forma
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -70,14 +71,32 @@ def parse_size(text: str) -> int:
     return value
 
 
+_limit_in_force: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "contmerge_max_header_bytes", default=None
+)
+
+
 def header_limit(given: int | None = None) -> int:
-    """The header bound in force: ``given``, else $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB."""
+    """The header bound in force: ``given``, else the one ``using_header_limit`` set, else
+    $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB."""
+    given = given if given is not None else _limit_in_force.get()
     if given is not None:
         if given <= 0:
             raise SettingError(f"max_header_bytes must be positive, got {given}")
         return given
     from_env = os.environ.get(MAX_HEADER_ENV)
     return parse_size(from_env) if from_env else DEFAULT_MAX_HEADER_BYTES
+
+
+@contextlib.contextmanager
+def using_header_limit(limit: int | None) -> Iterator[None]:
+    """Bound every header read inside the block (in this thread) by ``limit``; None: no change.
+    How a command-line option reaches readers opened deep inside the Merger."""
+    token = _limit_in_force.set(limit)
+    try:
+        yield
+    finally:
+        _limit_in_force.reset(token)
 
 
 @dataclass(frozen=True, slots=True)  # slots: a header may describe a hundred thousand tensors
