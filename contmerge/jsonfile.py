@@ -32,12 +32,16 @@ def _reject_constant(name: str) -> None:
     raise JsonError(f"{name} is not a JSON value")
 
 
-def decode(raw: bytes, object_hook: Callable[[list], Any] = Pairs) -> Any:
-    """Parse ``raw`` as strict JSON; objects come back through ``object_hook`` (see Pairs)."""
+def utf8(raw: bytes) -> str:
+    """``raw`` as UTF-8 text (the only encoding the format allows: no guessing UTF-16)."""
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JsonError(f"not valid UTF-8 (at byte {exc.start})") from None
+
+
+def parse(text: str, object_hook: Callable[[list], Any] = Pairs) -> Any:
+    """Parse ``text`` as strict JSON; objects come back through ``object_hook`` (see Pairs)."""
     try:
         return json.loads(text, object_pairs_hook=object_hook, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
@@ -89,6 +93,6 @@ def read_object(path: Path, limit: int, what: str | None = None) -> dict[str, An
     except OSError as exc:
         raise CheckpointError(str(path), f"cannot read {what}: {exc.strerror}") from exc
     try:
-        return to_plain(as_dict(decode(raw), what), what)
+        return to_plain(as_dict(parse(utf8(raw)), what), what)
     except JsonError as exc:
         raise CheckpointError(str(path), f"malformed {what}: {exc}") from None

@@ -233,10 +233,12 @@ class SafetensorsReader:
         if foreign and not raw.lstrip(b" ").startswith(b"{"):
             raise _fail(self.path, "this is a pickle/zip (torch.save) file, not safetensors")
         try:
-            top = jsonfile.decode(raw, _compact)
+            text = jsonfile.utf8(raw)
+            del raw  # the header is untrusted and may be large: hold one copy at a time
+            top = jsonfile.parse(text, _compact)
         except jsonfile.JsonError as exc:
             raise _fail(self.path, f"malformed header: {exc}") from None
-        del raw
+        del text
         if not isinstance(top, Pairs):
             raise _fail(self.path, "malformed header: not a JSON object of tensors")
         self.data_start = 8 + header_len
