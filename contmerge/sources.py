@@ -9,9 +9,7 @@ Nothing here holds more than one tensor of the checkpoint in memory at a time.
 from __future__ import annotations
 
 import math
-import pickle
 import re
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +21,7 @@ from . import jsonfile
 from .errors import CheckpointError, clip
 from .lora_config import CONFIG_FILE, read_lora_config
 from .tensorfile import CODE_BY_DTYPE, SafetensorsReader, TensorMeta, header_limit
+from .torchfile import load_torch_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -249,67 +248,21 @@ class ShardedCheckpoint(Checkpoint):
 
 
 class TorchFileCheckpoint(Checkpoint):
-    """A ``torch.save`` file, loaded only with ``weights_only=True`` (no arbitrary pickle code)."""
+    """A ``torch.save`` file, loaded only with ``weights_only=True`` (no arbitrary pickle code),
+    its zip records checked before any is mapped (see ``contmerge.torchfile``)."""
 
     fresh_reads = True  # ``read`` clones out of the loaded (memory-mapped) file
 
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
         self.source = str(path)
-        if not path.is_file():  # torch.load of a FIFO would wait for a writer forever
-            raise CheckpointError(str(path), "not a regular file")
-        try:
-            # mmap keeps tensors on disk until read; it needs the zip format of torch >= 1.6
-            loaded = torch.load(
-                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
-        except Exception as exc:  # torch raises many kinds (e.g. AttributeError for f8 legacy)
-            raise CheckpointError(str(path), _torch_load_reason(exc)) from exc
-        tensors = _unwrap_state_dict(loaded)
-        if tensors is None:
-            raise CheckpointError(str(path), "does not hold a state dict of tensors")
-        self._tensors = tensors
-        self.meta = {n: TensorMeta.of(t) for n, t in tensors.items()}
+        self._tensors = load_torch_file(Path(path))
+        self.meta = {n: TensorMeta.of(t) for n, t in self._tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
 
     def view(self, name: str) -> torch.Tensor:
         return self._tensors[name]
-
-
-def _torch_load_reason(exc: Exception) -> str:
-    """Why torch.load failed, in words that quote none of the file's bytes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours part of its message
-    if "Weights only load failed" in text or "WeightsUnpickler" in text:
-        return f"refused: this pickle needs code beyond plain tensors ({_unpickle_reason(text)})"
-    if isinstance(exc, pickle.UnpicklingError) and "load key" in text:
-        # "invalid load key, 'r'.": the byte is the file's content
-        return "not a torch file (neither a zip archive nor a pickle)"
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"not a readable torch file: {type(exc).__name__}: {clip(first, 200)}"
-
-
-def _unpickle_reason(text: str) -> str:
-    """The useful line of torch's long weights_only message (what it refused to load)."""
-    found = re.search(
-        r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\. Please use|\n\n|$)",
-        text,
-        re.S,
-    )
-    if found and found.group(1).strip():
-        return clip(found.group(1).strip(), 200)
-    return clip(text.strip().splitlines()[0], 200) if text.strip() else "refused by weights_only"
-
-
-def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return dict(obj)
-        for key in ("state_dict", "model", "module"):
-            if key in obj:
-                return _unwrap_state_dict(obj[key])
-    return None
 
 
 class LoraCheckpoint(Checkpoint):

@@ -202,7 +202,7 @@ def test_unreadable_torch_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"f8\.bin: not a readable torch file"):
         open_checkpoint(path)
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(CheckpointError, match="not a readable torch file"):
+    with pytest.raises(CheckpointError, match="not a torch file"):
         open_checkpoint(path)
 
 
@@ -680,3 +680,52 @@ def test_lora_adapter_with_an_absurd_scale_is_refused_like_another_base(
     # the check is the another-base one: turned off, the same adapter folds
     with Merger(base, strategy, max_relative_delta=None) as merger:
         assert merger.fold(absurd).status == "folded"
+
+
+# --- torch zip archives that a memory-mapped load would misread --------------------------------
+
+
+def repack(source: Path, out: Path, edit) -> Path:
+    """``source``'s zip records rewritten through ``edit(name, data) -> (data, compression)``."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(out, "w") as packed:
+        for info in archive.infolist():
+            data, compression = edit(info.filename, archive.read(info.filename))
+            packed.writestr(zipfile.ZipInfo(info.filename), data, compress_type=compression)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("data record compressed", "'good/data/0' is compressed"),  # a bomb: 200 MB of zeros
+        ("pickle compressed", "'good/data.pkl' is compressed"),
+        ("data record cut short", "tensor 'w': its data needs 64 bytes, its zip record holds 8"),
+    ],
+)
+def test_torch_zip_records_are_checked_before_they_are_mapped(
+    tmp_path: Path, case: str, reason: str
+) -> None:
+    import zipfile
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(4, 4)}, good)
+
+    def edit(name: str, data: bytes) -> tuple[bytes, int]:
+        if case == "data record compressed" and name.endswith("data/0"):
+            return bytes(200 << 20), zipfile.ZIP_DEFLATED
+        if case == "pickle compressed" and name.endswith("data.pkl"):
+            return data, zipfile.ZIP_DEFLATED
+        if case == "data record cut short" and name.endswith("data/0"):
+            return data[:8], zipfile.ZIP_STORED
+        return data, zipfile.ZIP_STORED
+
+    path = repack(good, tmp_path / "bad.pt", edit)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match=re.escape(reason)) as caught:
+        open_checkpoint(path)
+    assert caught.value.source == str(path)
+    # a repacked file that changes nothing still loads
+    same = repack(good, tmp_path / "same.pt", lambda n, d: (d, zipfile.ZIP_STORED))
+    assert torch.equal(open_checkpoint(same).read("w"), torch.ones(4, 4))
