@@ -584,11 +584,11 @@ def _file_identity(source: Source) -> str | None:
     same file, unchanged since it was folded, needs no reading to be recognised."""
     if not isinstance(source, (str, Path)):
         return None
-    path = Path(source).resolve()
     try:
+        path = Path(source).resolve()  # RuntimeError: a symlink loop (before Python 3.13)
         entries = sorted(path.iterdir()) if path.is_dir() else [path]
         stats = [(e.name, e.stat()) for e in entries if e.is_file()]
-    except OSError:
+    except (OSError, RuntimeError):
         return None
     parts = [f"{n}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" for n, st in stats]
     return hashlib.sha256("\0".join([str(path), *parts]).encode()).hexdigest()

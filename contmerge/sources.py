@@ -435,7 +435,8 @@ def open_checkpoint(
     if path.is_dir():
         return _open_directory(path, base_meta, max_header_bytes)
     if not path.exists():
-        raise CheckpointError(str(path), "no such file or directory")
+        what = "a dangling or looping symlink" if path.is_symlink() else "no such file or directory"
+        raise CheckpointError(str(path), what)
     if path.name.endswith(".index.json"):
         return ShardedCheckpoint(path, max_header_bytes)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
@@ -454,6 +455,8 @@ def _open_directory(
         candidate = path / name
         if not candidate.exists():
             continue
+        if candidate.is_dir():
+            raise CheckpointError(str(candidate), "not a regular file (a directory)")
         if name == TORCH_INDEX:
             raise CheckpointError(
                 str(path), "sharded .bin checkpoints are not supported; convert them to safetensors"

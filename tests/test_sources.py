@@ -701,7 +701,10 @@ def repack(source: Path, out: Path, edit) -> Path:
     [
         ("data record compressed", "'good/data/0' is compressed"),  # a bomb: 200 MB of zeros
         ("pickle compressed", "'good/data.pkl' is compressed"),
-        ("data record cut short", "tensor 'w': its data needs 64 bytes, its zip record holds 8"),
+        (
+            "data record cut short",
+            "tensor 'w': its data needs 64 bytes, it has a zip record of 8 bytes",
+        ),
     ],
 )
 def test_torch_zip_records_are_checked_before_they_are_mapped(
