@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import fine_tune, save
 
 from contmerge import CheckpointError, ContmergeError, Merger, open_checkpoint
 from contmerge.cli import main
@@ -47,22 +48,6 @@ def base_tensors() -> Tensors:
 
 
 LAST = "head.weight"
-
-
-def fine_tune(base: Tensors, seed: int) -> Tensors:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        name: (value.float() + 0.05 * torch.randn(value.shape, generator=g)).to(value.dtype)
-        if value.is_floating_point()
-        else value.clone()
-        for name, value in base.items()
-    }
-
-
-def save(path: Path, tensors: Tensors) -> Path:
-    with open(path, "wb") as handle:
-        write_safetensors(handle, tensors)
-    return path
 
 
 def raw_safetensors(path: Path, tensors: Tensors, edit: Callable[[dict], None]) -> Path:
