@@ -216,7 +216,7 @@ def without_f8(values: Tensors, zipped: bool) -> Tensors:
     return {n: t for n, t in values.items() if zipped or t.dtype != torch.float8_e4m3fn}
 
 
-def evil_torch(name: str, zipped: bool = True) -> Make:
+def hostile_torch(name: str, zipped: bool = True) -> Make:
     def make(directory: Path, world: World) -> Path:
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def evil_torch(name: str, zipped: bool = True) -> Make:
     return make
 
 
-def evil_pickle(protocol: int, name: str = "evil.pt") -> Make:
+def hostile_pickle(protocol: int, name: str = "hostile.pt") -> Make:
     return raw(lambda world: pickle.dumps({"trap": RunsShell(world.marker)}, protocol), name)
 
 
@@ -363,7 +363,7 @@ def _orphan(values: Tensors) -> None:
     del values["base_model.model.head.lora_B.weight"]
 
 
-def _evil_adapter_bin(path: Path, values: Tensors, world: World) -> None:
+def _hostile_adapter_bin(path: Path, values: Tensors, world: World) -> None:
     torch.save({**values, "trap": RunsShell(world.marker)}, path / "adapter_model.bin")
 
 
@@ -583,12 +583,14 @@ CASES: dict[str, Case] = {
     "f8 NaN (0x7f)": Case(tensors(poisoned("scale.f8", 2, 0x7F)), "NaN or Inf", "scale.f8"),
     "another base": Case(tensors(_other_base), "fine-tuned from another base"),
     # torch files
-    "torch zip pickle running os.system": Case(evil_torch("evil.pt"), PICKLE_REFUSED),
-    "torch legacy pickle running os.system": Case(evil_torch("evil.bin", False), PICKLE_REFUSED),
-    "raw pickle running os.system": Case(evil_pickle(2), PICKLE_REFUSED),
-    "protocol-5 pickle running os.system": Case(evil_pickle(5, "evil.pth"), PICKLE_REFUSED),
+    "torch zip pickle running os.system": Case(hostile_torch("hostile.pt"), PICKLE_REFUSED),
+    "torch legacy pickle running os.system": Case(
+        hostile_torch("hostile.bin", False), PICKLE_REFUSED
+    ),
+    "raw pickle running os.system": Case(hostile_pickle(2), PICKLE_REFUSED),
+    "protocol-5 pickle running os.system": Case(hostile_pickle(5, "hostile.pth"), PICKLE_REFUSED),
     "os.system pickle as pytorch_model.bin": Case(
-        directory_of(lambda p, w: evil_torch("pytorch_model.bin")(p, w)),
+        directory_of(lambda p, w: hostile_torch("pytorch_model.bin")(p, w)),
         PICKLE_REFUSED,
         names="model/pytorch_model.bin",
     ),
@@ -692,7 +694,7 @@ CASES: dict[str, Case] = {
     "LoRA NaN in a factor": Case(adapter(None, _nan_factor), "NaN or Inf", LAST),
     "LoRA weights a text file": Case(adapter(weights=_text_weights), NOT_SAFETENSORS),
     "LoRA adapter_model.bin running os.system": Case(
-        adapter(weights=_evil_adapter_bin), PICKLE_REFUSED, names="adapter/adapter_model.bin"
+        adapter(weights=_hostile_adapter_bin), PICKLE_REFUSED, names="adapter/adapter_model.bin"
     ),
     # paths
     "an empty directory": Case(directory_of(lambda p, w: None), "directory holds none of"),
