@@ -72,7 +72,15 @@ def check_refusal(case_id: str, directory: Path, argument: Path, code: int, err:
     case = CASES[case_id]
     assert code == 1, f"exit status {code}: {err}"
     assert "Traceback" not in err, err
-    line = next((ln for ln in err.splitlines() if ln.startswith(f"rejected {argument}: ")), None)
+    # "rejected FILE: reason", or "rejected FILE, tensor 'x': reason" when FILE is at fault
+    line = next(
+        (
+            ln
+            for ln in err.splitlines()
+            if re.match(rf"rejected {re.escape(str(argument))}[:,]", ln)
+        ),
+        None,
+    )
     assert line is not None, err
     named = directory / case.names if case.names else argument
     assert str(named) in line, line
