@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .errors import CheckpointError, ContmergeError, Notice
+from .errors import CheckpointError, ContmergeError, Notice, SettingError
 from .merger import DEFAULT_MAX_RELATIVE_DELTA
 from .registry import parse_value
+from .tensorfile import MAX_HEADER_ENV, parse_size, using_header_limit
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -204,6 +205,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "--keep-going", action="store_true", help="report a bad checkpoint and go on with the next"
     )
     merge.add_argument("--out", help="also write the merged model here after folding")
+    _add_max_header_bytes(merge)
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
     merge.set_defaults(func=cmd_merge)
@@ -221,6 +223,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "(gets the base's config files when the base was a model directory)",
     )
     emit.add_argument("--base", help="base model, if it moved since the state was created")
+    _add_max_header_bytes(emit)
     emit.set_defaults(func=cmd_emit)
 
     inspect = sub.add_parser(
@@ -250,6 +253,23 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=help_text)  # a placeholder for the listing only
     return parser
+
+
+def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-header-bytes",
+        type=_size,
+        metavar="SIZE",
+        help="refuse safetensors headers and shard indexes larger than this, e.g. 64M "
+        f"(default: ${MAX_HEADER_ENV}, else 16M)",
+    )
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_external(
@@ -332,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # as parse_args would; a command that is unavailable says why whatever its options
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        with notices_as_lines():
+        with notices_as_lines(), using_header_limit(getattr(args, "max_header_bytes", None)):
             return int(args.func(args) or 0)
     except ContmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)

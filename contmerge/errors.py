@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+#: names longer than this are cut in messages (a hostile header may hold a megabyte-long one)
+MAX_QUOTED = 120
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` cut to ``limit`` characters, for quoting untrusted names and values."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
 
 class ContmergeError(Exception):
     """Base class of every error contmerge raises on purpose."""
@@ -14,7 +22,8 @@ class CheckpointError(ContmergeError, ValueError):
         self.source = str(source)
         self.tensor = tensor
         self.reason = reason
-        where = f"{self.source}" + (f", tensor {tensor!r}" if tensor else "")
+        # repr: a tensor name from a hostile header may hold newlines or terminal escapes
+        where = f"{self.source}" + (f", tensor {clip(tensor)!r}" if tensor is not None else "")
         super().__init__(f"{where}: {reason}")
 
 
@@ -29,3 +38,7 @@ class StrategyError(ContmergeError, ValueError):
 class Notice(UserWarning):
     """Something the user should know that is not an error (e.g. a data set is missing, so a
     fallback is used); the CLI shows it as one ``note:`` line."""
+
+
+class SettingError(ContmergeError, ValueError):
+    """A setting given by the user (an option, an environment variable) that does not parse."""

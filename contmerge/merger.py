@@ -255,10 +255,11 @@ class Merger:
                     content.add(name, *hashed[name])
             content_hash = content.hexdigest()
             delta_sq = math.fsum(sums.values())
+            # over the matrices the arrival changes: all of a full model's, an adapter's targets
             matrix_ratios = [
                 math.sqrt(sums[n] / self._base_sq[n])
                 for n in sums
-                if len(self.infos[n].shape) >= 2 and self._base_sq[n] > 0
+                if n in arrival.meta and len(self.infos[n].shape) >= 2 and self._base_sq[n] > 0
             ]
             for record in self.manifest["arrivals"] if self.dedupe else ():
                 if record["hash"] == content_hash:
@@ -274,12 +275,14 @@ class Merger:
             relative = math.sqrt(delta_sq / base_sq) if base_sq > 0 else 0.0
             moved = statistics.median(matrix_ratios) if matrix_ratios else 0.0
             limit = self.max_relative_delta
-            if arrival.carries_full_weights and limit is not None and moved > limit:
+            if limit is not None and moved > limit:
                 raise CheckpointError(
                     label,
                     f"differs from the base by {moved:.2f}× the norm of its weight matrices "
-                    f"(median over matrices; limit {limit}): it looks fine-tuned from another base "
-                    "(if it is a fine-tune of this one, allow it with --any-base or a larger "
+                    f"(median over the matrices it changes; limit {limit}): it looks fine-tuned "
+                    "from another base"
+                    + ("" if arrival.carries_full_weights else ", or scaled absurdly (lora_alpha)")
+                    + " (if it is a fine-tune of this one, allow it with --any-base or a larger "
                     "--max-relative-delta; in Python max_relative_delta=None)",
                 )
             record = {
@@ -581,11 +584,11 @@ def _file_identity(source: Source) -> str | None:
     same file, unchanged since it was folded, needs no reading to be recognised."""
     if not isinstance(source, (str, Path)):
         return None
-    path = Path(source).resolve()
     try:
+        path = Path(source).resolve()  # RuntimeError: a symlink loop (before Python 3.13)
         entries = sorted(path.iterdir()) if path.is_dir() else [path]
         stats = [(e.name, e.stat()) for e in entries if e.is_file()]
-    except OSError:
+    except (OSError, RuntimeError):
         return None
     parts = [f"{n}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" for n, st in stats]
     return hashlib.sha256("\0".join([str(path), *parts]).encode()).hexdigest()
