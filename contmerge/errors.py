@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class ContmergeError(Exception):
     """Base class of every error contmerge raises on purpose."""
@@ -29,3 +32,29 @@ class StrategyError(ContmergeError, ValueError):
 class Notice(UserWarning):
     """Something the user should know that is not an error (e.g. a data set is missing, so a
     fallback is used); the CLI shows it as one ``note:`` line."""
+
+
+#: plain words for the write failures a user can do something about
+_WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit exceeded",
+    errno.EROFS: "read-only file system",
+}
+
+
+class StorageError(OSError):
+    """Writing a file failed for a reason that is not the input's fault (disk full, quota, an
+    I/O error, a read-only file system); what was committed before is intact. An ``OSError``
+    with ``errno`` and ``filename`` set, so callers that retry I/O trouble catch it, and not a
+    ``ContmergeError``, so it is never mistaken for a bad checkpoint."""
+
+    @classmethod
+    def of(cls, exc: OSError, path: str | os.PathLike[str]) -> StorageError:
+        if isinstance(exc, StorageError):
+            return exc
+        return cls(exc.errno, exc.strerror, os.fspath(path))
+
+    def __str__(self) -> str:
+        reason = _WRITE_FAILURES.get(self.errno or 0) or (self.strerror or "I/O error").lower()
+        return f"{reason} while writing {self.filename}"
