@@ -12,6 +12,7 @@ other rules get whole tensors and their reference ``fold``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -596,25 +597,28 @@ class Merger:
         base's config and tokenizer files) when ``out`` has no suffix and the base was one."""
         out = Path(out)
         as_directory = out.suffix != ".safetensors"
-        if as_directory:
-            with writing(out):
-                out.mkdir(parents=True, exist_ok=True)
-                if self.base.config_dir is not None:
-                    _copy_config(self.base.config_dir, out)
-            target = out / "model.safetensors"
-        else:
-            target = out
+        made = as_directory and not out.exists()
+        target = out / "model.safetensors" if as_directory else out
         metas = {name: info.meta for name, info in self.infos.items()}
         metadata = {
             "format": "pt",
             "contmerge_strategy": self.strategy.spec(),
             "contmerge_count": str(self.count),
         }
-        with atomic_open(target) as handle:
-            writer = SafetensorsWriter(handle, metas, metadata)
-            for name, tensor in self.iter_merged():
-                writer.write(name, tensor.contiguous())
-            writer.finish()
+        try:
+            with atomic_open(target) as handle:
+                writer = SafetensorsWriter(handle, metas, metadata)
+                for name, tensor in self.iter_merged():
+                    writer.write(name, tensor.contiguous())
+                writer.finish()
+        except BaseException:
+            if made:  # leave no empty directory behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        if as_directory and self.base.config_dir is not None:
+            with writing(out):
+                _copy_config(self.base.config_dir, out)
         return out
 
     def close(self) -> None:

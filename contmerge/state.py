@@ -375,6 +375,12 @@ class DiskStore:
             self._reader = None
         self._lock.close()
 
+    def __enter__(self) -> DiskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class _Scratch:
     """A growable byte buffer carved into state slots, kept mapped from fold to fold. Carvings
