@@ -4,11 +4,13 @@ Nothing is ever deleted or written by a refused or read-only command."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -287,25 +289,27 @@ def test_a_state_of_format_2_loads_verifies_and_is_upgraded_by_its_next_fold(tmp
 # --- read-only state directories ---------------------------------------------------------
 
 
-def _read_only_copy(source: Path, where: Path) -> Path:
-    """``source`` seen through a read-only mount (as root) or with write permission removed."""
+@contextlib.contextmanager
+def read_only_view(source: Path, where: Path) -> Iterator[Path]:
+    """``source`` seen through a read-only bind mount (as root, who writes through permissions)
+    or as a copy with write permission removed."""
+    if os.geteuid() != 0:
+        shutil.copytree(source, where)
+        for path in [where, *where.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        yield where
+        return
     where.mkdir()
-    if os.geteuid() == 0:  # root writes through permissions: a read-only bind mount
-        bind = subprocess.run(["mount", "--bind", str(source), str(where)], capture_output=True)
-        if bind.returncode:
-            pytest.skip(f"cannot bind-mount here: {bind.stderr.decode().strip()}")
-        ro = subprocess.run(
-            ["mount", "-o", "remount,ro,bind", str(where)], capture_output=True, text=True
-        )
+    bind = subprocess.run(["mount", "--bind", str(source), str(where)], capture_output=True)
+    if bind.returncode:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.decode().strip()}")
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,ro,bind", str(where)], capture_output=True)
         if ro.returncode:
-            subprocess.run(["umount", str(where)])
-            pytest.skip(f"cannot remount read-only here: {ro.stderr.strip()}")
-        return where
-    where.rmdir()
-    shutil.copytree(source, where)
-    for path in [where, *where.rglob("*")]:
-        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    return where
+            pytest.skip(f"cannot remount read-only here: {ro.stderr.decode().strip()}")
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
 
 
 @pytest.mark.parametrize("with_lock_file", [True, False])
@@ -316,8 +320,9 @@ def test_a_read_only_state_can_be_emitted_inspected_and_verified(
     if not with_lock_file:  # an archive copied without its dot files
         (state / ".lock").unlink()
         (state / ".state-spare.tmp").unlink()
-    view = _read_only_copy(state, tmp_path / "archived")
-    try:
+    with read_only_view(state, tmp_path / "archived") as view:
+        with pytest.raises(OSError):  # it really is read-only
+            (view / "probe").write_bytes(b"")
         out = tmp_path / "merged.safetensors"
         assert main(["emit", "--state", str(view), "--out", str(out)]) == 0
         assert_same(load_file(out), merged_after(base, paths, "average"))
@@ -327,9 +332,6 @@ def test_a_read_only_state_can_be_emitted_inspected_and_verified(
         assert main(["merge", "--base", str(base), "--state", str(view), str(paths[0])]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: {view / '.lock'}: cannot") and "emit, inspect" in err
-    finally:
-        if os.path.ismount(view):
-            subprocess.run(["umount", str(view)], check=True)
 
 
 def test_a_lock_that_is_a_directory_is_a_clean_error(folded, tmp_path, capsys):
