@@ -62,7 +62,13 @@ class NamedWrites:
         return self._handle.tell()
 
     def close(self) -> None:
-        self._handle.close()
+        with writing(self.name):
+            self._handle.close()
+
+    def abandon(self) -> None:
+        """Close after a failure: what could not be flushed is lost anyway."""
+        with contextlib.suppress(OSError):
+            self._handle.close()
 
 
 @contextlib.contextmanager
@@ -81,7 +87,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
             os.replace(tmp, path)
             fsync_dir(path.parent)
     except BaseException:
-        handle.close()
+        handle.abandon()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

@@ -510,7 +510,7 @@ class _DiskStaging:
     def abort(self) -> None:
         """Give up this generation; its file stays as the spare the next fold overwrites."""
         self._flusher.close()
-        self._file.close()
+        self._file.abandon()
         if self.committed:
             return
         source = self.final if self._published else self.tmp
@@ -520,7 +520,7 @@ class _DiskStaging:
     def discard(self) -> None:
         """Give up this generation and remove its file (a state that was never created)."""
         self._flusher.close()
-        self._file.close()
+        self._file.abandon()
         for path in (self.tmp, self.final) if self._published else (self.tmp,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
