@@ -76,10 +76,10 @@ def write_models(tmp_path: Path, count: int, scale: int = 1) -> tuple[Path, list
 
 
 def merged_after(base: Path, paths: list[Path], strategy: str) -> dict[str, torch.Tensor]:
-    merger = Merger(base, strategy)
-    for path in paths:
-        merger.fold(path)
-    return merger.emit_state_dict()
+    with Merger(base, strategy) as merger:
+        for path in paths:
+            merger.fold(path)
+        return merger.emit_state_dict()
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
