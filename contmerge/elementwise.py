@@ -26,7 +26,7 @@ from .buffers import numpy_dtype
 from .chunks import ChunkRunner
 from .errors import StrategyError
 from .hashing import LEAF_BYTES, leaf_digest
-from .kernels import fused_fold, keep_delta, probe_finite, subtract_sum_sq
+from .kernels import all_finite, fused_fold, keep_delta, subtract_sum_sq
 from .sources import ChunkReader
 from .strategy import Arrays, EntryFold, FoldContext, State, Strategy, TensorInfo
 
@@ -186,8 +186,8 @@ class ElementwiseBatch:
         olds = {slot: v[start:stop] for slot, v in t.old.items()}
         outs = {slot: v[start:stop] for slot, v in t.out.items()}
         self.strategy.fold_into(t.info, outs, olds, delta, base, self.ctx, start)
-        for new in outs.values():  # a new state may overflow from finite inputs
-            sq += probe_finite(new)
+        if not all(all_finite(new) for new in outs.values()):  # overflow from finite inputs
+            sq = float("nan")
         return leaves, sq
 
     def _widened(

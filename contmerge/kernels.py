@@ -71,12 +71,17 @@ def add_probe(total: float, value: Any) -> float:
 
 
 @kernel
-def probe_finite(x: np.ndarray) -> float:
-    """0.0 if every entry of ``x`` is finite, else NaN."""
-    total = 0.0
-    for i in range(x.size):
-        total = add_probe(total, x[i])
-    return total
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every entry of ``x`` is finite: probed a block at a time (vectorised), stopping
+    at the first block that is not."""
+    block = 1024
+    for start in range(0, x.size, block):
+        probe = 0.0
+        for i in range(start, min(start + block, x.size)):
+            probe = add_probe(probe, x[i])
+        if probe != 0.0:  # NaN
+            return False
+    return True
 
 
 @kernel

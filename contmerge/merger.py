@@ -37,7 +37,7 @@ from .dirlock import DirectoryLock
 from .elementwise import ElementwiseBatch, flat_base
 from .errors import CheckpointError, StateError
 from .hashing import ContentHash, tensor_leaves
-from .kernels import probe_finite, sum_sq
+from .kernels import all_finite, sum_sq
 from .layout import tensor_infos
 from .manifest import FORMAT, MANIFEST
 from .registry import parse_strategy
@@ -668,7 +668,7 @@ def _all_finite(state: State) -> bool:
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
         if tensor.dtype in (torch.float32, torch.float64):
-            if not math.isfinite(probe_finite(tensor.reshape(-1).numpy())):
+            if not all_finite(tensor.reshape(-1).numpy()):
                 return False
         elif not bool(tensor.float().isfinite().all()):  # half and f8 kinds: numpy has none
             return False

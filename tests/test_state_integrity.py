@@ -53,6 +53,19 @@ def commands(base: Path, state: Path, out: Path, checkpoint: Path) -> list[list[
     ]
 
 
+def assert_every_command_refuses(folded, tmp_path: Path, capsys, *expected: str) -> None:
+    """emit, inspect, verify and merge each exit 1 with one line holding ``expected``, and
+    leave every file as it was (nothing deleted or written, no output)."""
+    base, paths, state = folded
+    before = snapshot(tmp_path)
+    for command in commands(base, state, tmp_path / "out.safetensors", paths[0]):
+        assert main(command) == 1, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert all(text in err for text in expected), err
+    assert snapshot(tmp_path) == before
+
+
 def edit_manifest(state: Path, **changes) -> None:
     manifest = json.loads((state / "manifest.json").read_text())
     manifest.update(changes)
@@ -73,12 +86,10 @@ def test_a_manifest_naming_another_file_deletes_nothing(folded, tmp_path, named,
     base, paths, state = folded
     shutil.copy(state / "state-00000003.safetensors", tmp_path / "outside-file.safetensors")
     edit_manifest(state, state_file=named)
-    before = snapshot(tmp_path)
-    for command in commands(base, state, tmp_path / "out.safetensors", paths[0]):
-        assert main(command) == 1, command
-        err = capsys.readouterr().err
-        assert f"{state / 'manifest.json'}: corrupt manifest: state_file {named!r}" in err
-    assert snapshot(tmp_path) == before  # nothing deleted, nothing written, no output
+    manifest = state / "manifest.json"
+    assert_every_command_refuses(
+        folded, tmp_path, capsys, f"{manifest}: corrupt manifest: state_file {named!r}"
+    )
 
 
 def test_read_only_commands_write_and_delete_nothing(folded, tmp_path, capsys):
@@ -109,13 +120,9 @@ def test_read_only_commands_write_and_delete_nothing(folded, tmp_path, capsys):
 def test_a_corrupt_manifest_is_one_line_naming_it(folded, tmp_path, damage, reason, capsys):
     base, paths, state = folded
     (state / "manifest.json").write_bytes(damage)
-    before = snapshot(tmp_path)
-    for command in commands(base, state, tmp_path / "out.safetensors", paths[0]):
-        assert main(command) == 1, command
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "Traceback" not in err, err
-        assert f"{state / 'manifest.json'}: corrupt manifest: {reason}" in err, err
-    assert snapshot(tmp_path) == before
+    manifest = state / "manifest.json"
+    expected = f"{manifest}: corrupt manifest: {reason}"
+    assert_every_command_refuses(folded, tmp_path, capsys, expected)
 
 
 def _drop(manifest: dict, dotted: str) -> None:
@@ -148,13 +155,8 @@ def test_a_manifest_missing_a_key_is_one_line_naming_it(folded, tmp_path, key, c
     manifest = json.loads((state / "manifest.json").read_text())
     _drop(manifest, key)
     (state / "manifest.json").write_text(json.dumps(manifest))
-    before = snapshot(tmp_path)
-    for command in commands(base, state, tmp_path / "out.safetensors", paths[0]):
-        assert main(command) == 1, command
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {state / 'manifest.json'}: corrupt manifest: "), err
-        assert key.split(".")[-1] in err and err.count("\n") == 1, err
-    assert snapshot(tmp_path) == before
+    expected = f"{state / 'manifest.json'}: corrupt manifest: "
+    assert_every_command_refuses(folded, tmp_path, capsys, expected, key.split(".")[-1])
 
 
 @pytest.mark.parametrize(
