@@ -37,8 +37,8 @@ class DirectoryLock:
             raise _not_a_file(path) from exc
         except OSError as exc:
             raise StateError(
-                f"{path}: cannot create the lock ({exc.strerror}): this state cannot be folded "
-                "into here; emit, inspect and verify still read it"
+                f"{path}: cannot open the lock for writing ({exc.strerror}): no fold can be made "
+                "here; emit, inspect and verify still read this state"
             ) from exc
         return cls._locked(directory, fd, fcntl.LOCK_EX)
 
