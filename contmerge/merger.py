@@ -144,11 +144,20 @@ class Merger:
                 lock.close()
                 self._runner.close()
                 raise
-            # built one tensor at a time while written: a whole zero state would be as large
-            # as the model, which must not need to fit in memory
-            self.store = DiskStore.create(directory, lock, manifest, initial, self._slot_metas())
+            try:
+                # built one tensor at a time while written: a whole zero state would be as
+                # large as the model, which must not need to fit in memory
+                metas = self._slot_metas()
+                self.store = DiskStore.create(directory, lock, manifest, initial, metas)
+            except BaseException:
+                self._runner.close()  # the store released the lock
+                raise
             return
-        self.store = DiskStore.open(directory, lock=lock, read_only=read_only)
+        try:
+            self.store = DiskStore.open(directory, lock=lock, read_only=read_only)
+        except BaseException:
+            self._runner.close()
+            raise
         try:
             self.strategy = self._resume(strategy, hparams, linear)
         except BaseException:

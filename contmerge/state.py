@@ -213,6 +213,7 @@ class DiskStore:
             _clear_for_creation(path)
             manifest = {**manifest, "format": FORMAT, "run": uuid.uuid4().hex, "generation": 0}
             staging = _DiskStaging(path, metas, manifest, _Scratch())
+            raw = None
             try:
                 for name, state in initial.items():
                     staging.write(name, state)
@@ -221,6 +222,9 @@ class DiskStore:
                 raw = dump_manifest(manifest)
                 atomic_write_bytes(path / MANIFEST, raw)
             except BaseException:
+                # the manifest may have been renamed before a later step failed: then its
+                # file stays (the state exists, and the next open finds it)
+                staging.committed = raw is not None and _read_or_none(path / MANIFEST) == raw
                 staging.discard()
                 raise
         except BaseException:
@@ -248,6 +252,9 @@ class DiskStore:
         self._reader = reader
         self._slots: dict[str, dict[str, str]] = {}
         for key in reader.meta:
+            if "::" not in key:
+                reader.close()
+                raise StateError(f"{reader.path}: {key!r} is not a state tensor (<tensor>::<slot>)")
             name, slot = key.rsplit("::", 1)
             self._slots.setdefault(name, {})[slot] = key
 
@@ -326,6 +333,7 @@ class DiskStore:
     # --- committing -----------------------------------------------------------------------
     def begin(self, metas: Mapping[str, TensorMeta]) -> _DiskStaging:
         self._require_writable()
+        self._checked = None  # a fold's reads are not an emit's (one left unfinished)
         generation = int(self.manifest["generation"]) + 1
         next_manifest = {**self.manifest, "run": self._run, "generation": generation}
         return _DiskStaging(self.path, metas, next_manifest, self._scratch, self.path / SPARE)
@@ -521,6 +529,8 @@ class _DiskStaging:
         """Give up this generation and remove its file (a state that was never created)."""
         self._flusher.close()
         self._file.abandon()
+        if self.committed:
+            return
         for path in (self.tmp, self.final) if self._published else (self.tmp,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
