@@ -146,6 +146,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow  # real processes started several times
 def test_a_file_size_limit_is_reported_like_a_full_disk(models, tmp_path):
     """RLIMIT_FSIZE (EFBIG) needs no root: the same path as ENOSPC, on any machine."""
     base, paths = models

@@ -261,6 +261,7 @@ RACER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # real processes started several times
 def test_two_merges_creating_one_state_at_once_lose_no_fold(tmp_path):
     """Both find no manifest; only one may create the state. The other is refused, or resumes
     after it: every fold a process reported (exit 0) is in the state, none twice."""
