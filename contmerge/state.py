@@ -25,6 +25,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +480,7 @@ class _DiskStaging:
         with writing(self.final):
             os.ftruncate(fd, size)  # a reused file may be longer
         self._flusher.close()
+        self._hashing.close()
         self._file.sync()  # only what the early writeback has not yet done
         header = _header_digest(fd)
         self._file.close()
@@ -518,6 +520,7 @@ class _DiskStaging:
     def abort(self) -> None:
         """Give up this generation; its file stays as the spare the next fold overwrites."""
         self._flusher.close()
+        self._hashing.close()
         self._file.abandon()
         if self.committed:
             return
@@ -528,6 +531,7 @@ class _DiskStaging:
     def discard(self) -> None:
         """Give up this generation and remove its file (a state that was never created)."""
         self._flusher.close()
+        self._hashing.close()
         self._file.abandon()
         if self.committed:
             return
@@ -537,11 +541,14 @@ class _DiskStaging:
 
 
 class _HashedWrites:
-    """Passes writes to a file, cutting each tensor's bytes into hash leaves on the way: each
-    piece is hashed, then written, while it is in cache."""
+    """Passes writes to a file, cutting each tensor's bytes into hash leaves on the way. The
+    hashing runs on a helper thread (xxhash's ``update`` releases the GIL) while this thread
+    writes the same bytes, so a commit costs the longer of the two, not their sum."""
 
     def __init__(self, file: NamedWrites) -> None:
         self._file = file
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="contmerge-checksum")
+        self._hashing: list[Future[None]] = []
         self._leaf = xxhash.xxh3_128()
         self._filled = 0
         self._leaves: list[bytes] | None = None  # None: not inside a tensor (the header)
@@ -551,6 +558,10 @@ class _HashedWrites:
         self._leaf.reset()
 
     def end_tensor(self) -> list[bytes]:
+        """The tensor's leaf digests, once its bytes are hashed (the caller may reuse them)."""
+        for hashing in self._hashing:
+            hashing.result()
+        self._hashing.clear()
         leaves, self._leaves = self._leaves, None
         assert leaves is not None
         if self._filled:
@@ -559,20 +570,27 @@ class _HashedWrites:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if self._leaves is None:
-            return self._file.write(view)
+        if self._leaves is not None:
+            self._hashing.append(self._pool.submit(self._hash, view))
+        return self._file.write(view)
+
+    def _hash(self, view: memoryview) -> None:
+        """On the helper thread, in the order written: leaves carry over from call to call."""
+        assert self._leaves is not None
         done = 0
         while done < len(view):
             piece = view[done : done + LEAF_BYTES - self._filled]
             self._leaf.update(piece)
-            self._file.write(piece)
             done += len(piece)
             self._filled += len(piece)
             if self._filled == LEAF_BYTES:
                 self._leaves.append(self._leaf.digest())
                 self._leaf.reset()
                 self._filled = 0
-        return len(view)
+
+    def close(self) -> None:
+        """Stop the helper thread (after any hashing under way: it reads the caller's bytes)."""
+        self._pool.shutdown(wait=True)
 
 
 class _EarlyWriteback:
