@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .errors import CheckpointError, ContmergeError, Notice, SettingError
-from .merger import DEFAULT_MAX_RELATIVE_DELTA
+from .errors import CheckpointError, ContmergeError, Notice, SettingError, StorageError
+from .manifest import read_manifest
+from .merger import DEFAULT_MAX_RELATIVE_DELTA, IgnoredTensorWarning
 from .registry import parse_value
 from .tensorfile import MAX_HEADER_ENV, parse_size, using_header_limit
 
@@ -71,13 +72,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         failures = 0
         for checkpoint in args.checkpoints:
             try:
-                result = merger.fold(checkpoint)
+                with warnings.catch_warnings():  # printed from the result, once
+                    warnings.simplefilter("ignore", IgnoredTensorWarning)
+                    result = merger.fold(checkpoint)
             except ContmergeError as exc:
                 failures += 1
                 print(_rejection(checkpoint, exc), file=sys.stderr)
                 if not args.keep_going:
                     return 1
                 continue
+            for note in result.warnings:
+                print(f"warning: {note}", file=sys.stderr)
             what = "already folded as" if result.status == "duplicate" else "folded as"
             print(f"{what} #{result.index}: {checkpoint} ({result.seconds:.2f} s)")
         if args.out:
@@ -96,23 +101,37 @@ def _rejection(checkpoint: str, exc: ContmergeError) -> str:
 def cmd_emit(args: argparse.Namespace) -> int:
     from .merger import Merger
 
-    with Merger(args.base or _base_of(args.state), state_dir=args.state) as merger:
+    base = args.base or _base_of(args.state)
+    with Merger(base, state_dir=args.state, read_only=True) as merger:
         path = merger.emit(args.out)
         print(f"merged model of {merger.count} checkpoint(s) written to {path}")
     return 0
 
 
 def _base_of(state: str) -> str:
-    manifest = json.loads((Path(state) / "manifest.json").read_text())
-    return manifest["base"]["source"]
+    return str(read_manifest(state)[0]["base"]["source"])
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .merger import Merger
+    from .state import DiskStore
+
+    state = Path(args.state)
+    base = args.base or _base_of(args.state)
+    if args.base is None and not Path(base).exists():
+        with DiskStore.open(state, read_only=True) as store:
+            print(store.verify())
+        print(f"base: not checked ({base} is not there; give --base)")
+        return 0
+    with Merger(base, state_dir=state, read_only=True) as merger:
+        assert isinstance(merger.store, DiskStore)
+        print(merger.store.verify())
+        print(f"base: {base} is the base this state was started from")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        manifest = json.loads((Path(args.state) / "manifest.json").read_text())
-    except FileNotFoundError:
-        print(f"{args.state}: not a contmerge state directory", file=sys.stderr)
-        return 1
+    manifest = read_manifest(args.state)[0]
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
@@ -123,6 +142,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{base['linear_weights']} linear weights)"
     )
     print(f"           fingerprint {base['fingerprint'][:16]}…")
+    checksum = manifest.get("checksum")
+    print(
+        f"state:     {manifest['state_file']} (generation {manifest['generation']}, "
+        + (f"{checksum['bytes']} bytes, checksum {checksum['content'][:16]}…)" if checksum else "")
+        + ("" if checksum else f"no checksum: a {manifest['format']} state)")
+    )
     globals_ = {k: v for k, v in manifest["globals"].items() if k != "count"}
     print(
         f"folded:    {manifest['globals']['count']} checkpoint(s)"
@@ -234,6 +259,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     inspect.add_argument("--state", required=True, help="state directory")
     inspect.add_argument("--json", action="store_true", help="print the raw manifest")
     inspect.set_defaults(func=cmd_inspect)
+
+    verify = sub.add_parser(
+        "verify",
+        help="check a state against its recorded checksum",
+        description="Read every byte of the state's current generation and check it against "
+        "the checksum in its manifest, and check that the base is the one the state was "
+        "started from. Exits non-zero, naming the file and what differs, on any mismatch. "
+        "Writes nothing. Example: contmerge verify --state run/",
+    )
+    verify.add_argument("--state", required=True, help="state directory")
+    verify.add_argument(
+        "--base", help="base model, if it moved since the state was created (default: recorded)"
+    )
+    verify.set_defaults(func=cmd_verify)
 
     strategies = sub.add_parser(
         "strategies",
@@ -354,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with notices_as_lines(), using_header_limit(getattr(args, "max_header_bytes", None)):
             return int(args.func(args) or 0)
-    except ContmergeError as exc:
+    except (ContmergeError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

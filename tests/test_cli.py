@@ -128,7 +128,8 @@ def _help_invocations() -> list[list[str]]:
 
     parser = build_parser()
     commands = list(parser._subparsers._group_actions[0].choices)  # noqa: SLF001
-    assert {"merge", "emit", "inspect", "strategies", "serve", "simulate", "demo"} <= set(commands)
+    expected = {"merge", "emit", "inspect", "verify", "strategies", "serve", "simulate", "demo"}
+    assert expected <= set(commands)
     return [[c] for c in commands] + [["simulate", s] for s in SCENARIOS]
 
 
