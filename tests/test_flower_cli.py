@@ -50,6 +50,9 @@ def test_average_strategy_matches_fedavg_in_one_simulation(tmp_path: Path) -> No
         "--partition",
         "iid",
         *SMALL,
+        # 3 local epochs: with one, 5 Adam steps from θ0 lower accuracy before it rises again
+        "--local-epochs",
+        "3",
         "--out",
         str(out),
     ]

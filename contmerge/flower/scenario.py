@@ -1,10 +1,10 @@
 """The federated task scenario on real offline data: what the server prepares, what clients train.
 
 Built on ``contmerge.simulations`` (Fashion-MNIST and scikit-learn digits tasks, the MLP
-backbone, probe heads): the server holds the pretrained backbone θ0 and one frozen linear head
-per task, and evaluates the global backbone on every task's test set with that task's head.
-Clients train the backbone on their partition (mixing tasks, each sample through its task's
-head) and never see the test sets.
+backbone, fixed class-mean cosine heads): the server holds the pretrained backbone θ0 and one
+frozen head per task, and evaluates the global backbone on every task's test set with that
+task's head. Clients train the backbone on their partition (mixing tasks, each sample through
+its task's head) and never see the test sets.
 
 Clients are stateless: the train message carries the :class:`Scenario` (JSON) and the heads
 (safetensors bytes) in its ConfigRecord, next to the backbone, so the same ClientApp serves the
@@ -105,7 +105,7 @@ class Prepared:
 def prepare(
     scenario: Scenario, cache_dir: str | Path = DEFAULT_CACHE, progress: bool = False
 ) -> Prepared:
-    """Pretrain θ0 and fit the probe heads (or load them from the cache)."""
+    """Pretrain θ0 and build the fixed heads (or load them from the cache)."""
     from contmerge.simulations.evaluate import Evaluator
     from contmerge.simulations.models import ModelConfig
     from contmerge.simulations.train import CheckpointCache, TrainConfig
