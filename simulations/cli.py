@@ -19,7 +19,7 @@ SCENARIOS: dict[str, tuple[str, str, str, str]] = {
         "fine-tuned models arrive one by one: ACC/BWT over arrival orders",
     ),
     "federated": (
-        "contmerge.flower.simulate",
+        "contmerge.simulations.federated.cli",
         "add_federated_arguments",
         "main_federated",
         "federated rounds on Flower's simulation engine, vs Flower's FedAvg",

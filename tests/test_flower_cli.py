@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from contmerge.flower.cli import add_federated_parser
-from contmerge.flower.report import figure, markdown
+from contmerge.simulations.federated.cli import add_federated_parser
+from contmerge.simulations.federated.report import figure, markdown
 
 # Same data settings as test_flower_app.py, so both reuse one cached θ0 and heads.
 SMALL = ["--tasks", "fashion_rot90,digits", "--n-train", "300", "--n-test", "200"]
@@ -39,7 +39,8 @@ def test_average_strategy_matches_fedavg_in_one_simulation(tmp_path: Path) -> No
     cmd = [
         sys.executable,
         "-m",
-        "contmerge.flower",
+        "contmerge",
+        "simulate",
         "federated",
         "--strategy",
         "average",

@@ -297,19 +297,22 @@ def test_a_huge_header_is_refused_at_once_and_health_stays_responsive(tmp_path: 
 
 
 def test_a_journal_line_cut_short_by_a_full_disk_is_not_left_behind(small_disk: Path) -> None:
-    from contmerge.server.journal import Journal
+    from contmerge.server.journal import Arrival, Journal, JournalRecord
+
+    def line(event: str, checkpoint_id: str, pad: str = "") -> JournalRecord:
+        return JournalRecord(event, Arrival(checkpoint_id, "http", "x", None), reason=pad or None)
 
     journal = Journal(small_disk / "journal.jsonl")
     appended = 0
     # end the file a few bytes before a page boundary: the next line straddles it
     while (small_disk / "journal.jsonl").stat().st_size % 4096 < 4096 - 64:
-        journal.append({"event": "accepted", "id": f"{appended:08d}", "pad": "x" * 40})
+        journal.append(line("accepted", f"{appended:08d}", "x" * 40))
         appended += 1
     ballast = fill(small_disk, leave=0)
     with pytest.raises(OSError):
-        journal.append({"event": "folded", "id": "lost", "pad": "y" * 400})
+        journal.append(line("folded", "lost", "y" * 400))
     ballast.unlink()
-    journal.append({"event": "folded", "id": "after"})
+    journal.append(line("folded", "after"))
     journal.close()
     lines = (small_disk / "journal.jsonl").read_text().splitlines()
     records = list(Journal(small_disk / "journal.jsonl").records())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -23,25 +22,65 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from .auth import bearer_check
+from .bodycheck import Refusal
 from .metrics import CONTENT_TYPE
 from .service import MergeService
-from .spool import BadName, check_name
-from .upload import Refusal, Upload, body_kind
+from .upload import Accepted, Upload
 
 log = logging.getLogger("contmerge.server")
 WRITE_BLOCK = 1 << 20  # gather the body into ~1 MiB writes, done off the event loop
 READ_BLOCK = 1 << 20
 
 
-def _refused(refusal: Refusal, record: dict) -> JSONResponse:
+def _refused(refusal: Refusal) -> JSONResponse:
     headers = {}
-    body = {"status": record.get("status", "rejected"), "reason": refusal.reason}
-    if "id" in record:
-        body = {"id": record["id"], **body}
+    body: dict[str, object] = {"status": refusal.status, "reason": refusal.reason}
+    if refusal.checkpoint_id is not None:
+        body = {"id": refusal.checkpoint_id, **body}
     if refusal.retry_after is not None:
         headers["Retry-After"] = str(refusal.retry_after)
         body["retry_after"] = refusal.retry_after
     return JSONResponse(body, status_code=refusal.status_code, headers=headers)
+
+
+def _queued(accepted: Accepted) -> JSONResponse:
+    where = f"/uploads/{accepted.id}"
+    return JSONResponse(
+        {
+            "id": accepted.id,
+            "name": accepted.name,
+            "status": "queued",
+            "bytes": accepted.bytes,
+            "sha256": accepted.sha256,
+            "queue_depth": accepted.queue_depth,
+            "status_url": where,
+        },
+        status_code=202,
+        headers={"Location": where},
+    )
+
+
+async def _receive(request: Request, upload: Upload) -> None:
+    """Stream the body into the upload; Refusal (408) for a client too slow to wait for."""
+    pending = bytearray()
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout=upload.idle_timeout)
+        except asyncio.TimeoutError:
+            raise upload.stalled() from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            upload.check(chunk)
+            pending += chunk
+            if len(pending) >= WRITE_BLOCK:
+                data, pending = pending, bytearray()
+                await run_in_threadpool(upload.write, data)
+        if not message.get("more_body", False):
+            break
+        upload.pace()
+    await run_in_threadpool(upload.write, pending)
 
 
 def create_app(service: MergeService, token: str | None) -> FastAPI:
@@ -60,13 +99,6 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
         openapi_url=None,
     )
     auth = [Depends(bearer_check(token))]
-    settings = service.settings
-
-    async def refuse(refusal: Refusal, checkpoint_id: str, name: str, **fields: object) -> Response:
-        record = await run_in_threadpool(
-            service.refuse_upload, refusal, checkpoint_id, name, **fields
-        )
-        return _refused(refusal, record)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -81,103 +113,36 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
         format: str | None = None,
         x_checkpoint_name: str | None = Header(default=None),
     ) -> Response:
-        raw_name = name or x_checkpoint_name or "checkpoint"
-        checkpoint_id = service.spool.new_id()
-        limit = settings.max_upload_bytes
-        try:
-            safe_name = check_name(raw_name)
-        except BadName as exc:
-            return await refuse(Refusal(400, str(exc)), checkpoint_id, raw_name)
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            # refused before reading: with "Expect: 100-continue" (curl) nothing is even sent
-            reason = f"upload of {declared} bytes is over the limit of {limit} bytes"
-            return await refuse(Refusal(413, reason), checkpoint_id, safe_name)
         try:
-            kind = body_kind(request.headers.get("content-type", ""), format, safe_name)
             receiving = await run_in_threadpool(
                 service.begin_upload,
-                checkpoint_id,
-                safe_name,
-                kind,
+                name or x_checkpoint_name or "checkpoint",
+                request.headers.get("content-type", ""),
+                format,
                 int(declared) if declared.isdigit() else None,
             )
         except Refusal as refusal:
-            return await refuse(refusal, checkpoint_id, safe_name)
+            return _refused(refusal)
         try:
             await _receive(request, receiving)
             client = request.client.host if request.client else None
-            record = await run_in_threadpool(receiving.finish, client)
+            return _queued(await run_in_threadpool(receiving.finish, client))
         except Refusal as refusal:
-            fields = {"bytes": receiving.size}
-            return await refuse(refusal, checkpoint_id, safe_name, **fields)
+            await run_in_threadpool(receiving.abort, refusal)
+            return _refused(refusal)
         except ClientDisconnect:
-            log.info("upload %s: client went away before the body was complete", checkpoint_id)
+            log.info("upload %s: client went away before the body was complete", receiving.id)
             return Response(status_code=400)
-        finally:
-            await run_in_threadpool(receiving.close)
-        return JSONResponse(
-            {
-                "id": checkpoint_id,
-                "name": safe_name,
-                "status": "queued",
-                "bytes": receiving.size,
-                "sha256": record["sha256"],
-                "queue_depth": len(service.queue),
-                "status_url": f"/uploads/{checkpoint_id}",
-            },
-            status_code=202,
-            headers={"Location": f"/uploads/{checkpoint_id}"},
-        )
-
-    async def _receive(request: Request, receiving: Upload) -> None:
-        """Read the body into the upload; Refusal (408) for a client too slow to wait for."""
-        idle, floor = settings.upload_idle_timeout, settings.upload_min_rate
-        started = time.monotonic()
-        pending = bytearray()
-        while True:
-            try:
-                message = await asyncio.wait_for(request.receive(), timeout=idle)
-            except asyncio.TimeoutError:
-                raise Refusal(
-                    408, f"upload stalled: no data for {idle:g} s (--upload-idle-timeout)"
-                ) from None
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            chunk = message.get("body", b"")
-            if chunk:
-                receiving.check(chunk)
-                pending += chunk
-                if len(pending) >= WRITE_BLOCK:
-                    data, pending = pending, bytearray()
-                    await run_in_threadpool(receiving.write, data)
-            if not message.get("more_body", False):
-                break
-            elapsed = time.monotonic() - started
-            if floor > 0 and elapsed > idle and receiving.size < floor * elapsed:
-                raise Refusal(
-                    408,
-                    f"upload too slow: {receiving.size} bytes in {elapsed:.0f} s, below the "
-                    f"minimum of {floor:g} bytes/s (--upload-min-rate)",
-                )
-        await run_in_threadpool(receiving.write, pending)
+        finally:  # whatever happened (a bug, a cancelled request), give its slot and files back
+            await run_in_threadpool(receiving.abort)
 
     @app.get("/uploads/{checkpoint_id}", dependencies=auth)
     def upload_status(checkpoint_id: str) -> JSONResponse:
-        record = service.lookup(checkpoint_id)
-        if record is None:
+        found = service.upload_status(checkpoint_id)
+        if found is None:
             return JSONResponse({"id": checkpoint_id, "status": "unknown"}, status_code=404)
-        status = record.get("event")
-        extra = {}
-        if status == "accepted":
-            current, retrying = service.board.current, service.board.retrying
-            if current and current["id"] == checkpoint_id:
-                status = "folding"
-            elif retrying and retrying["id"] == checkpoint_id:
-                status, extra = "retrying", {"retry": retrying}
-            else:
-                status = "queued"
-        return JSONResponse({**record, **extra, "status": status})
+        return JSONResponse(found)
 
     @app.get("/status", dependencies=auth)
     def status() -> JSONResponse:
@@ -185,7 +150,7 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
 
     @app.get("/metrics", dependencies=auth)
     def metrics() -> PlainTextResponse:
-        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(service.metrics_text(), media_type=CONTENT_TYPE)
 
     @app.get("/manifest", dependencies=auth)
     def manifest() -> JSONResponse:

@@ -235,8 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(
             f"contmerge serve: listening on {scheme}://{shown}:{port} "
-            f"(state {settings.state}, {service.merger.count} folded, "
-            f"{len(service.queue)} pending)",
+            f"(state {settings.state}, {service.count} folded, {service.pending} pending)",
             flush=True,
         )
         uvicorn.Server(config).run(sockets=[sock])

@@ -1,7 +1,8 @@
 """The merge service: the Merger, its writer thread, the queue, the spool, the journal and the
 inbox wired together, with the recovery that makes a restart pick up where a crash left off.
 
-The HTTP layer (app.py) only calls into this object; nothing here knows about HTTP.
+The HTTP layer (app.py) only calls the public methods of this object (and of the
+:class:`~.upload.Upload` handle that ``begin_upload`` returns); nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import IO, Any
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
 from .headercheck import DEFAULT_MAX_HEADER_BYTES
 from .inbox import InboxEntry, InboxWatcher, is_ignored
-from .journal import FINAL_EVENTS, JOURNAL_FILE, Journal
+from .journal import FINAL_EVENTS, JOURNAL_FILE, Arrival, Journal, JournalRecord
 from .metrics import ServerMetrics
-from .spool import SPOOL_DIR, Spool, Spooled, id_sequence, spooled_bytes
+from .spool import SPOOL_DIR, Spool, id_sequence, spooled_bytes
 from .status import StatusBoard
-from .upload import InFlight, Refusal, Upload, storage_refusal
+from .upload import Upload, Uploads
 from .worker import Writer
 from .workqueue import WorkItem, WorkQueue
 
@@ -79,8 +80,16 @@ class MergeService:
         self.board = StatusBoard()
         self.metrics = ServerMetrics()
         self.queue = WorkQueue(settings.queue_size)
-        self.in_flight = InFlight(settings.max_concurrent_uploads)
         self.spool = Spool(state / SPOOL_DIR)
+        self.uploads = Uploads(
+            settings,
+            self.spool,
+            self.queue,
+            self.journal,
+            self.board,
+            self.metrics,
+            self.retry_after,
+        )
         self.writer = Writer(
             self.merger, self.queue, self.journal, self.board, self.metrics, state / EMIT_DIR
         )
@@ -122,7 +131,7 @@ class MergeService:
         gauge(
             "contmerge_uploads_in_progress",
             "Uploads whose body is still arriving or being checked.",
-            self.in_flight.__len__,
+            self.uploads.in_flight.__len__,
         )
 
     # --- recovery ---------------------------------------------------------------------------
@@ -153,20 +162,13 @@ class MergeService:
             if last is not None and last.get("event") in FINAL_EVENTS:
                 self.spool.discard(spooled_item.path)  # journaled, then killed before clearing
                 continue
+            path = spooled_item.path
+            sha256 = None if last is None else last.get("sha256")
+            arrival = Arrival.upload(spooled_item.id, spooled_item.name, sha256)
             if last is None:  # renamed into the spool, then killed before the journal line
-                self._journal(
-                    {
-                        "event": "accepted",
-                        "id": spooled_item.id,
-                        "origin": "http",
-                        "name": spooled_item.name,
-                        "label": upload_label(spooled_item.id, spooled_item.name),
-                        "bytes": spooled_bytes(spooled_item.path),
-                        "recovered": True,
-                    }
-                )
-            extra = {"sha256": last["sha256"]} if last and "sha256" in last else {}
-            self.queue.put_recovered(self._upload_item(spooled_item, extra))
+                size = spooled_bytes(path)
+                self._journal(JournalRecord("accepted", arrival, bytes=size, recovered=True))
+            self.queue.put_recovered(self.uploads.work_item(arrival, path))
         if spooled:
             log.info("re-queued %d upload(s) from the spool", len(self.queue))
 
@@ -192,98 +194,24 @@ class MergeService:
         self.journal.close()
 
     # --- arrivals -----------------------------------------------------------------------------
-    def _journal(self, record: dict[str, Any]) -> dict[str, Any]:
-        written = self.journal.append(record)
+    def _journal(self, entry: JournalRecord) -> dict[str, Any]:
+        written = self.journal.append(entry)
         self.board.record(written)
         return written
 
-    def _upload_item(self, spooled: Spooled, extra: dict[str, Any]) -> WorkItem:
-        return WorkItem(
-            id=spooled.id,
-            name=spooled.name,
-            origin="http",
-            path=spooled.path,
-            label=upload_label(spooled.id, spooled.name),
-            finish=lambda _event, _reason: self.spool.discard(spooled.path),
-            extra=extra,
-        )
-
-    def busy(self, reason: str) -> Refusal:
-        """A 503 (counted): the client should send again after Retry-After seconds."""
-        self.metrics.busy.inc()
-        return Refusal(503, reason, journal=False, retry_after=self.retry_after())
-
     def begin_upload(
-        self, checkpoint_id: str, name: str, kind: str, declared: int | None
+        self,
+        name: str,
+        content_type: str = "",
+        format_param: str | None = None,
+        declared: int | None = None,
     ) -> Upload:
-        """Take an upload whose body is about to stream in, or Refusal (503, 507) at once.
+        """Take an upload whose body is about to stream in (blocking: a refusal is journaled).
 
-        Only uploads in flight are counted here; a queue slot is taken once the body is in.
+        Raises :class:`~.bodycheck.Refusal` at once for what can be refused before the body: a bad
+        name, a declared size over the limit, an unknown format, a full server (503).
         """
-        if self.queue.full():
-            raise self.busy("queue full, retry later")
-        if not self.in_flight.take():
-            raise self.busy(
-                f"{self.in_flight.limit} uploads in progress, the most this server takes at "
-                "once (--max-concurrent-uploads); retry later"
-            )
-        try:
-            return Upload(self, checkpoint_id, name, kind, declared)
-        except OSError as exc:
-            self.in_flight.give_back()
-            raise storage_refusal(exc) from exc
-
-    def refuse_upload(
-        self, refusal: Refusal, checkpoint_id: str, name: str, **fields: Any
-    ) -> dict[str, Any]:
-        """Journal a refused upload (when it is an arrival at all); what the client is told."""
-        if refusal.status_code == 408:
-            self.metrics.timed_out.inc()
-        elif refusal.status_code == 507:
-            self.metrics.no_space.inc()
-        if not refusal.journal:
-            return {"status": "busy", "reason": refusal.reason}
-        record = {
-            "event": "rejected",
-            "id": checkpoint_id,
-            "origin": "http",
-            "name": name[:200],
-            "reason": refusal.reason,
-            **fields,
-        }
-        self.metrics.rejected.inc(1, "http")
-        try:
-            return self._journal(record)
-        except OSError:  # the journal's disk is the one that is full: say it all the same
-            log.warning("upload %s refused (%s), not journaled", checkpoint_id, refusal.reason)
-            self.board.record(record)
-            return record
-
-    def accept_upload(self, upload: Upload, path: Path, client: str | None) -> dict[str, Any]:
-        """Journal and queue an upload spooled at ``path`` whose queue slot is reserved
-        (blocking: fsync); its ``accepted`` record."""
-        checkpoint_id, name = upload.id, upload.name
-        extra = {"sha256": upload.digest.hexdigest()}
-        try:
-            record = self._journal(
-                {
-                    "event": "accepted",
-                    "id": checkpoint_id,
-                    "origin": "http",
-                    "name": name,
-                    "label": upload_label(checkpoint_id, name),
-                    "bytes": upload.size,
-                    "client": client,
-                    **extra,
-                }
-            )
-        except OSError:
-            upload.forget(path)  # not journaled, not acknowledged: not accepted
-            raise
-        self.metrics.accepted.inc(1, "http")
-        self.metrics.upload_bytes.inc(upload.size)
-        self.queue.put_reserved(self._upload_item(Spooled(checkpoint_id, name, path), extra))
-        return record
+        return self.uploads.begin(name, content_type, format_param, declared)
 
     def _submit_inbox(self, entry: InboxEntry) -> bool:
         """Called by the inbox watcher for a complete entry; False when the queue is full."""
@@ -298,17 +226,8 @@ class MergeService:
             return True
         if entry.refused is not None:  # rejected as it is: nothing to fold, no slot needed
             checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
-            self._journal(
-                {
-                    "event": "rejected",
-                    "id": checkpoint_id,
-                    "origin": "inbox",
-                    "name": entry.name,
-                    "label": inbox_label(checkpoint_id, entry.name),
-                    "reason": entry.refused,
-                    "signature": entry.signature,
-                }
-            )
+            arrival = Arrival.inbox(checkpoint_id, entry.name, entry.signature)
+            self._journal(JournalRecord("rejected", arrival, reason=entry.refused))
             self.metrics.rejected.inc(1, "inbox")
             inbox.settle(entry, checkpoint_id, "rejected", entry.refused)
             return True
@@ -317,35 +236,38 @@ class MergeService:
                 self._inbox_memory[entry.name] = memory
             return False
         checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
-        extra = {"signature": entry.signature}
+        arrival = Arrival.inbox(checkpoint_id, entry.name, entry.signature)
         if memory is None:
-            self._journal(
-                {
-                    "event": "accepted",
-                    "id": checkpoint_id,
-                    "origin": "inbox",
-                    "name": entry.name,
-                    "label": inbox_label(checkpoint_id, entry.name),
-                    **extra,
-                }
-            )
+            self._journal(JournalRecord("accepted", arrival))
             self.metrics.accepted.inc(1, "inbox")
         self.queue.put_reserved(
             WorkItem(
-                id=checkpoint_id,
-                name=entry.name,
-                origin="inbox",
-                path=entry.path,
-                label=inbox_label(checkpoint_id, entry.name),
+                arrival,
+                entry.path,
                 finish=lambda event, reason: inbox.settle(entry, checkpoint_id, event, reason),
-                extra=extra,
             )
         )
         return True
 
     # --- reading ------------------------------------------------------------------------------
-    def lookup(self, checkpoint_id: str) -> dict[str, Any] | None:
-        return self.board.lookup(checkpoint_id)
+    @property
+    def count(self) -> int:
+        """Checkpoints folded into the state."""
+        return int(self.writer.manifest["globals"]["count"])
+
+    @property
+    def pending(self) -> int:
+        """Checkpoints waiting for the writer."""
+        return len(self.queue)
+
+    def upload_status(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """An arrival's last journal line with its ``status`` (see :data:`~.status.UploadStatus`),
+        or None when the server does not know the id (any more)."""
+        return self.board.upload_status(checkpoint_id)
+
+    def metrics_text(self) -> str:
+        """The metrics in Prometheus' text format."""
+        return self.metrics.render()
 
     def manifest(self) -> dict[str, Any]:
         return self.writer.manifest
@@ -381,8 +303,8 @@ class MergeService:
                 "retrying": self.board.retrying,
             },
             "uploads": {
-                "in_progress": len(self.in_flight),
-                "max_concurrent": self.in_flight.limit,
+                "in_progress": len(self.uploads.in_flight),
+                "max_concurrent": self.uploads.in_flight.limit,
             },
             "totals": {  # since this process started; the journal has the whole history
                 "accepted": int(metrics.accepted.total()),
@@ -410,11 +332,3 @@ class MergeService:
             },
             "uptime_seconds": round(time.time() - self.started, 3),
         }
-
-
-def upload_label(checkpoint_id: str, name: str) -> str:
-    return f"upload/{checkpoint_id}/{name}"
-
-
-def inbox_label(checkpoint_id: str, name: str) -> str:
-    return f"inbox/{checkpoint_id}/{name}"

@@ -7,9 +7,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, Literal
 
 from .journal import FINAL_EVENTS
+
+#: what ``GET /uploads/<id>`` says of an arrival: its final event, or where it waits
+UploadStatus = Literal["queued", "folding", "retrying", "folded", "duplicate", "rejected"]
 
 
 class StatusBoard:
@@ -68,6 +71,23 @@ class StatusBoard:
         info["next_attempt_in"] = wait
         info["message"] = f"retrying: {info['reason']}, next attempt in {wait} s"
         return info
+
+    def upload_status(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """The arrival's last record with its ``status`` (an :data:`UploadStatus`; ``retry``
+        too while it is retried), or None for an id not remembered."""
+        record = self.lookup(checkpoint_id)
+        if record is None:
+            return None
+        if record.get("event") != "accepted":
+            return {**record, "status": record.get("event")}  # a final event
+        status: UploadStatus = "queued"
+        extra = {}
+        current, retrying = self.current, self.retrying
+        if current and current["id"] == checkpoint_id:
+            status = "folding"
+        elif retrying and retrying["id"] == checkpoint_id:
+            status, extra = "retrying", {"retry": retrying}
+        return {**record, **extra, "status": status}
 
     def recent(self) -> list[dict[str, Any]]:
         with self._lock:

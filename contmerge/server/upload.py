@@ -1,88 +1,64 @@
-"""One HTTP upload, from its first byte to queued or refused: the service's side of
-``POST /checkpoints``. The HTTP layer reads the body and hands it over; this object bounds it,
-writes it, validates it and makes it durable.
+"""HTTP uploads, from their first byte to queued or refused: the service's side of
+``POST /checkpoints``. The HTTP layer reads the body and hands it over; :class:`Uploads` and its
+:class:`Upload` handles name, bound, write, validate (bodycheck.py), journal and queue it.
 
 Two kinds of body: a safetensors file (its header length is checked as soon as its first 8
 bytes are in, its header parsed once the body is complete), or a tar of a checkpoint directory
 (unpacked safely into the spool, then recognised as the inbox recognises a directory).
 
-``check`` is cheap and runs on the event loop; ``write``, ``finish`` and ``close`` touch the
-disk (fsync) and run on a worker thread.
+An upload's life: ``Uploads.begin`` (refusals before any body: bad name, too large, queue full,
+too many uploads at once) → ``check`` each chunk → ``write`` → ``finish`` (validated, made
+durable, journaled ``accepted``, queued) or ``abort`` (journaled ``rejected`` when refused, its
+temp files removed). ``check``, ``pace`` and ``stalled`` are cheap and run on the event loop;
+``begin``, ``write``, ``finish`` and ``abort`` touch the disk (fsync) and run on a worker thread.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError
-from ..sources import LoraCheckpoint
-from ..tensorfile import SafetensorsReader
-from .headercheck import PREFIX_BYTES, header_problem
-from .inbox import Refused, header_refusal_in, inspect_entry
+from .bodycheck import (
+    SAFETENSORS,
+    BodyKind,
+    Refusal,
+    body_kind,
+    check_file,
+    check_prefix,
+    check_unpacked,
+    storage_refusal,
+)
+from .headercheck import PREFIX_BYTES
+from .journal import Arrival, Journal, JournalRecord
+from .metrics import ServerMetrics
+from .spool import BadName, Spool, check_name
+from .status import StatusBoard
 from .tarball import TarLimits, TarRefused, unpack
+from .workqueue import WorkItem, WorkQueue
 
 if TYPE_CHECKING:
-    from .service import MergeService
+    from collections.abc import Callable
 
-SAFETENSORS, TAR = "safetensors", "tar"
-TAR_TYPES = ("application/x-tar", "application/tar")
-HOW_TO_SEND = (
-    "the body must be a .safetensors file, or a checkpoint directory (LoRA adapter, sharded "
-    "or model directory) sent as a tar with Content-Type: application/x-tar"
-)
-LORA_FILE = (
-    "this is a LoRA adapter's weights (lora_A/lora_B tensors) without its adapter_config.json "
-    "(rank, alpha, target modules): send the adapter directory as a tar with Content-Type: "
-    "application/x-tar (MergeClient.upload(directory) does that)"
-)
-NO_CHECKPOINT = (
-    "no checkpoint in the tar: {why} (expected, at its top or under one folder: "
-    "model.safetensors, or model.safetensors.index.json with its shards, or a PEFT adapter's "
-    "adapter_config.json with adapter_model.safetensors)"
-)
+    from .service import ServeSettings
+
+log = logging.getLogger("contmerge.server")
+MAX_REFUSED_NAME = 200  # a refused name is journaled, cut to this length
 
 
-class Refusal(Exception):
-    """An upload refused before it was queued (not journaled yet)."""
+@dataclass(frozen=True)
+class Accepted:
+    """An upload made durable, journaled and queued: what the 202 says."""
 
-    def __init__(
-        self, status_code: int, reason: str, journal: bool = True, retry_after: int | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.status_code = status_code
-        self.reason = reason
-        self.journal = journal  # a 503 is not an arrival: nothing was received, nothing to note
-        self.retry_after = retry_after
-
-
-def storage_refusal(exc: OSError) -> Refusal:
-    """The server's own disk failed while taking an upload: 507 when it is full, else 500."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return Refusal(
-            507,
-            "no space left on device on the server for this upload; retry later",
-            retry_after=60,
-        )
-    return Refusal(500, f"the server could not store the upload: {exc.strerror or exc}")
-
-
-def body_kind(content_type: str, format_param: str | None, name: str) -> str:
-    """``tar`` for a tar upload (by Content-Type, ``?format=tar`` or a ``.tar`` name)."""
-    if format_param is not None:
-        if format_param not in (SAFETENSORS, TAR):
-            raise Refusal(400, f"unknown format {format_param[:40]!r}: use safetensors or tar")
-        return format_param
-    media = content_type.split(";", 1)[0].strip().lower()
-    return TAR if media in TAR_TYPES or name.endswith(".tar") else SAFETENSORS
-
-
-def _is_lora_weights(reader: SafetensorsReader) -> bool:
-    return any(LoraCheckpoint._LORA.match(key) for key in reader.meta)
+    id: str
+    name: str
+    bytes: int
+    sha256: str
+    queue_depth: int
 
 
 class InFlight:
@@ -109,26 +85,126 @@ class InFlight:
 
 
 @dataclass
-class Upload:
-    service: MergeService
-    id: str
-    name: str
-    kind: str
-    declared: int | None  # Content-Length, when the client sent one
+class Uploads:
+    """The HTTP door of the service: starts uploads, refuses, accepts and queues them."""
+
+    settings: ServeSettings
+    spool: Spool
+    queue: WorkQueue
+    journal: Journal
+    board: StatusBoard
+    metrics: ServerMetrics
+    retry_after: Callable[[], int]
 
     def __post_init__(self) -> None:
+        self.in_flight = InFlight(self.settings.max_concurrent_uploads)
+
+    def begin(
+        self, raw_name: str, content_type: str, format_param: str | None, declared: int | None
+    ) -> Upload:
+        """An upload whose body is about to stream in (``declared``: its Content-Length), or
+        a Refusal, journaled when it is an arrival: a bad name (400), too large (413), an
+        unknown format (400), the server full (503, not journaled), its disk failing (507).
+
+        Only uploads in flight are counted here; a queue slot is taken once the body is in.
+        """
+        checkpoint_id = self.spool.new_id()
+        shown = raw_name
+        try:
+            name = shown = check_name(raw_name)
+            limit = self.settings.max_upload_bytes
+            if declared is not None and declared > limit:
+                # refused before reading: with "Expect: 100-continue" (curl) nothing is even sent
+                raise Refusal(413, f"upload of {declared} bytes is over the limit of {limit} bytes")
+            kind = body_kind(content_type, format_param, name)
+            return self._start(checkpoint_id, name, kind, declared)
+        except BadName as exc:
+            raise self.refuse(Refusal(400, str(exc)), checkpoint_id, shown) from None
+        except Refusal as refusal:
+            raise self.refuse(refusal, checkpoint_id, shown) from None
+
+    def _start(self, checkpoint_id: str, name: str, kind: BodyKind, declared: int | None) -> Upload:
+        if self.queue.full():
+            raise self.busy("queue full, retry later")
+        if not self.in_flight.take():
+            raise self.busy(
+                f"{self.in_flight.limit} uploads in progress, the most this server takes at "
+                "once (--max-concurrent-uploads); retry later"
+            )
+        try:
+            return Upload(self, checkpoint_id, name, kind, declared)
+        except OSError as exc:
+            self.in_flight.give_back()
+            raise storage_refusal(exc) from exc
+
+    def busy(self, reason: str) -> Refusal:
+        """A 503 (counted): the client should send again after Retry-After seconds."""
+        self.metrics.busy.inc()
+        return Refusal(503, reason, journal=False, retry_after=self.retry_after())
+
+    def refuse(
+        self, refusal: Refusal, checkpoint_id: str, name: str, size: int | None = None
+    ) -> Refusal:
+        """Count a refusal and journal it when it is an arrival at all; the refusal, to raise."""
+        if refusal.status_code == 408:
+            self.metrics.timed_out.inc()
+        elif refusal.status_code == 507:
+            self.metrics.no_space.inc()
+        if not refusal.journal:
+            return refusal
+        refusal.checkpoint_id = checkpoint_id
+        arrival = Arrival(checkpoint_id, "http", name[:MAX_REFUSED_NAME], None)
+        entry = JournalRecord("rejected", arrival, reason=refusal.reason, bytes=size)
+        self.metrics.rejected.inc(1, "http")
+        try:
+            self.board.record(self.journal.append(entry))
+        except OSError:  # the journal's disk is the one that is full: say it all the same
+            log.warning("upload %s refused (%s), not journaled", checkpoint_id, refusal.reason)
+            self.board.record(entry.to_json())
+        return refusal
+
+    def accept(self, arrival: Arrival, path: Path, size: int, client: str | None) -> None:
+        """Journal and queue an upload spooled at ``path`` whose queue slot is reserved."""
+        entry = JournalRecord("accepted", arrival, bytes=size, client=client)
+        self.board.record(self.journal.append(entry))
+        self.metrics.accepted.inc(1, "http")
+        self.metrics.upload_bytes.inc(size)
+        self.queue.put_reserved(self.work_item(arrival, path))
+
+    def work_item(self, arrival: Arrival, path: Path) -> WorkItem:
+        """The writer's work for a spooled upload: fold it, then remove it from the spool."""
+        return WorkItem(arrival, path, finish=lambda _event, _reason: self.spool.discard(path))
+
+
+class Upload:
+    """One upload in progress (see the module's docstring for its life)."""
+
+    def __init__(
+        self, door: Uploads, checkpoint_id: str, name: str, kind: BodyKind, declared: int | None
+    ) -> None:
+        self._door = door
+        self.id = checkpoint_id
+        self.name = name
+        self.kind = kind
+        self.declared = declared  # Content-Length, when the client sent one
         self.size = 0
         self.prefix = b""
         self.digest = hashlib.sha256()
+        self.started = time.monotonic()
         self._committed = False
-        self._closed = False
-        self.temp, self.handle = self.service.spool.open_temp(self.id)
+        self._released = False
+        self.temp, self.handle = door.spool.open_temp(checkpoint_id)
 
     # --- on the event loop ------------------------------------------------------------------
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds the body may send nothing before :meth:`stalled` applies."""
+        return self._door.settings.upload_idle_timeout
+
     def check(self, chunk: bytes) -> None:
         """Count a chunk of the body; Refusal as soon as the body cannot be taken."""
         self.size += len(chunk)
-        limit = self.service.settings.max_upload_bytes
+        limit = self._door.settings.max_upload_bytes
         if self.size > limit:
             raise Refusal(413, f"upload is over the limit of {limit} bytes")
         if self.kind == SAFETENSORS and len(self.prefix) < PREFIX_BYTES:
@@ -136,12 +212,26 @@ class Upload:
             if len(self.prefix) == PREFIX_BYTES:
                 self._check_prefix(self.declared)
 
+    def pace(self) -> None:
+        """Refusal (408) for a body averaging less than the minimum rate once the idle timeout
+        has passed: a client too slow to wait for."""
+        idle, floor = self.idle_timeout, self._door.settings.upload_min_rate
+        elapsed = time.monotonic() - self.started
+        if floor > 0 and elapsed > idle and self.size < floor * elapsed:
+            raise Refusal(
+                408,
+                f"upload too slow: {self.size} bytes in {elapsed:.0f} s, below the "
+                f"minimum of {floor:g} bytes/s (--upload-min-rate)",
+            )
+
+    def stalled(self) -> Refusal:
+        """The refusal (408) of a body that sent nothing for the idle timeout."""
+        return Refusal(
+            408, f"upload stalled: no data for {self.idle_timeout:g} s (--upload-idle-timeout)"
+        )
+
     def _check_prefix(self, size: int | None) -> None:
-        limit = self.service.settings.max_header_bytes
-        problem = header_problem(self.prefix, size, limit)
-        if problem is not None:
-            status, reason = problem
-            raise Refusal(status, f"{reason}; {HOW_TO_SEND}" if status == 422 else reason)
+        check_prefix(self.prefix, size, self._door.settings.max_header_bytes)
 
     # --- on a worker thread -----------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:
@@ -151,77 +241,76 @@ class Upload:
         except OSError as exc:
             raise storage_refusal(exc) from exc
 
-    def finish(self, client: str | None) -> dict[str, Any]:
-        """Validate, make durable, journal and queue; the ``accepted`` record."""
-        service = self.service
+    def finish(self, client: str | None) -> Accepted:
+        """Validate, make durable, journal and queue; Refusal when the body cannot be taken
+        (then :meth:`abort` with it)."""
+        door = self._door
+        sha256 = self.digest.hexdigest()
+        arrival = Arrival.upload(self.id, self.name, sha256)
         try:
             self.handle.flush()
             if self.kind == SAFETENSORS:
                 self._check_prefix(self.size)  # the length must fit the body as it came
-                self._validate_file()
-            if not service.queue.reserve():  # only complete uploads hold a queue slot
-                raise service.busy("queue full, retry later")
+                check_file(self.temp)
+            if not door.queue.reserve():  # only complete uploads hold a queue slot
+                raise door.busy("queue full, retry later")
             try:
                 path = self._commit()
-                record = service.accept_upload(self, path, client)
+                try:
+                    door.accept(arrival, path, self.size, client)
+                except OSError:
+                    self._forget(path)  # not journaled, not acknowledged: not accepted
+                    raise
             except BaseException:
-                service.queue.release()
+                door.queue.release()
                 raise
         except OSError as exc:
             raise storage_refusal(exc) from exc
-        return record
+        self._release()
+        return Accepted(self.id, self.name, self.size, sha256, len(door.queue))
 
-    def _validate_file(self) -> None:
-        try:
-            reader = SafetensorsReader(self.temp)  # truncation, garbage, pickles
-        except CheckpointError as exc:
-            raise Refusal(422, f"{exc.reason}; {HOW_TO_SEND}") from exc
-        with reader:
-            if _is_lora_weights(reader):
-                raise Refusal(422, LORA_FILE)
+    def abort(self, refusal: Refusal | None = None) -> None:
+        """Give the upload up: journal ``refusal`` (when given) and release what the upload
+        holds (its slot, its temp file, its unpacking). Does nothing once finished or aborted."""
+        if self._released:
+            return
+        if refusal is not None:
+            self._door.refuse(refusal, self.id, self.name, self.size)
+        self._release()
 
     def _commit(self) -> Path:
-        spool = self.service.spool
+        spool = self._door.spool
         if self.kind == SAFETENSORS:
             path = spool.commit(self.temp, self.handle, self.id, self.name)
             self._committed = True
             return path
         self.handle.close()
-        settings = self.service.settings
+        settings = self._door.settings
         limits = TarLimits(settings.max_upload_bytes, settings.max_tar_members)
         target = spool.unpack_dir(self.id)
         try:
             root = unpack(self.temp, target, limits)
-            signature, why = inspect_entry(root, root)
-            if signature is None:
-                raise Refusal(422, NO_CHECKPOINT.format(why=why))
-            problem = header_refusal_in(root, settings.max_header_bytes)
-            if problem is not None:
-                raise Refusal(422, problem)
+            check_unpacked(root, settings.max_header_bytes)
             path = spool.commit_dir(root, self.id, self.name)
         except TarRefused as exc:
             raise Refusal(exc.status_code, exc.reason) from exc
-        except Refused as exc:
-            raise Refusal(422, str(exc)) from exc
         finally:
             spool.discard(target)
         self._committed = True
         spool.discard(self.temp)  # the tar itself: its content is unpacked
         return path
 
-    def forget(self, path: Path) -> None:
+    def _forget(self, path: Path) -> None:
         """Undo a commit whose journal line could not be written: not accepted after all."""
-        self.service.spool.discard(path)
+        self._door.spool.discard(path)
         self._committed = False
 
-    def close(self) -> None:
-        """Release what an upload that was not accepted holds (its temp file, its unpacking)."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        self._released = True
         if not self.handle.closed:
             self.handle.close()
         if not self._committed:
-            self.service.spool.discard(self.temp)
-            self.service.spool.discard(self.service.spool.unpack_dir(self.id))
-        self.service.in_flight.give_back()
+            spool = self._door.spool
+            spool.discard(self.temp)
+            spool.discard(spool.unpack_dir(self.id))
+        self._door.in_flight.give_back()

@@ -19,19 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .journal import Arrival, Event
+
 # what to do with an arrival once the writer is done with it: (event, reason) -> None
-Finisher = Callable[[str, str | None], None]
+Finisher = Callable[[Event, str | None], None]
 
 
 @dataclass
 class WorkItem:
-    id: str
-    name: str
-    origin: str  # "http" or "inbox"
+    arrival: Arrival  # its label is its source in the manifest: unique per arrival
     path: Path
-    label: str  # recorded as the arrival's source in the manifest; unique per arrival
     finish: Finisher
-    extra: dict[str, Any] = field(default_factory=dict)  # copied into journal records
     enqueued: float = field(default_factory=time.time)
     attempts: int = 0  # folds tried and failed for a reason that was not the checkpoint's
     not_before: float = 0.0  # time.monotonic() before which it is not handed out again

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .run import FederatedResults
 
 
-def accuracy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def accuracy_rows(results: FederatedResults) -> list[dict[str, Any]]:
     """One row per round (0 = θ0): mean test accuracy of each strategy's global model."""
     strategies = results["strategies"]
     rounds = sorted({int(r) for s in strategies.values() for r in s["accuracy"]})
@@ -21,7 +26,7 @@ def accuracy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: FederatedResults) -> str:
     names = list(results["strategies"])
     cfg = results["config"]
     scenario = cfg["scenario"]
@@ -40,7 +45,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join([*lines, "", *timing_lines(results)]) + "\n"
 
 
-def timing_lines(results: dict[str, Any]) -> list[str]:
+def timing_lines(results: FederatedResults) -> list[str]:
     """Where the time went: start-up apart, then per strategy its rounds and the server's share."""
     names = list(results["strategies"])
     lines = [
@@ -80,7 +85,7 @@ def _seconds(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def figure(results: dict[str, Any]) -> Any:
+def figure(results: FederatedResults) -> Figure:
     """The accuracy-per-round figure (a matplotlib Figure): rounds on integer ticks."""
     import matplotlib
 
@@ -104,7 +109,7 @@ def figure(results: dict[str, Any]) -> Any:
     return fig
 
 
-def plot(results: dict[str, Any], path: Path) -> Path:
+def plot(results: FederatedResults, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig = figure(results)
@@ -113,7 +118,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_report(results: FederatedResults, out_dir: str | Path) -> dict[str, Path]:
     """``results.json``, ``results.md`` and ``accuracy.png`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
