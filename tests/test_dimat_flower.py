@@ -20,6 +20,7 @@ def test_config_round_trips_through_json():
     assert config_from_json(config_to_json(cfg)) == cfg
 
 
+@pytest.mark.slow
 def test_flower_run_reproduces_the_in_process_simulation():
     cfg = dz.quick_config(
         agents=3, rounds=2, n_train=600, n_test=200, width=8, partition="iid",

@@ -25,6 +25,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return fw_pool.run_fw_pool(config)
 
 
+@pytest.mark.slow
 def test_quick_run_merges_every_pool_with_every_method(results: dict) -> None:
     targets, others = results["targets"], results["other_tasks"]
     assert len(targets) == 4 and not set(targets) & set(others)
@@ -47,6 +48,7 @@ def test_quick_run_merges_every_pool_with_every_method(results: dict) -> None:
     assert sum(individual.values()) > sum(pretrained.values())  # fine-tuning helped
 
 
+@pytest.mark.slow
 def test_reports_are_written(results: dict) -> None:
     files = results["files"]
     saved = json.loads(Path(files["json"]).read_text())
