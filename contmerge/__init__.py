@@ -1,10 +1,50 @@
 """contmerge: continual and federated model merging in constant memory."""
 
-from .errors import CheckpointError, ContmergeError, StateError, StorageError, StrategyError
-from .merger import FoldResult, IgnoredTensorWarning, Merger
-from .registry import available, parse_strategy
-from .sources import Checkpoint, open_checkpoint
-from .strategy import Chain, FoldContext, Pass, Preprocessor, Strategy, TensorInfo, chain
+from __future__ import annotations
+
+import importlib as _importlib
+import os as _os
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CheckpointError,
+    ContmergeError,
+    IgnoredTensorWarning,
+    StateError,
+    StorageError,
+    StrategyError,
+)
+
+if TYPE_CHECKING:
+    from .merger import FoldResult, Merger
+    from .registry import available, parse_strategy
+    from .sources import Checkpoint, open_checkpoint
+    from .strategy import Chain, FoldContext, Pass, Preprocessor, Strategy, TensorInfo, chain
+
+#: names whose modules import torch: loaded on first use, so that the command line answers a
+#: no-op (e.g. ``merge`` of checkpoints already folded) without importing torch at all
+_LAZY = {
+    "FoldResult": "merger",
+    "Merger": "merger",
+    "available": "registry",
+    "parse_strategy": "registry",
+    "Checkpoint": "sources",
+    "open_checkpoint": "sources",
+    **dict.fromkeys(
+        ("Chain", "FoldContext", "Pass", "Preprocessor", "Strategy", "TensorInfo", "chain"),
+        "strategy",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'contmerge' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Chain",
@@ -29,7 +69,6 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-import os as _os
 
 # Installed, the merge rules and scenarios are the subpackages contmerge.strategies and
 # contmerge.simulations. In a source checkout they sit beside this folder (strategies/,

@@ -17,11 +17,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .errors import CheckpointError, ContmergeError, Notice, SettingError, StorageError
+from .errors import (
+    CheckpointError,
+    ContmergeError,
+    IgnoredTensorWarning,
+    Notice,
+    SettingError,
+    StorageError,
+)
+from .limits import DEFAULT_MAX_RELATIVE_DELTA, MAX_HEADER_ENV, parse_size, using_header_limit
 from .manifest import read_manifest
-from .merger import DEFAULT_MAX_RELATIVE_DELTA, IgnoredTensorWarning
-from .registry import parse_value
-from .tensorfile import MAX_HEADER_ENV, parse_size, using_header_limit
+from .noop import already_folded
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -45,6 +51,8 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _parse_settings(pairs: Sequence[str]) -> dict[str, object]:
+    from .registry import parse_value  # imports the rules, and torch
+
     settings: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -55,6 +63,14 @@ def _parse_settings(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    folded = already_folded(args)
+    if folded is not None:  # nothing to do: answered without torch or reading a tensor
+        manifest = read_manifest(args.state)[0]
+        count = manifest["globals"]["count"]
+        print(f"state {args.state}: {manifest['strategy']}, {count} folded so far")
+        for checkpoint, index in folded:
+            print(f"already folded as #{index}: {checkpoint} (0.00 s)")
+        return 0
     from .merger import Merger
 
     settings = _parse_settings(args.set)
@@ -67,6 +83,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         workers=args.workers,
         device=args.device,
+        verify_base=args.verify_base,
         **settings,
     ) as merger:
         print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
@@ -103,7 +120,7 @@ def cmd_emit(args: argparse.Namespace) -> int:
     from .merger import Merger
 
     base = args.base or _base_of(args.state)
-    with Merger(base, state_dir=args.state, read_only=True) as merger:
+    with Merger(base, state_dir=args.state, read_only=True, verify_base=args.verify_base) as merger:
         path = merger.emit(args.out)
         print(f"merged model of {merger.count} checkpoint(s) written to {path}")
     return 0
@@ -124,7 +141,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(store.verify())
         print(f"base: not checked ({base} is not there; give --base)")
         return 0
-    with Merger(base, state_dir=state, read_only=True) as merger:
+    with Merger(base, state_dir=state, read_only=True, verify_base=True) as merger:
         assert isinstance(merger.store, DiskStore)
         print(merger.store.verify())
         print(f"base: {base} is the base this state was started from")
@@ -236,6 +253,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "--keep-going", action="store_true", help="report a bad checkpoint and go on with the next"
     )
     merge.add_argument("--out", help="also write the merged model here after folding")
+    _add_verify_base(merge)
     _add_max_header_bytes(merge)
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
@@ -254,6 +272,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "(gets the base's config files when the base was a model directory)",
     )
     emit.add_argument("--base", help="base model, if it moved since the state was created")
+    _add_verify_base(emit)
     _add_max_header_bytes(emit)
     emit.set_defaults(func=cmd_emit)
 
@@ -298,6 +317,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=help_text)  # a placeholder for the listing only
     return parser
+
+
+def _add_verify_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verify-base",
+        action="store_true",
+        help="read and fingerprint the whole base even if its files (path, size, mtime, inode, "
+        "headers) are unchanged since the state last read it",
+    )
 
 
 def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:

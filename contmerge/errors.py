@@ -43,6 +43,11 @@ class Notice(UserWarning):
     fallback is used); the CLI shows it as one ``note:`` line."""
 
 
+class IgnoredTensorWarning(UserWarning):
+    """An arrival's tensor was not merged although it differs from the base (integers are not
+    merged: the base's value is emitted)."""
+
+
 class SettingError(ContmergeError, ValueError):
     """A setting given by the user (an option, an environment variable) that does not parse."""
 

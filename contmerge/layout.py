@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 
@@ -18,17 +19,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def tensor_infos(base: Checkpoint, linear: str | None = None) -> dict[str, TensorInfo]:
+def tensor_infos(
+    base: Checkpoint, linear: str | None = None, resolved: Collection[str] | None = None
+) -> dict[str, TensorInfo]:
     """Infos for every base tensor, in the base's order.
 
     Linear weights are known exactly when the base is a module or a transformers directory; a
     regex ``linear`` overrides that; otherwise a 2-D ``*.weight`` that is not named like an
-    embedding counts as linear.
+    embedding counts as linear. ``resolved``: the linear weights as found before (a state's
+    record of its base), overriding all of that.
     """
     pattern = re.compile(linear) if linear else None
     infos: dict[str, TensorInfo] = {}
     for name, meta in base.meta.items():
-        if pattern is not None:
+        if resolved is not None:
+            is_linear = name in resolved
+        elif pattern is not None:
             is_linear = bool(pattern.search(name))
         elif base.linear_names is not None:
             is_linear = name in base.linear_names

@@ -14,7 +14,6 @@ at once when the rule declares ``per_tensor_parallel`` (``contmerge.parallel_fol
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import shutil
@@ -36,10 +35,12 @@ from .atomic import atomic_open, writing
 from .chunks import ChunkRunner
 from .dirlock import DirectoryLock
 from .elementwise import ElementwiseBatch, ElementwiseSweep, flat_base
-from .errors import CheckpointError, ContmergeError, StateError
+from .errors import CheckpointError, ContmergeError, IgnoredTensorWarning, StateError
 from .hashing import ContentHash, tensor_leaves
+from .identity import base_identity, file_identity
 from .kernels import all_finite, sum_sq
 from .layout import tensor_infos
+from .limits import DEFAULT_MAX_RELATIVE_DELTA
 from .manifest import FORMAT, MANIFEST
 from .parallel_folds import ParallelFolds
 from .registry import parse_strategy
@@ -51,10 +52,6 @@ from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
 #: what the content hash takes of one tensor: dtype, shape and its leaves' digests
 _Hashed = tuple[torch.dtype, tuple[int, ...], list[bytes]]
-#: an arrival whose weight matrices moved, in the median, by more than this fraction of their
-#: norm in the base is refused as "fine-tuned from another base". Fine-tunes measured here
-#: move 0.05–0.09; two random inits of one architecture sit near √2.
-DEFAULT_MAX_RELATIVE_DELTA = 0.5
 #: a base up to this size stays mapped between folds (its pages are in the page cache anyway;
 #: mapping them again for every fold costs a fault per 64 KiB); a larger one is let go tensor by
 #: tensor, so resident memory stays bounded for models larger than RAM
@@ -64,11 +61,6 @@ STATE_OVERFLOW = (
     "folding it would make the merged state Inf or NaN (it overflows the float range); "
     "refused, the state is unchanged"
 )
-
-
-class IgnoredTensorWarning(UserWarning):
-    """An arrival's tensor was not merged although it differs from the base (integers are not
-    merged: the base's value is emitted)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +89,9 @@ class Merger:
     (OPCM's SVDs and products); the state stays in CPU memory or on disk.
     ``read_only`` opens an existing state to emit it, sharing its lock with other readers and
     writing nothing in its directory (it works on a read-only file system); it cannot fold.
+    Resuming a state, a base whose files are unchanged since the state last read it (path,
+    size, mtime, inode, safetensors headers) is not read again: its fingerprint, linear weights
+    and norms come from the state's record; ``verify_base`` reads and fingerprints it anyway.
     """
 
     def __init__(
@@ -113,6 +108,7 @@ class Merger:
         keep_base_mapped: bool | None = None,
         device: str | torch.device | None = None,
         read_only: bool = False,
+        verify_base: bool = False,
         **hparams: Any,
     ) -> None:
         self.device = _compute_device(device)
@@ -123,14 +119,16 @@ class Merger:
         self._keep_base_mapped = keep_base_mapped
         # the base's tensors as batches take them, while the base stays mapped
         self._base_views: dict[str, tuple[torch.Tensor, np.ndarray | None]] = {}
-        self.infos = tensor_infos(self.base, linear)
+        self._base_identity = base_identity(base)
+        self.verify_base = verify_base
         self.max_relative_delta = max_relative_delta
         self.dedupe = dedupe
         self.progress = progress
-        self._float_names = [n for n, i in self.infos.items() if i.meta.is_float]
+        self._float_names = [n for n, m in self.base.meta.items() if m.is_float]
         self.read_only = read_only
         directory = Path(state_dir) if state_dir is not None else None
         if directory is None:
+            self.infos = tensor_infos(self.base, linear)
             if read_only:
                 raise StateError("read_only needs the state_dir of an existing state")
             self.strategy = self._new_strategy(strategy, hparams)
@@ -144,6 +142,8 @@ class Merger:
         lock = None if read_only else DirectoryLock.exclusive(directory)
         if lock is not None and not os.path.lexists(directory / MANIFEST):
             try:
+                # the layout of a resumed state comes from its record of the base (_resume)
+                self.infos = tensor_infos(self.base, linear)
                 self.strategy = self._new_strategy(strategy, hparams)
                 initial = _LazyInit(self.strategy, self.infos, self._float_names)
                 manifest = self._new_manifest(linear)
@@ -179,15 +179,17 @@ class Merger:
         return parse_strategy(strategy, **hparams)
 
     def _new_manifest(self, linear: str | None) -> dict[str, Any]:
+        fingerprint = self._fingerprint_base()
         return {
             "format": FORMAT,
             "strategy": self.strategy.spec(),
             "linear_pattern": linear,
             "base": {
                 "source": self.base.source,
-                "fingerprint": self._fingerprint_base(),
+                "fingerprint": fingerprint,
                 "tensors": len(self.infos),
                 "linear_weights": sum(i.is_linear for i in self.infos.values()),
+                **self._base_record(),
             },
             "globals": {**self.strategy.init_globals(), "count": 0},
             "arrivals": [],
@@ -206,13 +208,20 @@ class Merger:
                 raise StateError(
                     f"{self.store.path}: state was made with {saved.spec()}, not {wanted.spec()}"
                 )
-        if linear != manifest.get("linear_pattern"):
-            self.infos = tensor_infos(self.base, manifest.get("linear_pattern"))
-        if self._fingerprint_base() != manifest["base"]["fingerprint"]:
-            raise StateError(
-                f"{self.store.path}: base {self.base.source} is not the base this state was "
-                f"started from ({manifest['base']['source']})"
-            )
+        pattern = manifest.get("linear_pattern")
+        record = None if self.verify_base else self._recorded_base(manifest["base"])
+        if record is not None:  # the very base the state last read, unchanged
+            self.infos = tensor_infos(self.base, pattern, record["linear"])
+            self._base_sq = dict(record["sum_sq"])
+        else:
+            self.infos = tensor_infos(self.base, pattern)
+            if self._fingerprint_base() != manifest["base"]["fingerprint"]:
+                raise StateError(
+                    f"{self.store.path}: base {self.base.source} is not the base this state was "
+                    f"started from ({manifest['base']['source']})"
+                )
+            if not self.read_only:  # recorded by the next commit
+                manifest["base"] = {**manifest["base"], **self._base_record()}
         assert isinstance(self.store, DiskStore)
         if self.store.slot_metas != self._slot_metas(saved):
             raise StateError(
@@ -220,6 +229,34 @@ class Merger:
                 f"{saved.spec()} keeps for this base; nothing was changed"
             )
         return saved
+
+    def _base_record(self) -> dict[str, Any]:
+        """What a later open of this unchanged base takes instead of reading it (``record``);
+        nothing for a base that is not files, or whose norms JSON cannot hold."""
+        if self._base_identity is None or not all(map(math.isfinite, self._base_sq.values())):
+            return {}
+        linear = sorted(n for n, i in self.infos.items() if i.is_linear)
+        return {
+            "record": {"identity": self._base_identity, "linear": linear, "sum_sq": self._base_sq}
+        }
+
+    def _recorded_base(self, base: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The state's record of its base if it is of this base's files as they are now, and
+        well formed (a hand-edited or older manifest has none: the base is read)."""
+        record = base.get("record")
+        if self._base_identity is None or not isinstance(record, dict):
+            return None
+        linear, sum_sq = record.get("linear"), record.get("sum_sq")
+        if (
+            record.get("identity") != self._base_identity
+            or not isinstance(linear, list)
+            or not all(isinstance(n, str) for n in linear)
+            or not isinstance(sum_sq, dict)
+            or sum_sq.keys() != set(self._float_names)
+            or not all(type(v) in (int, float) for v in sum_sq.values())
+        ):
+            return None
+        return record
 
     def _fingerprint_base(self) -> str:
         """Hash of the base; also keeps ‖θ0‖² (fixed for the base) for the relative-delta check."""
@@ -267,7 +304,7 @@ class Merger:
         if self.read_only:
             raise StateError(f"{self.store.path}: opened read-only; cannot fold")
         started = time.perf_counter()
-        identity = _file_identity(source) if self.dedupe else None
+        identity = file_identity(source) if self.dedupe else None
         if identity is not None:
             for record in self.manifest["arrivals"]:
                 if record.get("file") == identity:  # the very same file, unchanged: no reading
@@ -760,21 +797,6 @@ def _all_finite(state: State) -> bool:
 
 def _hashed(tensor: torch.Tensor) -> _Hashed:
     return tensor.dtype, tuple(tensor.shape), tensor_leaves(tensor)
-
-
-def _file_identity(source: Source) -> str | None:
-    """Path, size, mtime and inode of a checkpoint file (or of each file of a directory): the
-    same file, unchanged since it was folded, needs no reading to be recognised."""
-    if not isinstance(source, (str, Path)):
-        return None
-    try:
-        path = Path(source).resolve()  # RuntimeError: a symlink loop (before Python 3.13)
-        entries = sorted(path.iterdir()) if path.is_dir() else [path]
-        stats = [(e.name, e.stat()) for e in entries if e.is_file()]
-    except (OSError, RuntimeError):
-        return None
-    parts = [f"{n}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" for n, st in stats]
-    return hashlib.sha256("\0".join([str(path), *parts]).encode()).hexdigest()
 
 
 def _sidecar(path: Path, kind: str) -> Path:

@@ -39,10 +39,27 @@ class Checkpoint:
     meta: dict[str, TensorMeta]
     #: directory whose config/tokenizer files travel with an emitted model, if any
     config_dir: Path | None = None
-    #: names of ``nn.Linear`` weights when the source knows them exactly (modules, model dirs)
-    linear_names: frozenset[str] | None = None
     #: ``read`` returns a new tensor nobody else holds, so the engine may compute in it in place
     fresh_reads: bool = False
+
+    _linear_names: frozenset[str] | None = None
+    _linear_names_known = False
+
+    @property
+    def linear_names(self) -> frozenset[str] | None:
+        """Names of ``nn.Linear`` weights when the source knows them exactly (modules, model
+        directories). A directory's are learnt from its config on first use (building the model
+        on the meta device takes seconds), so an open that does not need them skips that."""
+        if not self._linear_names_known:
+            found = None
+            if self.config_dir is not None:
+                found = _linear_names_from_config(self.config_dir, self.meta)
+            self.linear_names = found
+        return self._linear_names
+
+    @linear_names.setter
+    def linear_names(self, names: frozenset[str] | None) -> None:
+        self._linear_names, self._linear_names_known = names, True
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -464,8 +481,7 @@ def _open_directory(
         checkpoint = open_checkpoint(candidate, max_header_bytes=max_header_bytes)
         checkpoint.source = str(path)
         if (path / "config.json").is_file():
-            checkpoint.config_dir = path
-            checkpoint.linear_names = _linear_names_from_config(path, checkpoint.meta)
+            checkpoint.config_dir = path  # its linear names are learnt when first asked for
         return checkpoint
     raise CheckpointError(str(path), f"directory holds none of {', '.join(WEIGHT_FILES)}")
 

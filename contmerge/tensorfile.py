@@ -10,14 +10,13 @@ for models larger than RAM. Files are byte-compatible with the safetensors forma
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import math
 import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,8 +25,15 @@ import numpy as np
 import torch
 
 from . import jsonfile
-from .errors import CheckpointError, SettingError, clip
+from .errors import CheckpointError, clip
 from .jsonfile import Pairs
+from .limits import (  # noqa: F401 - re-exported where they used to live
+    DEFAULT_MAX_HEADER_BYTES,
+    MAX_HEADER_ENV,
+    header_limit,
+    parse_size,
+    using_header_limit,
+)
 
 DTYPE_BY_CODE: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -47,56 +53,8 @@ DTYPE_BY_CODE: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
-#: the largest header read unless told otherwise. A header is ~120 bytes per tensor: a shard of
-#: even the largest MoE models holds a few thousand tensors (< 1 MiB), and 16 MiB still holds a
-#: whole 1T-parameter MoE (~130 000 tensors) in one file. Parsing costs a few times the header
-#: in memory, so the bound is what an untrusted file can make the reader allocate.
-DEFAULT_MAX_HEADER_BYTES = 16 << 20
-MAX_HEADER_ENV = "CONTMERGE_MAX_HEADER_BYTES"
 FOREIGN_SIGNATURES = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
 _DIM_LIMIT = 1 << 63  # dimensions and element counts must fit an int64 (torch's sizes)
-
-
-def parse_size(text: str) -> int:
-    """``"16777216"``, ``"64K"``, ``"16M"``, ``"1G"`` (binary units) as a positive byte count."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    clean = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (clean[:-1], clean[-1]) if clean[-1:] in units else (clean, "")
-    try:
-        value = int(number) * units[unit]
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise SettingError(f"not a size in bytes: {clip(text)!r} (e.g. 16777216, 64M, 1G)")
-    return value
-
-
-_limit_in_force: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "contmerge_max_header_bytes", default=None
-)
-
-
-def header_limit(given: int | None = None) -> int:
-    """The header bound in force: ``given``, else the one ``using_header_limit`` set, else
-    $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB."""
-    given = given if given is not None else _limit_in_force.get()
-    if given is not None:
-        if given <= 0:
-            raise SettingError(f"max_header_bytes must be positive, got {given}")
-        return given
-    from_env = os.environ.get(MAX_HEADER_ENV)
-    return parse_size(from_env) if from_env else DEFAULT_MAX_HEADER_BYTES
-
-
-@contextlib.contextmanager
-def using_header_limit(limit: int | None) -> Iterator[None]:
-    """Bound every header read inside the block (in this thread) by ``limit``; None: no change.
-    How a command-line option reaches readers opened deep inside the Merger."""
-    token = _limit_in_force.set(limit)
-    try:
-        yield
-    finally:
-        _limit_in_force.reset(token)
 
 
 @dataclass(frozen=True, slots=True)  # slots: a header may describe a hundred thousand tensors
