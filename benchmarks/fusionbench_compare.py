@@ -45,8 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _venv
 import safetensors.torch
 import torch
+from _venv import TheirFailure, tail, venv_python
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +56,6 @@ RUNNER = HERE / "_fusionbench_runner.py"
 DEFAULT_VENV = Path(
     os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "contmerge", "fusionbench-venv"
 )
-TORCH_PIN = "torch==2.13.0"
 FUSION_BENCH = "fusion-bench"
 # fusion-bench 0.2.33 requires an unpinned transformers, but importing its OPCM package pulls in
 # its CLIP task pool, which imports transformers' CLIPVisionTransformer: gone in transformers 5
@@ -74,101 +75,16 @@ OFFLINE_ENV = {
 }
 
 
-class TheirFailure(Exception):
-    """FusionBench could not be installed or run: reported, not our bug."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(f"{step}: {detail}")
-        self.step, self.detail = step, detail
-
-
-# --------------------------------------------------------------------------------------------
-# FusionBench's venv
-
-
-def _tail(text: str, lines: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _run_step(step: str, cmd: list[str], log: Path, timeout: float) -> None:
-    """Run one install step, appending to the log; raise TheirFailure with its error text."""
-    with log.open("a") as handle:
-        handle.write(f"\n$ {' '.join(cmd)}\n")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise TheirFailure(step, f"timed out after {timeout:.0f} s: {' '.join(cmd)}") from exc
-    except OSError as exc:
-        raise TheirFailure(step, f"could not start {cmd[0]}: {exc}") from exc
-    with log.open("a") as handle:
-        handle.write(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise TheirFailure(
-            step,
-            f"exit code {proc.returncode} from `{' '.join(cmd)}`\n"
-            + _tail(proc.stderr or proc.stdout),
-        )
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def _probe(python: Path) -> dict[str, str] | None:
-    """Versions in the venv when torch and FusionBench's two algorithms import, else None."""
+def ensure_venv(venv: Path, timeout: float) -> dict[str, str]:
+    """Reuse the venv when FusionBench imports there; otherwise create it and install."""
     code = (
         f"import json, importlib.metadata as m, torch, {PROBE_IMPORTS};"
         "print(json.dumps({'torch': torch.__version__, 'fusion_bench': m.version('fusion-bench'),"
         " 'transformers': m.version('transformers')}))"
     )
-    try:
-        proc = subprocess.run(
-            [str(python), "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, **OFFLINE_ENV},
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def ensure_venv(venv: Path, timeout: float) -> dict[str, str]:
-    """Reuse the venv when FusionBench imports there; otherwise create it and install."""
-    python = _venv_python(venv)
-    if python.exists():
-        versions = _probe(python)  # usable as it is (ours, or one the user made)
-        if versions is not None:
-            return versions
-    venv.mkdir(parents=True, exist_ok=True)
-    log = venv / "contmerge-install.log"
-    print(f"  installing FusionBench into {venv} (log: {log}); this takes a few minutes")
-    if not python.exists():
-        # the interpreter under our venv, so FusionBench gets the same Python version
-        base = getattr(sys, "_base_executable", sys.executable)
-        _run_step("create the venv", [base, "-m", "venv", str(venv)], log, timeout)
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
-    # torch first: pip then keeps the pinned CPU build instead of resolving its own
-    _run_step(f"pip install {TORCH_PIN}", [*pip, TORCH_PIN], log, timeout)
-    _run_step(
-        f"pip install {FUSION_BENCH} '{TRANSFORMERS_PIN}'",
-        [*pip, FUSION_BENCH, TRANSFORMERS_PIN],
-        log,
-        timeout,
+    return _venv.ensure_venv(
+        venv, "FusionBench", [FUSION_BENCH, TRANSFORMERS_PIN], code, OFFLINE_ENV, timeout
     )
-    versions = _probe(python)
-    if versions is None:
-        proc = subprocess.run(
-            [str(python), "-c", f"import torch, {PROBE_IMPORTS}"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **OFFLINE_ENV},
-        )
-        raise TheirFailure(f"import {PROBE_IMPORTS} in its venv", _tail(proc.stderr))
-    return versions
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,11 +307,11 @@ def run_theirs(
     if not report_path.exists():
         raise TheirFailure(
             f"{step} (the runner died before reporting)",
-            f"exit code {proc.returncode}\n{_tail(proc.stderr or proc.stdout)}",
+            f"exit code {proc.returncode}\n{tail(proc.stderr or proc.stdout)}",
         )
     report = json.loads(report_path.read_text())
     if not report["ok"]:
-        raise TheirFailure(report["step"], f"{report['error']}\n{_tail(report['trace'], 15)}")
+        raise TheirFailure(report["step"], f"{report['error']}\n{tail(report['trace'], 15)}")
     return [
         SideResult(
             safetensors.torch.load_file(r["out"]),
@@ -825,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[3/4] {args.repeat} round(s), each FusionBench (in its venv) then ours: "
             f"{', '.join(methods)}"
         )
-        python = _venv_python(args.venv)
+        python = venv_python(args.venv)
         theirs_rounds: list[list[SideResult]] = []
         ours_rounds: dict[str, list[SideResult]] = {m: [] for m in methods}
         for round_ in range(1, args.repeat + 1):

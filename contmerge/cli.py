@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .errors import (
     CheckpointError,
@@ -28,6 +28,9 @@ from .errors import (
 from .limits import DEFAULT_MAX_RELATIVE_DELTA, MAX_HEADER_ENV, parse_size, using_header_limit
 from .manifest import read_manifest
 from .noop import already_folded
+
+if TYPE_CHECKING:
+    from .merger import FoldResult
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -88,7 +91,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     ) as merger:
         print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
         failures = 0
-        for checkpoint in args.checkpoints:
+        # several arrivals: one pass over the state and one commit, when the rule allows it
+        grouped = None
+        if len(args.checkpoints) > 1:
+            with warnings.catch_warnings():  # printed from the results, once
+                warnings.simplefilter("ignore", IgnoredTensorWarning)
+                grouped = merger.fold_group(args.checkpoints)
+        for checkpoint, result in zip(args.checkpoints, grouped or ()):
+            _print_result(checkpoint, result)
+        for checkpoint in args.checkpoints if grouped is None else ():
             try:
                 with warnings.catch_warnings():  # printed from the result, once
                     warnings.simplefilter("ignore", IgnoredTensorWarning)
@@ -99,13 +110,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 if not args.keep_going:
                     return 1
                 continue
-            for note in result.warnings:
-                print(f"warning: {note}", file=sys.stderr)
-            what = "already folded as" if result.status == "duplicate" else "folded as"
-            print(f"{what} #{result.index}: {checkpoint} ({result.seconds:.2f} s)")
+            _print_result(checkpoint, result)
         if args.out:
             print(f"merged model written to {merger.emit(args.out)}")
     return 1 if failures else 0
+
+
+def _print_result(checkpoint: str, result: FoldResult) -> None:
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    what = "already folded as" if result.status == "duplicate" else "folded as"
+    print(f"{what} #{result.index}: {checkpoint} ({result.seconds:.2f} s)")
 
 
 def _rejection(checkpoint: str, exc: ContmergeError) -> str:

@@ -14,13 +14,14 @@ at once when the rule declares ``per_tensor_parallel`` (``contmerge.parallel_fol
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +47,7 @@ from .parallel_folds import ParallelFolds
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import DiskStore, MemoryStore, slot_key
-from .strategy import FoldContext, Pass, State, Strategy, TensorInfo
+from .strategy import Chain, FoldContext, Pass, State, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
@@ -305,31 +306,15 @@ class Merger:
             raise StateError(f"{self.store.path}: opened read-only; cannot fold")
         started = time.perf_counter()
         identity = file_identity(source) if self.dedupe else None
-        if identity is not None:
-            for record in self.manifest["arrivals"]:
-                if record.get("file") == identity:  # the very same file, unchanged: no reading
-                    return FoldResult(
-                        "duplicate",
-                        record["index"],
-                        record["hash"],
-                        name or str(source),
-                        time.perf_counter() - started,
-                    )
+        known = self._known_file(identity, name or str(source), started)
+        if known is not None:
+            return known
         arrival = open_checkpoint(source, self.base.meta)
         label = name or arrival.source
         opened_extras = self._open_extras(source, extras)
         try:
             self._check_layout(arrival)
-            ctx = FoldContext(
-                index=self.count + 1,
-                globals=dict(self.manifest["globals"]),
-                extras=opened_extras,
-                numel=sum(self.infos[n].meta.numel for n in self._float_names),
-                float64=any(
-                    self.infos[n].compute_dtype == torch.float64 for n in self._float_names
-                ),
-                device=self.device,
-            )
+            ctx = self._context(self.count + 1, opened_extras)
             for sweep in self.strategy.passes(ctx):
                 if sweep.elementwise:
                     self._sweep_chunks(arrival, sweep, ctx)
@@ -342,6 +327,24 @@ class Merger:
             arrival.close()
             for extra in opened_extras.values():
                 extra.close()
+
+    def _known_file(self, identity: str | None, label: str, started: float) -> FoldResult | None:
+        """The very same file, unchanged, was folded before: its result, with no reading."""
+        for record in self.manifest["arrivals"] if identity is not None else ():
+            if record.get("file") == identity:
+                seconds = time.perf_counter() - started
+                return FoldResult("duplicate", record["index"], record["hash"], label, seconds)
+        return None
+
+    def _context(self, index: int, extras: dict[str, Checkpoint] | None = None) -> FoldContext:
+        return FoldContext(
+            index=index,
+            globals=dict(self.manifest["globals"]),
+            extras=extras or {},
+            numel=sum(self.infos[n].meta.numel for n in self._float_names),
+            float64=any(self.infos[n].compute_dtype == torch.float64 for n in self._float_names),
+            device=self.device,
+        )
 
     def _sweep_chunks(self, arrival: Checkpoint, sweep: Pass, ctx: FoldContext) -> None:
         """An elementwise pass: chunked on the fold threads where the fold would be chunked."""
@@ -376,64 +379,78 @@ class Merger:
         ignored: list[str] = []
         try:
             hashed, sums = self._fold_tensors(arrival, ctx, staging, label, ignored)
-            content = ContentHash()
-            for name in self.infos:
-                if name in hashed:
-                    content.add(name, *hashed[name])
-            content_hash = content.hexdigest()
-            delta_sq = math.fsum(sums.values())
-            # over the matrices the arrival changes: all of a full model's, an adapter's targets
-            matrix_ratios = [
-                math.sqrt(sums[n] / self._base_sq[n])
-                for n in sums
-                if n in arrival.meta and len(self.infos[n].shape) >= 2 and self._base_sq[n] > 0
-            ]
-            for record in self.manifest["arrivals"] if self.dedupe else ():
-                if record["hash"] == content_hash:
-                    staging.abort()
-                    return FoldResult(
-                        "duplicate",
-                        record["index"],
-                        content_hash,
-                        label,
-                        time.perf_counter() - started,
-                    )
-            base_sq = sum(self._base_sq.values())
-            relative = math.sqrt(delta_sq / base_sq) if base_sq > 0 else 0.0
-            moved = statistics.median(matrix_ratios) if matrix_ratios else 0.0
-            limit = self.max_relative_delta
-            if limit is not None and moved > limit:
-                raise CheckpointError(
-                    label,
-                    f"differs from the base by {moved:.2f}× the norm of its weight matrices "
-                    f"(median over the matrices it changes; limit {limit}): it looks fine-tuned "
-                    "from another base"
-                    + ("" if arrival.carries_full_weights else ", or scaled absurdly (lora_alpha)")
-                    + " (if it is a fine-tune of this one, allow it with --any-base or a larger "
-                    "--max-relative-delta; in Python max_relative_delta=None)",
-                )
-            record = {
-                "hash": content_hash,
-                "source": label,
-                "file": identity,
-                "relative_delta": round(relative, 6),
-                "median_matrix_delta": round(moved, 6),
-            }
-            self.store.commit(
-                staging, self._next_manifest(ctx, record, time.perf_counter() - started)
-            )
+            record = self._record(arrival, label, identity, hashed, sums, self.manifest["arrivals"])
+            if isinstance(record, FoldResult):
+                staging.abort()
+                return dataclasses.replace(record, seconds=time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.store.commit(staging, self._next_manifest(ctx, record, seconds))
         except BaseException:
             staging.abort()
             raise
+        return self._folded(ctx.index, record, ignored, started)
+
+    def _record(
+        self,
+        arrival: Checkpoint,
+        label: str,
+        identity: str | None,
+        hashed: dict[str, _Hashed],
+        sums: dict[str, float],
+        earlier: list[dict[str, Any]],
+    ) -> dict[str, Any] | FoldResult:
+        """The manifest's record of a folded arrival; a duplicate's result when one of the
+        ``earlier`` records has its content hash; CheckpointError if it moved too far."""
+        content = ContentHash()
+        for name in self.infos:
+            if name in hashed:
+                content.add(name, *hashed[name])
+        content_hash = content.hexdigest()
+        for record in earlier if self.dedupe else ():
+            if record["hash"] == content_hash:
+                return FoldResult("duplicate", record["index"], content_hash, label, 0.0)
+        delta_sq = math.fsum(sums.values())
+        # over the matrices the arrival changes: all of a full model's, an adapter's targets
+        matrix_ratios = [
+            math.sqrt(sums[n] / self._base_sq[n])
+            for n in sums
+            if n in arrival.meta and len(self.infos[n].shape) >= 2 and self._base_sq[n] > 0
+        ]
+        base_sq = sum(self._base_sq.values())
+        relative = math.sqrt(delta_sq / base_sq) if base_sq > 0 else 0.0
+        moved = statistics.median(matrix_ratios) if matrix_ratios else 0.0
+        limit = self.max_relative_delta
+        if limit is not None and moved > limit:
+            raise CheckpointError(
+                label,
+                f"differs from the base by {moved:.2f}× the norm of its weight matrices "
+                f"(median over the matrices it changes; limit {limit}): it looks fine-tuned "
+                "from another base"
+                + ("" if arrival.carries_full_weights else ", or scaled absurdly (lora_alpha)")
+                + " (if it is a fine-tune of this one, allow it with --any-base or a larger "
+                "--max-relative-delta; in Python max_relative_delta=None)",
+            )
+        return {
+            "hash": content_hash,
+            "source": label,
+            "file": identity,
+            "relative_delta": round(relative, 6),
+            "median_matrix_delta": round(moved, 6),
+        }
+
+    def _folded(
+        self, index: int, record: dict[str, Any], ignored: list[str], started: float
+    ) -> FoldResult:
+        label = record["source"]
         notes = tuple(
             f"{label}: tensor {name!r} differs from the base but is not merged (integer "
             "tensors are not merged; the base's value is emitted)"
             for name in ignored
         )
         for note in notes:
-            warnings.warn(note, IgnoredTensorWarning, stacklevel=3)
+            warnings.warn(note, IgnoredTensorWarning, stacklevel=4)
         seconds = time.perf_counter() - started
-        return FoldResult("folded", ctx.index, content_hash, label, seconds, notes)
+        return FoldResult("folded", index, record["hash"], label, seconds, notes)
 
     def _fold_tensors(
         self, arrival: Checkpoint, ctx: FoldContext, staging: Any, label: str, ignored: list[str]
@@ -468,12 +485,7 @@ class Merger:
         ):
             for info in self.infos.values():
                 if not info.meta.is_float:
-                    if arrival.carries_full_weights and info.name in arrival.meta:
-                        value = arrival.read(info.name)  # not merged, but part of the content
-                        hashed[info.name] = _hashed(value)
-                        if not torch.equal(value, self.base.view(info.name)):
-                            ignored.append(info.name)
-                        self._release_base(info.name)
+                    self._integer_tensor(arrival, info, hashed, ignored)
                     bar.update()
                 elif self._chunkable(arrival, info.name):
                     if whole is not None:
@@ -501,10 +513,156 @@ class Merger:
             self._fold_batch(batch, arrival, staging, hashed, sums, bar)
         return hashed, sums
 
+    def _integer_tensor(
+        self, arrival: Checkpoint, info: TensorInfo, hashed: dict[str, _Hashed], ignored: list[str]
+    ) -> None:
+        """Not merged, but part of the arrival's content; noted when it differs from the base."""
+        if arrival.carries_full_weights and info.name in arrival.meta:
+            value = arrival.read(info.name)
+            hashed[info.name] = _hashed(value)
+            if not torch.equal(value, self.base.view(info.name)):
+                ignored.append(info.name)
+            self._release_base(info.name)
+
+    # --- group commit ---------------------------------------------------------------------
+    def fold_group(self, sources: Sequence[Source]) -> list[FoldResult] | None:
+        """Fold several checkpoints in one pass over the state and commit once, with the
+        outcome of folding them one by one in that order: each is recorded with its own index,
+        hash and file, a file folded before is skipped, and a crash leaves the last committed
+        generation. Elementwise rules without passes or whole-model values, full checkpoints
+        only. None, with nothing changed, when the group does not qualify or any arrival would
+        be refused or skipped as a duplicate of content: ``fold`` them one at a time then (it
+        says why)."""
+        if self.read_only:
+            raise StateError(f"{self.store.path}: opened read-only; cannot fold")
+        started = time.perf_counter()
+        results: dict[int, FoldResult] = {}
+        todo: list[tuple[int, str | None]] = []
+        for position, source in enumerate(sources):
+            identity = file_identity(source) if self.dedupe else None
+            known = self._known_file(identity, str(source), started)
+            if known is not None:
+                results[position] = known
+            else:
+                todo.append((position, identity))
+        if len(todo) < 2 or not self._groupable(len(todo)):
+            return None
+        arrivals: list[Checkpoint] = []
+        try:
+            for position, _ in todo:
+                arrivals.append(open_checkpoint(sources[position], self.base.meta))
+                self._check_layout(arrivals[-1])
+            if not all(a.carries_full_weights for a in arrivals):
+                return None
+            folded = self._commit_group(arrivals, [identity for _, identity in todo])
+        except ContmergeError:  # one by one, the same arrival is refused and says why
+            return None
+        finally:
+            for arrival in arrivals:
+                arrival.close()
+        if folded is None:
+            return None
+        for (position, _), (index, record, ignored) in zip(todo, folded):
+            results[position] = self._folded(index, record, ignored, started)
+        return [results[p] for p in range(len(sources))]
+
+    def _groupable(self, arrivals: int) -> bool:
+        rule = self.strategy.rule if isinstance(self.strategy, Chain) else self.strategy
+        indices = range(self.count + 1, self.count + 1 + arrivals)
+        return (
+            self.strategy.elementwise
+            and not self.strategy.needs_extras
+            and type(rule).end_fold is Strategy.end_fold  # no whole-model values to chain
+            and not any(any(True for _ in self.strategy.passes(self._context(i))) for i in indices)
+        )
+
+    def _commit_group(
+        self, arrivals: list[Checkpoint], identities: list[str | None]
+    ) -> list[tuple[int, dict[str, Any], list[str]]] | None:
+        started = time.perf_counter()
+        ctxs = [self._context(self.count + 1 + j) for j in range(len(arrivals))]
+        for ctx in ctxs:
+            ctx.globals["count"] = ctx.index - 1  # as each would see it folded alone
+        staging = self.store.begin(self._slot_metas())
+        try:
+            folded = self._fold_group_tensors(arrivals, ctxs, staging)
+            earlier = list(self.manifest["arrivals"])
+            records = []
+            for arrival, identity, (hashed, sums, _) in zip(arrivals, identities, folded):
+                record = self._record(arrival, arrival.source, identity, hashed, sums, earlier)
+                if isinstance(record, FoldResult):
+                    staging.abort()
+                    return None
+                earlier.append({"hash": record["hash"], "index": 0})
+                records.append(record)
+            manifest = self.manifest
+            seconds = (time.perf_counter() - started) / len(arrivals)
+            for ctx, record in zip(ctxs, records):
+                manifest = self._next_manifest(ctx, record, seconds, manifest)
+            manifest["generation"] = int(self.manifest["generation"]) + 1  # one commit
+            self.store.commit(staging, manifest)
+        except BaseException:
+            staging.abort()
+            raise
+        return [(ctx.index, r, f[2]) for ctx, r, f in zip(ctxs, records, folded)]
+
+    def _fold_group_tensors(
+        self, arrivals: list[Checkpoint], ctxs: list[FoldContext], staging: Any
+    ) -> list[tuple[dict[str, _Hashed], dict[str, float], list[str]]]:
+        """Each batch of tensors folded by every arrival in turn: arrival j's new state is
+        arrival j+1's old one, in two spare buffers used in turn; the last goes to ``staging``."""
+        last = len(arrivals) - 1
+        batches = [ElementwiseBatch(self.strategy, self._runner, ctx) for ctx in ctxs]
+        out: list[tuple[dict[str, _Hashed], dict[str, float], list[str]]] = [
+            ({}, {}, []) for _ in arrivals
+        ]
+
+        def run() -> None:
+            names = [t.info.name for t in batches[0].tensors]
+            for j, (batch, arrival) in enumerate(zip(batches, arrivals)):
+                try:
+                    folded = batch.run()
+                finally:
+                    for name in names:
+                        arrival.release(name)
+                for one in folded:
+                    name = one.info.name
+                    if not math.isfinite(one.sum_sq):  # one by one, fold names the reason
+                        raise CheckpointError(arrival.source, "not finite", name)
+                    out[j][0][name] = (one.info.meta.dtype, one.info.shape, one.leaves)
+                    out[j][1][name] = one.sum_sq
+                    if j == last:
+                        staging.write(name, one.target)
+            for name in names:
+                self._release_base(name)
+                self.store.release(name)
+
+        for info in self.infos.values():
+            if not info.meta.is_float:
+                for arrival, (hashed, _, ignored) in zip(arrivals, out):
+                    self._integer_tensor(arrival, info, hashed, ignored)
+                continue
+            target = staging.target(info.name)
+            spares = [{k: torch.empty_like(v) for k, v in target.items()} for _ in range(2)]
+            old = self.store.view(info.name)
+            for j, (batch, arrival) in enumerate(zip(batches, arrivals)):
+                new = target if j == last else spares[j % 2]
+                batch.add(info, arrival.chunks(info.name), self._base_view(info), old, new)
+                old = new
+            if batches[0].full:
+                run()
+        run()
+        return out
+
     def _next_manifest(
-        self, ctx: FoldContext, record: dict[str, Any], seconds: float
+        self,
+        ctx: FoldContext,
+        record: dict[str, Any],
+        seconds: float,
+        after: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        manifest = dict(self.manifest)
+        """The manifest with ``record`` folded after ``after`` (default: the current one)."""
+        manifest = dict(self.manifest if after is None else after)
         new_globals = self.strategy.end_fold(ctx.globals, ctx)
         new_globals["count"] = ctx.index
         manifest["globals"] = new_globals
