@@ -66,9 +66,9 @@ def _parse_settings(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    folded = already_folded(args)
-    if folded is not None:  # nothing to do: answered without torch or reading a tensor
-        manifest = read_manifest(args.state)[0]
+    answered = already_folded(args)
+    if answered is not None:  # nothing to do: answered without torch or reading a tensor
+        manifest, folded = answered
         count = manifest["globals"]["count"]
         print(f"state {args.state}: {manifest['strategy']}, {count} folded so far")
         for checkpoint, index in folded:

@@ -9,19 +9,30 @@ manifest that does not parse) goes the ordinary way, through the Merger, which d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
+from .dirlock import DirectoryLock
 from .errors import ContmergeError
 from .identity import base_identity, file_identity
-from .manifest import FORMAT, read_manifest
+from .manifest import FORMAT, MANIFEST, read_manifest
 
 
-def already_folded(args: argparse.Namespace) -> list[tuple[str, int]] | None:
-    """(checkpoint, its index) for every checkpoint of a ``merge`` invocation when each is the
-    very file folded before and nothing else was asked; None when the Merger must decide."""
+def already_folded(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]]] | None:
+    """The manifest and (checkpoint, its index) for every checkpoint of a ``merge`` invocation when each is the
+    very file folded before and nothing else was asked; None when the Merger must decide.
+    ``merge`` is a writer even when it writes nothing: it takes the directory's lock as the
+    Merger would (StateError, as there, when it cannot)."""
     if args.out or args.set or args.device or getattr(args, "verify_base", False):
         return None
+    if not os.path.isfile(Path(args.state) / MANIFEST):
+        return None  # a new state, or something the Merger names
+    with contextlib.closing(DirectoryLock.exclusive(Path(args.state))):
+        return _answer(args)
+
+
+def _answer(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]]] | None:
     try:
         manifest, _ = read_manifest(args.state)
     except ContmergeError:
@@ -40,7 +51,7 @@ def already_folded(args: argparse.Namespace) -> list[tuple[str, int]] | None:
         if index is None:
             return None
         found.append((checkpoint, index))
-    return found
+    return manifest, found
 
 
 def _state_file_in_place(directory: Path, manifest: dict) -> bool:
