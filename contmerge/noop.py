@@ -20,8 +20,9 @@ from .manifest import FORMAT, MANIFEST, read_manifest
 
 
 def already_folded(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]]] | None:
-    """The manifest and (checkpoint, its index) for every checkpoint of a ``merge`` invocation when each is the
-    very file folded before and nothing else was asked; None when the Merger must decide.
+    """The manifest and (checkpoint, its index) for every checkpoint of a ``merge`` invocation
+    when each is the very file folded before and nothing else was asked; None when the Merger
+    must decide.
     ``merge`` is a writer even when it writes nothing: it takes the directory's lock as the
     Merger would (StateError, as there, when it cannot)."""
     if args.out or args.set or args.device or getattr(args, "verify_base", False):
