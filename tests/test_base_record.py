@@ -41,6 +41,15 @@ def run_cli(*args: str, probe: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
+def one_folded(tmp_path: Path, strategy: str, count: int) -> tuple[Path, list[Path], Path]:
+    """``count`` fine-tunes written, the first folded into a new state."""
+    base, ft = write_models(tmp_path, count)
+    state = tmp_path / "state"
+    with Merger(base, strategy, state_dir=state) as merger:
+        merger.fold(ft[0])
+    return base, ft, state
+
+
 def rewrite_keeping_identity(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """New tensor bytes in the same file (same inode, size, header), its mtime put back."""
     before = os.stat(path)
@@ -56,10 +65,8 @@ def rewrite_keeping_identity(path: Path, tensors: dict[str, torch.Tensor]) -> No
 
 
 def test_a_new_state_records_its_base_and_a_resume_trusts_an_unchanged_one(tmp_path):
-    base, ft = write_models(tmp_path, 2)
-    state = tmp_path / "state"
-    with Merger(base, "opcm", state_dir=state) as merger:
-        merger.fold(ft[0])
+    base, ft, state = one_folded(tmp_path, "opcm", 2)
+    with Merger(base, state_dir=state, read_only=True) as merger:
         linear = {n for n, i in merger.infos.items() if i.is_linear}
     record = manifest_of(state)["base"]["record"]
     assert set(record["linear"]) == linear == {"encoder.0.weight", "encoder.1.weight"}
@@ -85,10 +92,7 @@ def test_a_new_state_records_its_base_and_a_resume_trusts_an_unchanged_one(tmp_p
 
 
 def test_a_base_whose_files_changed_is_read_again_and_refused_if_it_is_another(tmp_path):
-    base, ft = write_models(tmp_path, 1)
-    state = tmp_path / "state"
-    with Merger(base, "average", state_dir=state) as merger:
-        merger.fold(ft[0])
+    base, ft, state = one_folded(tmp_path, "average", 1)
     tensors = load_file(base)
     tensors["norm.bias"] = tensors["norm.bias"] + 1
     save_file(tensors, base)  # a new file: another inode and mtime
@@ -98,10 +102,7 @@ def test_a_base_whose_files_changed_is_read_again_and_refused_if_it_is_another(t
 
 
 def test_a_state_without_a_record_reads_its_base_and_records_it_at_the_next_commit(tmp_path):
-    base, ft = write_models(tmp_path, 2)
-    state = tmp_path / "state"
-    with Merger(base, "average", state_dir=state) as merger:
-        merger.fold(ft[0])
+    base, ft, state = one_folded(tmp_path, "average", 2)
     manifest = manifest_of(state)
     recorded = manifest["base"].pop("record")
     (state / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -123,11 +124,8 @@ def test_a_state_without_a_record_reads_its_base_and_records_it_at_the_next_comm
     ],
 )
 def test_a_malformed_or_foreign_record_is_not_used(tmp_path, damage):
-    base, ft = write_models(tmp_path, 1)
-    state = tmp_path / "state"
-    with Merger(base, "opcm", state_dir=state) as merger:
-        merger.fold(ft[0])
-        expected = {n for n, i in merger.infos.items() if i.is_linear}
+    base, _, state = one_folded(tmp_path, "opcm", 1)
+    expected = {"encoder.0.weight", "encoder.1.weight"}
     manifest = manifest_of(state)
     damage(manifest["base"]["record"])
     (state / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
