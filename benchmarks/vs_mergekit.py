@@ -217,19 +217,25 @@ def prepare_state(
 # --- checks and floors ------------------------------------------------------------------------
 
 
-def max_ulps(ours: Path, theirs: Path) -> float:
-    """The largest difference, in bf16 ulps of the larger magnitude, over every tensor."""
-    worst = 0.0
-    with open_checkpoint(ours) as a, open_checkpoint(theirs) as b:
+def max_ulps(ours: Path, theirs: Path, base: Path) -> tuple[float, float]:
+    """The largest difference in bf16 ulps, and the share of entries that differ at all. An ulp
+    is taken at the magnitude of the inputs (the larger of both outputs and the base entry):
+    where a merge cancels to nearly 0, float32 rounding of θ0 + mean(τ) and of mean(θ) differ
+    by far more than an ulp of the tiny result but not of the weights merged."""
+    worst, differing, total = 0.0, 0, 0
+    with open_checkpoint(ours) as a, open_checkpoint(theirs) as b, open_checkpoint(base) as c:
         if set(a.meta) != set(b.meta):
             raise RuntimeError(f"tensor names differ: {sorted(set(a.meta) ^ set(b.meta))[:5]}")
         for name in a.meta:
-            x, y = a.read(name).float(), b.read(name).float()
-            big = torch.maximum(x.abs(), y.abs())
-            # a bf16 ulp at magnitude m: 2^(floor(log2 m) - 7); the smallest normal's below it
+            x, y, z = a.read(name).float(), b.read(name).float(), c.read(name).float()
+            big = torch.maximum(torch.maximum(x.abs(), y.abs()), z.abs())
+            # a bf16 ulp at magnitude m: 2^(floor(log2 m) - 7)
             ulp = torch.exp2(torch.floor(torch.log2(big.clamp_min(2.0**-126))) - 7)
-            worst = max(worst, float(((x - y).abs() / ulp).max()))
-    return worst
+            diff = (x - y).abs()
+            worst = max(worst, float((diff / ulp).max()))
+            differing += int((diff > 0).sum())
+            total += diff.numel()
+    return worst, differing / max(total, 1)
 
 
 def read_floor(paths: list[Path]) -> float:
@@ -270,7 +276,7 @@ def _spread(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}"
 
 
-def report(case: Case, floors: tuple[float, float], ulps: dict[str, float]) -> None:
+def report(case: Case, floors: tuple[float, float], ulps: dict[str, tuple[float, float]]) -> None:
     read_s, write_s = floors
     print(
         f"\n{case.title}  (disk floor: read inputs {read_s:.1f} s + write output {write_s:.1f} s)"
@@ -284,7 +290,10 @@ def report(case: Case, floors: tuple[float, float], ulps: dict[str, float]) -> N
         rss = _median([r.peak_rss for r in side.runs])
         ratio = f"{_median(walls) / t_wall:.2f}" if t_wall and side is not theirs else ""
         rss_ratio = f"{rss / t_rss:.2f}" if t_rss and side is not theirs else ""
-        check = f"{ulps[side.label]:.0f}" if side.label in ulps else ""
+        check = ""
+        if side.label in ulps:
+            worst, share = ulps[side.label]
+            check = f"{worst:.2f} ({share:.1e} of entries differ)"
         print(
             f"  {side.label:28}{_median(walls):>12.2f} ({_spread(walls):>11})"
             f"{human(rss):>12}{ratio:>9}{rss_ratio:>8}  {check}"
@@ -443,14 +452,15 @@ def main(argv: list[str] | None = None) -> int:
             ulps = {}
             if case.theirs is not None and case.theirs.output is not None:
                 for side in case.ours:
-                    ulps[side.label] = max_ulps(side.output, case.theirs.output)
+                    ulps[side.label] = max_ulps(side.output, case.theirs.output, base)
             floors = (
                 per_model_read * case.inputs / shape.nbytes,
                 write_s * case.output / shape.nbytes,
             )
             report(case, floors, ulps)
         print(
-            f"\nulps: max |ours - mergekit| in bf16 ulps (1: one rounding apart); "
+            "\nulps: max |ours - mergekit| in bf16 ulps at the inputs' magnitude (1: one rounding "
+            "apart); "
             f"read floor {shape.nbytes / per_model_read / 1e9:.2f} GB/s, write+fsync floor "
             f"{shape.nbytes / write_s / 1e9:.2f} GB/s; {os.cpu_count()} cores"
         )
