@@ -650,7 +650,7 @@ def add_continual_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         "--steps",
         type=int,
         default=None,
-        help="real models: fine-tuning steps per task (default 20)",
+        help="real models: fine-tuning steps per task (default: the model's recipe)",
     )
     parser.add_argument("--quick", action="store_true", help="small, fast setting (the demo)")
     parser.add_argument("--digits-only", action="store_true",
