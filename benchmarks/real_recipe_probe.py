@@ -91,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeatable: recipe fields, e.g. steps=100,lr=3e-4")  # fmt: skip
     parser.add_argument("--config", default="", help="scenario fields, e.g. n_train=2048")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 32 train / 16 test examples, 2 steps")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.quick:
+        args.config = ",".join(filter(None, [args.config, "n_train=32,n_test=16"]))
+        args.setting = ["steps=2"]
     torch.set_num_threads(1)  # as the scenario runs
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     config = RealConfig(model=args.model, tasks=tasks, **parse_fields(args.config))
