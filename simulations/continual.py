@@ -741,8 +741,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 #: measured full-run times on this 2-core machine (shared), shown as the demo's next step
 REAL_RUN_TIMES = {
-    "minilm": "31 fine-tunes × 40 steps at ≈ 6 s/step under load (≈ 2 h), then merge + "
-    "evaluation; not yet run in full, see docs/continual.md",
+    "minilm": "31 fine-tunes × 20 steps at ≈ 2.5 s/step under load, then merge + evaluation; "
+    "see docs/continual.md",
     "vit-s": "31 fine-tunes × 20 steps at ≈ 2.7 s/step under load, then merge + evaluation "
     "(measured: 50 min wall, 10 min CPU); see docs/continual.md",
     "smollm2-lora": "not measured in full yet; see docs/continual.md",
