@@ -17,9 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from .dtypes import parse_out_dtype
+from .emitting import check_out
 from .errors import CheckpointError, ContmergeError, Notice, SettingError, StorageError
 from .manifest import read_manifest
 from .merger import DEFAULT_MAX_RELATIVE_DELTA, IgnoredTensorWarning
+from .recorded_base import base_for, missing_base, recorded_base
 from .registry import parse_value
 from .tensorfile import MAX_HEADER_ENV, parse_size, using_header_limit
 
@@ -58,6 +61,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .merger import Merger
 
     settings = _parse_settings(args.set)
+    weights = _weights(args.weight, args.checkpoints)
+    if args.out:
+        check_out(Path(args.out), args.out_shard_size)
     with Merger(
         args.base,
         args.strategy,
@@ -70,11 +76,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     ) as merger:
         print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
         failures = 0
-        for checkpoint in args.checkpoints:
+        for checkpoint, weight in zip(args.checkpoints, weights):
             try:
                 with warnings.catch_warnings():  # printed from the result, once
                     warnings.simplefilter("ignore", IgnoredTensorWarning)
-                    result = merger.fold(checkpoint)
+                    result = merger.fold(checkpoint, weight=weight)
             except ContmergeError as exc:
                 failures += 1
                 print(_rejection(checkpoint, exc), file=sys.stderr)
@@ -86,8 +92,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
             what = "already folded as" if result.status == "duplicate" else "folded as"
             print(f"{what} #{result.index}: {checkpoint} ({result.seconds:.2f} s)")
         if args.out:
-            print(f"merged model written to {merger.emit(args.out)}")
+            path = merger.emit(args.out, out_dtype=args.out_dtype, shard_size=args.out_shard_size)
+            print(f"merged model written to {path}")
     return 1 if failures else 0
+
+
+def _weights(given: Sequence[float], checkpoints: Sequence[str]) -> list[float | None]:
+    """One ``--weight`` per checkpoint, in order, or none at all."""
+    if not given:
+        return [None] * len(checkpoints)
+    if len(given) != len(checkpoints):
+        raise SettingError(
+            f"{len(given)} --weight value(s) for {len(checkpoints)} checkpoint(s): give one "
+            "per checkpoint, in the same order (or none)"
+        )
+    return list(given)
 
 
 def _rejection(checkpoint: str, exc: ContmergeError) -> str:
@@ -101,15 +120,11 @@ def _rejection(checkpoint: str, exc: ContmergeError) -> str:
 def cmd_emit(args: argparse.Namespace) -> int:
     from .merger import Merger
 
-    base = args.base or _base_of(args.state)
+    base = base_for(args.state, args.base)
     with Merger(base, state_dir=args.state, read_only=True) as merger:
-        path = merger.emit(args.out)
+        path = merger.emit(args.out, out_dtype=args.out_dtype, shard_size=args.out_shard_size)
         print(f"merged model of {merger.count} checkpoint(s) written to {path}")
     return 0
-
-
-def _base_of(state: str) -> str:
-    return str(read_manifest(state)[0]["base"]["source"])
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -117,11 +132,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .state import DiskStore
 
     state = Path(args.state)
-    base = args.base or _base_of(args.state)
-    if args.base is None and not Path(base).exists():
+    base, exists = (args.base, True) if args.base else recorded_base(state)
+    if not exists:
         with DiskStore.open(state, read_only=True) as store:
             print(store.verify())
-        print(f"base: not checked ({base} is not there; give --base)")
+        print(f"base: not checked ({missing_base(state, base).split(': ', 1)[1]})")
         return 0
     with Merger(base, state_dir=state, read_only=True) as merger:
         assert isinstance(merger.store, DiskStore)
@@ -229,7 +244,17 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     merge.add_argument(
         "--keep-going", action="store_true", help="report a bad checkpoint and go on with the next"
     )
+    merge.add_argument(
+        "--weight",
+        type=float,
+        action="append",
+        default=[],
+        metavar="W",
+        help="weight of each checkpoint, one per CKPT in the same order (average and "
+        "task_arithmetic only; recorded in the state), e.g. --weight 2 --weight 1 a/ b/",
+    )
     merge.add_argument("--out", help="also write the merged model here after folding")
+    _add_out_options(merge)
     _add_max_header_bytes(merge)
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
@@ -247,7 +272,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="a .safetensors file, or a directory "
         "(gets the base's config files when the base was a model directory)",
     )
-    emit.add_argument("--base", help="base model, if it moved since the state was created")
+    _add_out_options(emit)
+    emit.add_argument(
+        "--base",
+        help="base model, if it moved since the state was created (default: the path the state "
+        "recorded; its fingerprint is checked either way)",
+    )
     _add_max_header_bytes(emit)
     emit.set_defaults(func=cmd_emit)
 
@@ -294,6 +324,23 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_out_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out-dtype",
+        type=_out_dtype,
+        metavar="DTYPE",
+        help="dtype of the merged float tensors: base (the default: the base's dtype), "
+        "float32, bfloat16, float16 or float64",
+    )
+    parser.add_argument(
+        "--out-shard-size",
+        type=_size,
+        metavar="SIZE",
+        help="shards of at most SIZE bytes, e.g. 2G, with model.safetensors.index.json "
+        "(directory --out only; default: sharded as the base is)",
+    )
+
+
 def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-header-bytes",
@@ -302,6 +349,13 @@ def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
         help="refuse safetensors headers and shard indexes larger than this, e.g. 64M "
         f"(default: ${MAX_HEADER_ENV}, else 16M)",
     )
+
+
+def _out_dtype(text: str) -> object:
+    try:
+        return parse_out_dtype(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int:
