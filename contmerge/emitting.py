@@ -158,7 +158,7 @@ def model_card(manifest: Mapping[str, Any], version: str, out_dtype: torch.dtype
         "",
         "## Checkpoints folded",
         "",
-        "| # | source | dtype | weight | content hash (SHA-256) | folded at |",
+        "| # | source | dtype | weight | content hash (xxh3-128) | folded at |",
         "|---|---|---|---|---|---|",
     ]
     for record in arrivals:

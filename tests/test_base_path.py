@@ -74,8 +74,8 @@ def test_a_moved_base_is_named_with_how_to_point_to_it_and_its_fingerprint_check
     assert main(["verify", "--state", str(run / "run")]) == 0
     out = capsys.readouterr().out
     assert (
-        f"base: not checked (the base this state was started from is not at its recorded path {run / 'base.safetensors'}"
-        in out
+        "base: not checked (the base this state was started from is not at its recorded path "
+        f"{run / 'base.safetensors'}" in out
     )
 
 
