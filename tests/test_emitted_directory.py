@@ -235,3 +235,41 @@ def test_a_weight_is_refused_where_the_rule_takes_none_or_it_is_not_positive(
         "2 --weight value(s) for 1 checkpoint(s): give one per checkpoint"
         in capsys.readouterr().err
     )
+
+
+def test_readme_precision_example_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Precisions, moved bases, what `emit` writes") :]
+    block = section[section.index("```bash\n") + 8 :]
+    lines = [line for line in block[: block.index("```")].splitlines() if line.strip()]
+    assert len(lines) == 3 and all(line.startswith("contmerge ") for line in lines)
+    base = random_base()
+    models = {"ft_bf16": torch.bfloat16, "ft_fp16": torch.float16}
+    for directory, tensors in [("base", base)] + [
+        (name, {k: v.to(d) if v.is_floating_point() else v for k, v in fine_tuned(base, s).items()})
+        for s, (name, d) in enumerate(models.items())
+    ]:
+        (tmp_path / directory).mkdir()
+        save_file(tensors, tmp_path / directory / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        assert main([*shlex.split(line)[1:], *(["--quiet"] if " merge " in line else [])]) == 0
+    arrivals = json.loads((tmp_path / "run" / "manifest.json").read_text())["arrivals"]
+    assert [(a["dtype"], a["weight"]) for a in arrivals] == [("BF16", 2.0), ("F16", 1.0)]
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    for name, value in base.items():
+        if value.is_floating_point():
+            deltas = [
+                load_file(tmp_path / n / "model.safetensors")[name].double() - value.double()
+                for n in models
+            ]
+            want = value.double() + (2 * deltas[0] + deltas[1]) / 3
+            torch.testing.assert_close(merged[name].double(), want, rtol=0, atol=1e-5)
+    half = load_file(tmp_path / "merged_bf16" / "model.safetensors")
+    assert half["norm.bias"].dtype == torch.bfloat16
+    assert torch.equal(half["norm.bias"], merged["norm.bias"].to(torch.bfloat16))
+    assert (tmp_path / "merged" / "README.md").is_file()
