@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from .dtypes import parse_out_dtype
 from .emitting import check_out
@@ -25,6 +25,8 @@ from .merger import DEFAULT_MAX_RELATIVE_DELTA, IgnoredTensorWarning
 from .recorded_base import base_for, missing_base, recorded_base
 from .registry import parse_value
 from .tensorfile import MAX_HEADER_ENV, parse_size, using_header_limit
+
+T = TypeVar("T")
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -263,7 +265,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     emit = sub.add_parser(
         "emit",
         help="write the current merged model",
-        description="Write the merged model of a state directory.",
+        description="Write the merged model of a state directory: a .safetensors file, or a "
+        "model directory sharded like the base (or by --out-shard-size) with the base's config "
+        "files and a model card README.md. The base is read from the path the state recorded "
+        "(or --base), its fingerprint checked. Example: contmerge emit --state run/ --out merged/",
     )
     emit.add_argument("--state", required=True, help="state directory")
     emit.add_argument(
@@ -325,20 +330,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def _add_out_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out-dtype",
-        type=_out_dtype,
-        metavar="DTYPE",
-        help="dtype of the merged float tensors: base (the default: the base's dtype), "
-        "float32, bfloat16, float16 or float64",
+    """The options of what an emit writes (``merge --out`` and ``emit``)."""
+    dtype_help = (
+        "dtype of the merged float tensors: base (the default: the base's dtype), float32, "
+        "bfloat16, float16 or float64"
     )
-    parser.add_argument(
-        "--out-shard-size",
-        type=_size,
-        metavar="SIZE",
-        help="shards of at most SIZE bytes, e.g. 2G, with model.safetensors.index.json "
-        "(directory --out only; default: sharded as the base is)",
+    shard_help = (
+        "shards of at most SIZE bytes, e.g. 2G, with model.safetensors.index.json (directory "
+        "--out only; default: sharded as the base is)"
     )
+    for flag, kind, metavar, text in (
+        ("--out-dtype", _out_dtype, "DTYPE", dtype_help),
+        ("--out-shard-size", _size, "SIZE", shard_help),
+    ):
+        parser.add_argument(flag, type=kind, metavar=metavar, help=text)
 
 
 def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
@@ -351,18 +356,20 @@ def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _out_dtype(text: str) -> object:
-    try:
-        return parse_out_dtype(text)
-    except SettingError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _option_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse type: its SettingError becomes argparse's one-line usage error."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SettingError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_size = _option_type(parse_size)
+_out_dtype = _option_type(parse_out_dtype)
 
 
 def _add_external(
