@@ -175,6 +175,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"  #{record['index']:<4} {record['folded_at']}  {record['hash'][:12]}  "
             f"Δ/θ0={record['relative_delta']:.4f} "
             f"(matrices {record.get('median_matrix_delta', 0):.4f})  {record['source']}"
+            + (f"  {record['dtype']}" if "dtype" in record else "")
+            + (f"  weight {record['weight']}" if "weight" in record else "")
         )
     return 0
 

@@ -135,6 +135,9 @@ def test_cli_folds_a_bf16_checkpoint_records_its_dtype_and_emits_in_the_dtype_as
     assert f"folded as #1: {tmp_path / 'ft_bf16.safetensors'}" in captured.out
     manifest = json.loads((state / "manifest.json").read_text())
     assert [a["dtype"] for a in manifest["arrivals"]] == ["BF16", "F32"]
+    assert main(["inspect", "--state", str(state)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[-2].endswith(f"{tmp_path / 'ft_bf16.safetensors'}  BF16")
     default = load_file(tmp_path / "m.safetensors")
     assert default["norm.bias"].dtype == torch.float32
     assert default["position_ids"].dtype == torch.int64
