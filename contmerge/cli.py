@@ -66,6 +66,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     weights = _weights(args.weight, args.checkpoints)
     if args.out:
         check_out(Path(args.out), args.out_shard_size)
+    elif args.out_dtype is not None or args.out_shard_size is not None:
+        raise SettingError("--out-dtype and --out-shard-size say how to write --out: give --out")
     with Merger(
         args.base,
         args.strategy,

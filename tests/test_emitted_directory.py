@@ -107,6 +107,11 @@ def test_a_shard_size_for_a_file_output_is_refused_before_anything_is_done(
     err = capsys.readouterr().err
     assert "a shard size needs a directory to write the shards in" in err
     assert not (tmp_path / "run").exists()
+    assert main([*args[:-2], "--out-dtype", "bf16", str(paths[0])]) == 1
+    assert "--out-dtype and --out-shard-size say how to write --out: give --out" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_model_card_lists_strategy_settings_and_every_arrival(sharded, tmp_path: Path) -> None:
