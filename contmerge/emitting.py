@@ -115,6 +115,19 @@ def write_model(
                 os.unlink(entry)
 
 
+def set_config_dtype(out: Path, dtype: torch.dtype) -> None:
+    """Say ``dtype`` in the emitted ``config.json`` (transformers' ``dtype="auto"`` reads it),
+    where the base's config said its own."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = str(dtype).removeprefix("torch.")
+    atomic_write_bytes(path, json.dumps(config, indent=2).encode() + b"\n")
+
+
 def check_out(out: Path, shard_size: int | None) -> None:
     """Refuse, before any work, an output that cannot take the options given."""
     if shard_size is not None and out.suffix == ".safetensors":

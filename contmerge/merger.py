@@ -36,7 +36,15 @@ from .chunks import ChunkRunner
 from .dirlock import DirectoryLock
 from .dtypes import arrival_dtype_problem, dtype_summary, parse_out_dtype
 from .elementwise import ElementwiseBatch, flat_base
-from .emitting import MODEL_CARD, check_out, model_card, out_metas, plan_shards, write_model
+from .emitting import (
+    MODEL_CARD,
+    check_out,
+    model_card,
+    out_metas,
+    plan_shards,
+    set_config_dtype,
+    write_model,
+)
 from .errors import CheckpointError, Notice, SettingError, StateError
 from .hashing import ContentHash, tensor_leaves
 from .kernels import all_finite, sum_sq
@@ -721,6 +729,8 @@ class Merger:
             with writing(out):
                 if self.base.config_dir is not None:
                     _copy_config(self.base.config_dir, out)
+                    if dtype is not None:
+                        set_config_dtype(out, dtype)
                 card = model_card(self.manifest, _version(), dtype)
                 atomic_write_bytes(out / MODEL_CARD, card.encode())
         return out

@@ -228,7 +228,10 @@ def test_mixed_precision_fine_tunes_emit_a_sharded_model_transformers_loads(
     if strategy == "average":  # and in bf16 when asked
         emit = ["emit", "--state", str(tmp_path / "run"), "--out", str(tmp_path / "bf16")]
         assert main([*emit, "--out-dtype", "bfloat16"]) == 0
-        half = transformers.AutoModel.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16)
+        config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+        assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+        half = transformers.AutoModel.from_pretrained(tmp_path / "bf16", dtype="auto")
+        assert next(half.parameters()).dtype == torch.bfloat16
         for name, value in half.state_dict().items():
             if name in want and want[name].is_floating_point():
                 assert torch.equal(value, want[name].to(torch.bfloat16)), name
