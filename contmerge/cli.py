@@ -203,7 +203,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="fold checkpoints into a merge state (creates or resumes)",
         description="Fold checkpoints, in the order given, into the state "
         "directory; creates it on first use and resumes it afterwards. A "
-        "checkpoint folded before is skipped.",
+        "checkpoint folded before is skipped. A checkpoint may come in any float dtype the "
+        "merge holds (a bf16 or fp16 save of an fp32 base, an fp32 one of a bf16 base); a "
+        "float64 one of a float32 base, or integers for floats, are refused. fisher and "
+        "regmean read each CKPT's statistics from CKPT's sidecar, e.g. ft.fisher.safetensors "
+        "beside ft.safetensors.",
     )
     merge.add_argument(
         "--base",
