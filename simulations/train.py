@@ -170,16 +170,20 @@ def fit_probe_head(
 
 def finetune_backbone(
     start: StateDict,
-    head_state: StateDict,
+    head_state: StateDict | nn.Module,
     task: Task,
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     *,
     seed: int,
 ) -> StateDict:
-    """Fine-tune every backbone parameter on one task through its frozen head."""
+    """Fine-tune every backbone parameter on one task through its frozen head (a linear head's
+    state dict, or any head module)."""
     backbone = set_state(Backbone(model_cfg), start).train()
-    head = set_state(make_head(model_cfg, task.num_classes), head_state).eval()
+    if isinstance(head_state, nn.Module):
+        head = head_state.eval()
+    else:
+        head = set_state(make_head(model_cfg, task.num_classes), head_state).eval()
     head.requires_grad_(False)
     _fit(
         list(backbone.parameters()),
