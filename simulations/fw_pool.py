@@ -477,17 +477,26 @@ def run_fw_pool(config: FwPoolConfig) -> dict[str, Any]:
 
 def _seed_result(config: FwPoolConfig, seed: int) -> dict[str, Any]:
     """One seed's result, saved as it finishes (``seeds/seed-<k>.json`` in the output
-    directory) and loaded instead of recomputed when the same settings ran before."""
+    directory) and loaded instead of recomputed when the same settings ran before with at
+    least the methods asked for (the others are left out)."""
     path = Path(config.output_dir) / "seeds" / f"seed-{seed}.json"
-    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "progress")}
+    ignored = ("seeds", "progress", "methods")
+    settings = {k: v for k, v in asdict(config).items() if k not in ignored}
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("settings") == json.loads(json.dumps(settings)):
-            return saved["result"]
+        done = set(saved.get("methods", ()))
+        if saved.get("settings") == json.loads(json.dumps(settings)) and done >= set(
+            config.methods
+        ):
+            result = saved["result"]
+            result["runs"] = [r for r in result["runs"] if r["method"] in config.methods]
+            return result
     result = run_seed(config, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "result": result}))
+    tmp.write_text(
+        json.dumps({"settings": settings, "methods": list(config.methods), "result": result})
+    )
     tmp.replace(path)
     return result
 

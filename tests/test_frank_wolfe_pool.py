@@ -13,12 +13,12 @@ from contmerge.simulations import fw_pool
 from contmerge.simulations.data import Task, TaskSpec
 
 
-def quick_run(tmp: Path, seeds: str) -> dict:
+def quick_run(tmp: Path, seeds: str, methods: str = ",".join(fw_pool.METHODS)) -> dict:
     parser = fw_pool.add_fw_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         ["--quick", "--output-dir", str(tmp / "out"), "--cache-dir", str(tmp / "cache"),
          "--irrelevant", "0,4", "--relevant", "4", "--seeds", seeds, "--max-iters", "2",
-         "--ada-iters", "5", "--adamerging-iters", "5", "--no-progress"]
+         "--ada-iters", "5", "--adamerging-iters", "5", "--methods", methods, "--no-progress"]
     )  # fmt: skip
     return fw_pool.run_fw_pool(fw_pool.config_from_args(args))
 
@@ -114,6 +114,13 @@ def test_a_rerun_loads_each_finished_seed(results: dict) -> None:
     again = quick_run(out.parent, "0")
     assert saved.stat().st_mtime_ns == stamp  # loaded, not recomputed
     assert again["table"] == results["table"]
+    fewer = quick_run(out.parent, "0", "task_arithmetic,fw_soft_headline")
+    assert saved.stat().st_mtime_ns == stamp  # a subset of the methods: loaded too
+    assert {r["method"] for r in fewer["table"]} == {"task_arithmetic", "fw_soft_headline"}
+    assert [r for r in fewer["table"] if r["method"] == "task_arithmetic"] == [
+        r for r in results["table"] if r["method"] == "task_arithmetic"
+    ]
+    quick_run(out.parent, "0")  # the reports of the whole run again, for the next test
 
 
 def test_reports_are_written(results: dict) -> None:
