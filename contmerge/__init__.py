@@ -1,7 +1,7 @@
 """contmerge: continual and federated model merging in constant memory."""
 
-from .errors import CheckpointError, ContmergeError, StateError, StrategyError
-from .merger import FoldResult, Merger
+from .errors import CheckpointError, ContmergeError, StateError, StorageError, StrategyError
+from .merger import FoldResult, IgnoredTensorWarning, Merger
 from .registry import available, parse_strategy
 from .sources import Checkpoint, open_checkpoint
 from .strategy import Chain, FoldContext, Pass, Preprocessor, Strategy, TensorInfo, chain
@@ -13,10 +13,12 @@ __all__ = [
     "ContmergeError",
     "FoldContext",
     "FoldResult",
+    "IgnoredTensorWarning",
     "Merger",
     "Pass",
     "Preprocessor",
     "StateError",
+    "StorageError",
     "Strategy",
     "StrategyError",
     "TensorInfo",

@@ -7,16 +7,21 @@ Commands that live in optional parts (serve, simulate, demo) are imported only w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
-from .errors import ContmergeError
-from .merger import DEFAULT_MAX_RELATIVE_DELTA
-from .registry import available, parse_value
+from .errors import CheckpointError, ContmergeError, Notice, SettingError, StorageError
+from .manifest import read_manifest
+from .merger import DEFAULT_MAX_RELATIVE_DELTA, IgnoredTensorWarning
+from .registry import parse_value
+from .tensorfile import MAX_HEADER_ENV, parse_size, using_header_limit
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -67,13 +72,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         failures = 0
         for checkpoint in args.checkpoints:
             try:
-                result = merger.fold(checkpoint)
+                with warnings.catch_warnings():  # printed from the result, once
+                    warnings.simplefilter("ignore", IgnoredTensorWarning)
+                    result = merger.fold(checkpoint)
             except ContmergeError as exc:
                 failures += 1
-                print(f"rejected {checkpoint}: {exc}", file=sys.stderr)
+                print(_rejection(checkpoint, exc), file=sys.stderr)
                 if not args.keep_going:
                     return 1
                 continue
+            for note in result.warnings:
+                print(f"warning: {note}", file=sys.stderr)
             what = "already folded as" if result.status == "duplicate" else "folded as"
             print(f"{what} #{result.index}: {checkpoint} ({result.seconds:.2f} s)")
         if args.out:
@@ -81,26 +90,48 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _rejection(checkpoint: str, exc: ContmergeError) -> str:
+    """``rejected FILE, tensor 'x': reason``: the file named once (the error starts with it
+    when the checkpoint itself is at fault, rather than e.g. its statistics sidecar)."""
+    if isinstance(exc, CheckpointError) and exc.source == checkpoint:
+        return f"rejected {exc}"
+    return f"rejected {checkpoint}: {exc}"
+
+
 def cmd_emit(args: argparse.Namespace) -> int:
     from .merger import Merger
 
-    with Merger(args.base or _base_of(args.state), state_dir=args.state) as merger:
+    base = args.base or _base_of(args.state)
+    with Merger(base, state_dir=args.state, read_only=True) as merger:
         path = merger.emit(args.out)
         print(f"merged model of {merger.count} checkpoint(s) written to {path}")
     return 0
 
 
 def _base_of(state: str) -> str:
-    manifest = json.loads((Path(state) / "manifest.json").read_text())
-    return manifest["base"]["source"]
+    return str(read_manifest(state)[0]["base"]["source"])
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .merger import Merger
+    from .state import DiskStore
+
+    state = Path(args.state)
+    base = args.base or _base_of(args.state)
+    if args.base is None and not Path(base).exists():
+        with DiskStore.open(state, read_only=True) as store:
+            print(store.verify())
+        print(f"base: not checked ({base} is not there; give --base)")
+        return 0
+    with Merger(base, state_dir=state, read_only=True) as merger:
+        assert isinstance(merger.store, DiskStore)
+        print(merger.store.verify())
+        print(f"base: {base} is the base this state was started from")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        manifest = json.loads((Path(args.state) / "manifest.json").read_text())
-    except FileNotFoundError:
-        print(f"{args.state}: not a contmerge state directory", file=sys.stderr)
-        return 1
+    manifest = read_manifest(args.state)[0]
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
@@ -111,6 +142,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{base['linear_weights']} linear weights)"
     )
     print(f"           fingerprint {base['fingerprint'][:16]}…")
+    checksum = manifest.get("checksum")
+    print(
+        f"state:     {manifest['state_file']} (generation {manifest['generation']}, "
+        + (f"{checksum['bytes']} bytes, checksum {checksum['content'][:16]}…)" if checksum else "")
+        + ("" if checksum else f"no checksum: a {manifest['format']} state)")
+    )
     globals_ = {k: v for k, v in manifest["globals"].items() if k != "count"}
     print(
         f"folded:    {manifest['globals']['count']} checkpoint(s)"
@@ -126,8 +163,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    for name, target in sorted(available().items()):
-        print(f"{name:18s} {target}")
+    from .catalog import entries, entry, render_list, render_one
+
+    print(render_one(entry(args.name)) if args.name else render_list(entries()), end="")
     return 0
 
 
@@ -192,6 +230,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "--keep-going", action="store_true", help="report a bad checkpoint and go on with the next"
     )
     merge.add_argument("--out", help="also write the merged model here after folding")
+    _add_max_header_bytes(merge)
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
     merge.set_defaults(func=cmd_merge)
@@ -209,6 +248,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "(gets the base's config files when the base was a model directory)",
     )
     emit.add_argument("--base", help="base model, if it moved since the state was created")
+    _add_max_header_bytes(emit)
     emit.set_defaults(func=cmd_emit)
 
     inspect = sub.add_parser(
@@ -220,11 +260,29 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the raw manifest")
     inspect.set_defaults(func=cmd_inspect)
 
+    verify = sub.add_parser(
+        "verify",
+        help="check a state against its recorded checksum",
+        description="Read every byte of the state's current generation and check it against "
+        "the checksum in its manifest, and check that the base is the one the state was "
+        "started from. Exits non-zero, naming the file and what differs, on any mismatch. "
+        "Writes nothing. Example: contmerge verify --state run/",
+    )
+    verify.add_argument("--state", required=True, help="state directory")
+    verify.add_argument(
+        "--base", help="base model, if it moved since the state was created (default: recorded)"
+    )
+    verify.set_defaults(func=cmd_verify)
+
     strategies = sub.add_parser(
         "strategies",
-        help="list available strategies",
-        description="List built-in and installed strategies.",
+        help="list the strategies with their settings",
+        description="List built-in and installed strategies: each one's settings (type, default, "
+        "meaning), what it needs with each arrival, and whether it is a one-pass fold; DIMAT and "
+        "FW-Merging, which are not, with where they are used.",
+        epilog="examples: contmerge strategies; contmerge strategies ties",
     )
+    strategies.add_argument("name", nargs="?", metavar="NAME", help="show this one in detail")
     strategies.set_defaults(func=cmd_strategies)
 
     selected = argv[0] if argv else None
@@ -236,6 +294,23 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-header-bytes",
+        type=_size,
+        metavar="SIZE",
+        help="refuse safetensors headers and shard indexes larger than this, e.g. 64M "
+        f"(default: ${MAX_HEADER_ENV}, else 16M)",
+    )
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_external(
     sub: argparse._SubParsersAction, name: str, module: str, function: str, rest: Sequence[str]
 ) -> None:
@@ -243,7 +318,7 @@ def _add_external(
         adder: Callable[..., None] = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as exc:
         missing = sub.add_parser(name, help=f"(unavailable: {exc})")
-        missing.set_defaults(func=lambda _args, exc=exc: _unavailable(name, exc))
+        missing.set_defaults(func=lambda _args, exc=exc: missing_extra(name, exc), unavailable=True)
         return
     if "rest" in inspect.signature(adder).parameters:
         adder(sub, rest=rest)
@@ -251,20 +326,74 @@ def _add_external(
         adder(sub)
 
 
-def _unavailable(name: str, exc: Exception) -> int:
-    print(
-        f"contmerge {name} is unavailable: {exc}. Install the extras: pip install 'contmerge[dev]'",
-        file=sys.stderr,
-    )
+#: the extra of pyproject.toml that installs each optional top-level module
+EXTRA_OF_MODULE = {
+    "uvicorn": "server",
+    "fastapi": "server",
+    "starlette": "server",
+    "httpx": "server",
+    "flwr": "flower",
+    "ray": "flower",
+    "transformers": "transformers",
+    "peft": "transformers",
+    "sklearn": "sim",
+    "matplotlib": "sim",
+}
+
+
+def missing_extra(command: str, exc: Exception) -> int:
+    """One line naming the extra that a command without its optional dependency needs."""
+    module = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        print(f"contmerge {command} is unavailable: {exc}", file=sys.stderr)
+    else:
+        print(
+            f"contmerge {command} needs the [{extra}] extra (module {module!r} is not "
+            f"installed): pip install 'contmerge[{extra}]', or from a checkout pip install "
+            f"'.[{extra}]'",
+            file=sys.stderr,
+        )
     return 2
+
+
+@contextlib.contextmanager
+def notices_as_lines() -> Iterator[None]:
+    """Show each :class:`Notice` as one ``note:`` line on stderr, not as a warning with the
+    source line that raised it; other warnings are shown as before."""
+    shown = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, Notice):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "unavailable", False):
+        # as parse_args would; a command that is unavailable says why whatever its options
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return int(args.func(args) or 0)
-    except ContmergeError as exc:
+        with notices_as_lines(), using_header_limit(getattr(args, "max_header_bytes", None)):
+            return int(args.func(args) or 0)
+    except (ContmergeError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

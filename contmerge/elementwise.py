@@ -26,7 +26,7 @@ from .buffers import numpy_dtype
 from .chunks import ChunkRunner
 from .errors import StrategyError
 from .hashing import LEAF_BYTES, leaf_digest
-from .kernels import fused_fold, keep_delta, subtract_sum_sq
+from .kernels import all_finite, fused_fold, keep_delta, subtract_sum_sq
 from .sources import ChunkReader
 from .strategy import Arrays, EntryFold, FoldContext, State, Strategy, TensorInfo
 
@@ -71,7 +71,8 @@ class _Tensor:
 
 @dataclass(slots=True)
 class Folded:
-    """One tensor of a batch, folded: its hash leaves and ‖θ_t − θ0‖² (NaN/Inf if any is)."""
+    """One tensor of a batch, folded: its hash leaves and ‖θ_t − θ0‖² (NaN/Inf if any δ or any
+    entry of the new state is)."""
 
     info: TensorInfo
     target: State
@@ -163,8 +164,8 @@ class ElementwiseBatch:
         return folded
 
     def _fold_chunk(self, item: tuple[int, int, int]) -> tuple[list[bytes], float]:
-        """Entries ``start:stop`` of tensor ``k``: their hash leaves and Σ δ². All per-chunk
-        data stays in the thread's own buffers."""
+        """Entries ``start:stop`` of tensor ``k``: their hash leaves and Σ δ² (NaN/Inf if the new
+        state is). All per-chunk data stays in the thread's own buffers."""
         k, start, stop = item
         t = self.tensors[k]
         raw = t.read(start, stop, self.runner.scratch("arrival", CHUNK_BYTES))
@@ -185,6 +186,8 @@ class ElementwiseBatch:
         olds = {slot: v[start:stop] for slot, v in t.old.items()}
         outs = {slot: v[start:stop] for slot, v in t.out.items()}
         self.strategy.fold_into(t.info, outs, olds, delta, base, self.ctx, start)
+        if not all(all_finite(new) for new in outs.values()):  # overflow from finite inputs
+            sq = float("nan")
         return leaves, sq
 
     def _widened(

@@ -6,7 +6,8 @@ reads each input once and writes each output once, at memory speed, and releases
 chunks are folded on several cores. ``kernel`` is the one place the compile options live;
 strategies use it for their per-entry functions (see ``strategies/magmax.py``), which the loops
 here are built around: ``fused_fold`` makes one loop of reading an arrival's entries,
-differencing them against the base, summing δ² for the checks, a pre-processor and the rule.
+differencing them against the base, summing δ² for the checks, a pre-processor and the rule
+(whose results it probes for Inf/NaN in the same sum: a fold may overflow from finite inputs).
 """
 
 from __future__ import annotations
@@ -59,6 +60,28 @@ def add_square(total: float, value: Any) -> float:
     it vectorises while the loop's own arithmetic stays exact (no fused multiply-adds)."""
     wide = np.float64(value)
     return total + wide * wide
+
+
+@kernel(fastmath=SUM_FLAGS)
+def add_probe(total: float, value: Any) -> float:
+    """total + 0 for a finite value, NaN for Inf or NaN (0·Inf is NaN): folded into a sum, it
+    makes the sum non-finite if any value is, for one multiply-add per entry (no "nnan"/"nsz"
+    flags, so ``value * 0`` is never simplified away)."""
+    return total + np.float64(value) * 0.0
+
+
+@kernel
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every entry of ``x`` is finite: probed a block at a time (vectorised), stopping
+    at the first block that is not."""
+    block = 1024
+    for start in range(0, x.size, block):
+        probe = 0.0
+        for i in range(start, min(start + block, x.size)):
+            probe = add_probe(probe, x[i])
+        if probe != 0.0:  # NaN
+            return False
+    return True
 
 
 @kernel
@@ -154,7 +177,9 @@ def _fold_entries(
             delta = x[i] - base[i]
             total = add_square(total, delta)  # of θ_t − θ0, before any pre-processor
             delta = transform(delta, start + np.uint64(i), transform_params)
-            store(out, i, update(delta, old[i], params))
+            new = update(delta, old[i], params)
+            store(out, i, new)
+            total = add_probe(total, new)  # a new state overflowing from finite inputs
         return total
 
     return loop  # type: ignore[no-any-return]
@@ -164,7 +189,7 @@ def _fold_entries(
 def fused_fold(transform: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., float]:
     """``loop(transform_params, params, start, x, base, old, out) -> Σ (x − base)²``: one pass
     writing ``out[i] = update(transform(x[i] − base[i], start + i, transform_params), old[i],
-    params)``; the sum is NaN or Inf if any δ is."""
+    params)``; the sum is NaN or Inf if any δ is, or any ``out[i]`` (``add_probe``)."""
     stored = _fold_entries(transform, update, _store)
     streamed = _fold_entries(transform, update, _store_streaming)
 

@@ -3,7 +3,8 @@
 Memory while folding the t-th model is the same as while folding the 2nd: one tensor of the
 base, of the arrival, and of the state (old and new) at a time; the state itself lives in a
 durable directory (or in memory when no directory is given). A fold either commits entirely or
-leaves the previous state untouched: validation failures, NaNs, crashes.
+leaves the previous state untouched: validation failures, NaNs, a new state that would not be
+finite, crashes, a full disk.
 
 Speed: elementwise rules fold in 1 MiB chunks on a few threads (``contmerge.elementwise``);
 other rules get whole tensors and their reference ``fold``.
@@ -11,11 +12,14 @@ other rules get whole tensors and their reference ``fold``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,17 +31,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open
+from .atomic import atomic_open, writing
 from .chunks import ChunkRunner
+from .dirlock import DirectoryLock
 from .elementwise import ElementwiseBatch, flat_base
 from .errors import CheckpointError, StateError
 from .hashing import ContentHash, tensor_leaves
-from .kernels import sum_sq
+from .kernels import all_finite, sum_sq
 from .layout import tensor_infos
+from .manifest import FORMAT, MANIFEST
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
-from .state import FORMAT, DiskStore, MemoryStore, slot_key
-from .strategy import FoldContext, Strategy, TensorInfo
+from .state import DiskStore, MemoryStore, slot_key
+from .strategy import FoldContext, State, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
@@ -51,6 +57,16 @@ DEFAULT_MAX_RELATIVE_DELTA = 0.5
 #: mapping them again for every fold costs a fault per 64 KiB); a larger one is let go tensor by
 #: tensor, so resident memory stays bounded for models larger than RAM
 MAPPED_BASE_LIMIT = 1 << 30
+#: why a fold from finite inputs is refused when the new state it computes is not finite
+STATE_OVERFLOW = (
+    "folding it would make the merged state Inf or NaN (it overflows the float range); "
+    "refused, the state is unchanged"
+)
+
+
+class IgnoredTensorWarning(UserWarning):
+    """An arrival's tensor was not merged although it differs from the base (integers are not
+    merged: the base's value is emitted)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,8 @@ class FoldResult:
     content_hash: str
     source: str
     seconds: float
+    #: what was folded but deserves a look (also issued as ``IgnoredTensorWarning``)
+    warnings: tuple[str, ...] = ()
 
 
 class Merger:
@@ -72,6 +90,8 @@ class Merger:
     which two clients return the same model). ``workers`` threads fold the chunks of each
     tensor for elementwise rules (default: up to 4, one per core). ``keep_base_mapped``
     keeps the base's pages mapped between folds (default: when it is at most 1 GiB).
+    ``read_only`` opens an existing state to emit it, sharing its lock with other readers and
+    writing nothing in its directory (it works on a read-only file system); it cannot fold.
     """
 
     def __init__(
@@ -86,6 +106,7 @@ class Merger:
         progress: bool = False,
         workers: int | None = None,
         keep_base_mapped: bool | None = None,
+        read_only: bool = False,
         **hparams: Any,
     ) -> None:
         self.base = open_checkpoint(base)
@@ -100,29 +121,56 @@ class Merger:
         self.dedupe = dedupe
         self.progress = progress
         self._float_names = [n for n, i in self.infos.items() if i.meta.is_float]
+        self.read_only = read_only
         directory = Path(state_dir) if state_dir is not None else None
-        if directory is not None and (directory / "manifest.json").exists():
-            self.store: MemoryStore | DiskStore = DiskStore.open(directory)
+        if directory is None:
+            if read_only:
+                raise StateError("read_only needs the state_dir of an existing state")
+            self.strategy = self._new_strategy(strategy, hparams)
+            initial = _LazyInit(self.strategy, self.infos, self._float_names)
+            self.store: MemoryStore | DiskStore = MemoryStore(
+                self._new_manifest(linear), dict(initial.items())
+            )
+            return
+        # a writer locks the directory before looking for a manifest: finding none and creating
+        # the state must be one step, or two processes could each create it over the other
+        lock = None if read_only else DirectoryLock.exclusive(directory)
+        if lock is not None and not os.path.lexists(directory / MANIFEST):
             try:
-                self.strategy = self._resume(strategy, hparams, linear)
+                self.strategy = self._new_strategy(strategy, hparams)
+                initial = _LazyInit(self.strategy, self.infos, self._float_names)
+                manifest = self._new_manifest(linear)
             except BaseException:
-                self.store.close()  # release the directory's lock at once, not at collection
+                lock.close()
                 self._runner.close()
                 raise
-        else:
-            if strategy is None:
-                raise StateError("a strategy is needed to start a new merge state")
-            self.strategy = parse_strategy(strategy, **hparams)
-            manifest = self._new_manifest(linear)
-            initial = _LazyInit(self.strategy, self.infos, self._float_names)
-            if directory is None:
-                self.store = MemoryStore(manifest, dict(initial.items()))
-            else:
+            try:
                 # built one tensor at a time while written: a whole zero state would be as
                 # large as the model, which must not need to fit in memory
-                self.store = DiskStore.create(directory, manifest, initial, self._slot_metas())
+                metas = self._slot_metas()
+                self.store = DiskStore.create(directory, lock, manifest, initial, metas)
+            except BaseException:
+                self._runner.close()  # the store released the lock
+                raise
+            return
+        try:
+            self.store = DiskStore.open(directory, lock=lock, read_only=read_only)
+        except BaseException:
+            self._runner.close()
+            raise
+        try:
+            self.strategy = self._resume(strategy, hparams, linear)
+        except BaseException:
+            self.store.close()  # release the directory's lock at once, not at collection
+            self._runner.close()
+            raise
 
     # --- setup ----------------------------------------------------------------------------
+    def _new_strategy(self, strategy: str | Strategy | None, hparams: dict[str, Any]) -> Strategy:
+        if strategy is None:
+            raise StateError("a strategy is needed to start a new merge state")
+        return parse_strategy(strategy, **hparams)
+
     def _new_manifest(self, linear: str | None) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -158,6 +206,12 @@ class Merger:
                 f"{self.store.path}: base {self.base.source} is not the base this state was "
                 f"started from ({manifest['base']['source']})"
             )
+        assert isinstance(self.store, DiskStore)
+        if self.store.slot_metas != self._slot_metas(saved):
+            raise StateError(
+                f"{self.store.path}/{manifest['state_file']}: its state tensors are not those "
+                f"{saved.spec()} keeps for this base; nothing was changed"
+            )
         return saved
 
     def _fingerprint_base(self) -> str:
@@ -173,11 +227,12 @@ class Merger:
             self._release_base(name)
         return content.hexdigest()
 
-    def _slot_metas(self) -> dict[str, TensorMeta]:
+    def _slot_metas(self, strategy: Strategy | None = None) -> dict[str, TensorMeta]:
+        strategy = strategy or self.strategy
         return {
             slot_key(name, slot): meta
             for name in self._float_names
-            for slot, meta in self.strategy.slots(self.infos[name]).items()
+            for slot, meta in strategy.slots(self.infos[name]).items()
         }
 
     # --- inspection -----------------------------------------------------------------------
@@ -202,6 +257,8 @@ class Merger:
         name: str | None = None,
     ) -> FoldResult:
         """Fold one checkpoint. Raises CheckpointError (state untouched) if it does not fit."""
+        if self.read_only:
+            raise StateError(f"{self.store.path}: opened read-only; cannot fold")
         started = time.perf_counter()
         identity = _file_identity(source) if self.dedupe else None
         if identity is not None:
@@ -247,18 +304,20 @@ class Merger:
         started: float,
     ) -> FoldResult:
         staging = self.store.begin(self._slot_metas())
+        ignored: list[str] = []
         try:
-            hashed, sums = self._fold_tensors(arrival, ctx, staging, label)
+            hashed, sums = self._fold_tensors(arrival, ctx, staging, label, ignored)
             content = ContentHash()
             for name in self.infos:
                 if name in hashed:
                     content.add(name, *hashed[name])
             content_hash = content.hexdigest()
             delta_sq = math.fsum(sums.values())
+            # over the matrices the arrival changes: all of a full model's, an adapter's targets
             matrix_ratios = [
                 math.sqrt(sums[n] / self._base_sq[n])
                 for n in sums
-                if len(self.infos[n].shape) >= 2 and self._base_sq[n] > 0
+                if n in arrival.meta and len(self.infos[n].shape) >= 2 and self._base_sq[n] > 0
             ]
             for record in self.manifest["arrivals"] if self.dedupe else ():
                 if record["hash"] == content_hash:
@@ -274,11 +333,15 @@ class Merger:
             relative = math.sqrt(delta_sq / base_sq) if base_sq > 0 else 0.0
             moved = statistics.median(matrix_ratios) if matrix_ratios else 0.0
             limit = self.max_relative_delta
-            if arrival.carries_full_weights and limit is not None and moved > limit:
+            if limit is not None and moved > limit:
                 raise CheckpointError(
                     label,
                     f"differs from the base by {moved:.2f}× the norm of its weight matrices "
-                    f"(median over matrices; limit {limit}): it looks fine-tuned from another base",
+                    f"(median over the matrices it changes; limit {limit}): it looks fine-tuned "
+                    "from another base"
+                    + ("" if arrival.carries_full_weights else ", or scaled absurdly (lora_alpha)")
+                    + " (if it is a fine-tune of this one, allow it with --any-base or a larger "
+                    "--max-relative-delta; in Python max_relative_delta=None)",
                 )
             record = {
                 "hash": content_hash,
@@ -293,12 +356,21 @@ class Merger:
         except BaseException:
             staging.abort()
             raise
-        return FoldResult("folded", ctx.index, content_hash, label, time.perf_counter() - started)
+        notes = tuple(
+            f"{label}: tensor {name!r} differs from the base but is not merged (integer "
+            "tensors are not merged; the base's value is emitted)"
+            for name in ignored
+        )
+        for note in notes:
+            warnings.warn(note, IgnoredTensorWarning, stacklevel=3)
+        seconds = time.perf_counter() - started
+        return FoldResult("folded", ctx.index, content_hash, label, seconds, notes)
 
     def _fold_tensors(
-        self, arrival: Checkpoint, ctx: FoldContext, staging: Any, label: str
+        self, arrival: Checkpoint, ctx: FoldContext, staging: Any, label: str, ignored: list[str]
     ) -> tuple[dict[str, _Hashed], dict[str, float]]:
-        """Fold every tensor into ``staging``; their hash leaves and ‖θ_t − θ0‖² by name."""
+        """Fold every tensor into ``staging``; their hash leaves and ‖θ_t − θ0‖² by name. The
+        names of integer tensors that differ from the base (not merged) go to ``ignored``."""
         hashed: dict[str, _Hashed] = {}
         sums: dict[str, float] = {}
         batch = ElementwiseBatch(self.strategy, self._runner, ctx)
@@ -309,7 +381,11 @@ class Merger:
             for info in self.infos.values():
                 if not info.meta.is_float:
                     if arrival.carries_full_weights and info.name in arrival.meta:
-                        hashed[info.name] = _hashed(arrival.read(info.name))  # not merged
+                        value = arrival.read(info.name)  # not merged, but part of the content
+                        hashed[info.name] = _hashed(value)
+                        if not torch.equal(value, self.base.view(info.name)):
+                            ignored.append(info.name)
+                        self._release_base(info.name)
                     bar.update()
                 elif self._chunkable(arrival, info.name):
                     batch.add(
@@ -324,8 +400,10 @@ class Merger:
                 else:
                     self._fold_batch(batch, arrival, staging, hashed, sums, bar)  # keep order
                     delta, base, sums[info.name] = self._delta_of(arrival, info, hashed)
-                    state = self.store.read(info.name)
-                    staging.write(info.name, self.strategy.fold(info, state, delta, base, ctx))
+                    new = self.strategy.fold(info, self.store.read(info.name), delta, base, ctx)
+                    if not _all_finite(new):  # δ was finite: the fold overflowed
+                        raise CheckpointError(arrival.source, STATE_OVERFLOW, info.name)
+                    staging.write(info.name, new)
                     bar.update()
             self._fold_batch(batch, arrival, staging, hashed, sums, bar)
         return hashed, sums
@@ -403,7 +481,8 @@ class Merger:
         for one in folded:
             name = one.info.name
             if not math.isfinite(one.sum_sq):
-                raise CheckpointError(arrival.source, self._why_not_finite(arrival, name), name)
+                why = self._why_not_finite(arrival, name, one.target)
+                raise CheckpointError(arrival.source, why, name)
             hashed[name] = (one.info.meta.dtype, one.info.shape, one.leaves)
             sums[name] = one.sum_sq
             staging.write(name, one.target)
@@ -464,13 +543,20 @@ class Merger:
             info = self.infos[name]
             yield (info, *self._delta_of(arrival, info, None))
 
-    def _why_not_finite(self, arrival: Checkpoint, name: str) -> str:
+    def _why_not_finite(
+        self, arrival: Checkpoint, name: str, new_state: State | None = None
+    ) -> str:
+        """Why a sum over δ (and the new state, when given) came out NaN or Inf."""
         if not arrival.carries_full_weights or name not in arrival.meta:
             return "adapter delta has NaN or Inf"
         # δ was computed in place: read the tensor again to tell a bad value from an overflow
-        value = arrival.read(name).to(self.infos[name].compute_dtype)
+        compute = self.infos[name].compute_dtype
+        value = arrival.read(name).to(compute)
         if not bool(value.isfinite().all()):  # checked in compute dtype: f8 has no isfinite
             return "contains NaN or Inf"
+        delta = value - self.base.read(name).to(compute)
+        if bool(delta.isfinite().all()) and new_state is not None and not _all_finite(new_state):
+            return STATE_OVERFLOW
         return "differs from the base by more than the float range (δ overflows)"
 
     def _open_extras(
@@ -488,8 +574,11 @@ class Merger:
 
     # --- emitting -------------------------------------------------------------------------
     def iter_merged(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The merged model, one tensor at a time, in the base's order and dtypes."""
+        """The merged model, one tensor at a time, in the base's order and dtypes. Raises
+        StateError, after the last tensor at the latest, if a merged tensor is not finite or
+        the state read does not match its checksum (``emit`` then writes nothing)."""
         globals_ = self.manifest["globals"]
+        self.store.begin_check()
         for name, info in self.infos.items():
             base = self.base.read(name)
             if not info.meta.is_float or self.count == 0:
@@ -499,7 +588,18 @@ class Merger:
             merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
             if self.store.holds(name, merged):
                 merged = merged.clone()  # the store reuses state buffers: hand out a copy
-            yield name, merged.to(info.meta.dtype)
+            merged = merged.to(info.meta.dtype)
+            if not _all_finite({"merged": merged}):
+                raise StateError(
+                    f"{self._where()}: merged tensor {name!r} is Inf or NaN in "
+                    f"{CODE_BY_DTYPE[info.meta.dtype]} (the merge exceeds its range); "
+                    "nothing was written"
+                )
+            yield name, merged
+        self.store.end_check()
+
+    def _where(self) -> str:
+        return str(self.store.path) if self.store.path is not None else "merged state"
 
     def emit_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.iter_merged())
@@ -509,24 +609,28 @@ class Merger:
         base's config and tokenizer files) when ``out`` has no suffix and the base was one."""
         out = Path(out)
         as_directory = out.suffix != ".safetensors"
-        if as_directory:
-            out.mkdir(parents=True, exist_ok=True)
-            if self.base.config_dir is not None:
-                _copy_config(self.base.config_dir, out)
-            target = out / "model.safetensors"
-        else:
-            target = out
+        made = as_directory and not out.exists()
+        target = out / "model.safetensors" if as_directory else out
         metas = {name: info.meta for name, info in self.infos.items()}
         metadata = {
             "format": "pt",
             "contmerge_strategy": self.strategy.spec(),
             "contmerge_count": str(self.count),
         }
-        with atomic_open(target) as handle:
-            writer = SafetensorsWriter(handle, metas, metadata)
-            for name, tensor in self.iter_merged():
-                writer.write(name, tensor.contiguous())
-            writer.finish()
+        try:
+            with atomic_open(target) as handle:
+                writer = SafetensorsWriter(handle, metas, metadata)
+                for name, tensor in self.iter_merged():
+                    writer.write(name, tensor.contiguous())
+                writer.finish()
+        except BaseException:
+            if made:  # leave no empty directory behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        if as_directory and self.base.config_dir is not None:
+            with writing(out):
+                _copy_config(self.base.config_dir, out)
         return out
 
     def close(self) -> None:
@@ -570,6 +674,19 @@ def _sum_sq(tensor: torch.Tensor) -> float:
     return float(sum_sq(flat.numpy()))
 
 
+def _all_finite(state: State) -> bool:
+    """Whether every float entry of every tensor is finite (one compiled pass each)."""
+    for tensor in state.values():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if tensor.dtype in (torch.float32, torch.float64):
+            if not all_finite(tensor.reshape(-1).numpy()):
+                return False
+        elif not bool(tensor.float().isfinite().all()):  # half and f8 kinds: numpy has none
+            return False
+    return True
+
+
 def _hashed(tensor: torch.Tensor) -> _Hashed:
     return tensor.dtype, tuple(tensor.shape), tensor_leaves(tensor)
 
@@ -579,11 +696,11 @@ def _file_identity(source: Source) -> str | None:
     same file, unchanged since it was folded, needs no reading to be recognised."""
     if not isinstance(source, (str, Path)):
         return None
-    path = Path(source).resolve()
     try:
+        path = Path(source).resolve()  # RuntimeError: a symlink loop (before Python 3.13)
         entries = sorted(path.iterdir()) if path.is_dir() else [path]
         stats = [(e.name, e.stat()) for e in entries if e.is_file()]
-    except OSError:
+    except (OSError, RuntimeError):
         return None
     parts = [f"{n}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" for n, st in stats]
     return hashlib.sha256("\0".join([str(path), *parts]).encode()).hexdigest()

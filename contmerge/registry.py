@@ -6,18 +6,27 @@ A third-party package adds its own rule with, in its pyproject.toml::
     my_rule = "my_package.module:MyRule"
 
 Specs are small expressions, parsed without ``eval``: ``opcm``, ``opcm(alpha=0.3)``,
-``chain(dare(p=0.9, seed=1), magmax())``.
+``chain(dare(p=0.9, seed=1), magmax())``. A misspelt name or setting is answered with the valid
+ones and the closest match, for the CLI, the server and the Python API alike.
+
+DIMAT and FW-Merging are not one-pass folds (they need whole neighbourhoods or pools, and data):
+they are listed in :data:`ELSEWHERE` with where they are used, so that asking for them as a
+strategy says where to go.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, is_dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
 from .errors import StrategyError
-from .strategy import Chain, Preprocessor, Strategy
+from .strategy import Chain, Preprocessor, Setting, Strategy, settings_of
 
 ENTRY_POINT_GROUP = "contmerge.strategies"
 
@@ -33,7 +42,62 @@ BUILTINS: dict[str, str] = {
 }
 
 
-def _load(target: str) -> type:
+@dataclass(frozen=True)
+class Elsewhere:
+    """A merge method of this package that is not a one-pass fold, and where it is used."""
+
+    #: its name in prose
+    title: str
+    #: ``module:object`` of its Python API (its signature gives the settings)
+    api: str
+    #: what it needs besides the checkpoints
+    needs: str
+    #: commands and APIs that run it
+    used_through: tuple[str, ...]
+    #: where its settings are explained
+    docs: str
+    #: other names users try for it
+    aliases: tuple[str, ...] = ()
+
+    def where(self) -> str:
+        return "; ".join(self.used_through)
+
+
+ELSEWHERE: dict[str, Elsewhere] = {
+    "dimat": Elsewhere(
+        title="DIMAT",
+        api="contmerge.strategies.dimat:DimatFold",
+        needs="each neighbour's whole model and calibration inputs (activations are matched)",
+        used_through=(
+            "contmerge simulate decentralized",
+            "python -m contmerge.simulations.decentralized_flower",
+            "Python: contmerge.strategies.dimat (DimatFold, dimat_merge)",
+        ),
+        docs="docs/dimat.md, `contmerge simulate decentralized --help`",
+    ),
+    "fw": Elsewhere(
+        title="FW-Merging",
+        api="contmerge.strategies.frank_wolfe:FrankWolfeMerger",
+        needs="the whole pool (streamed from disk every iteration) and ~100 labelled samples "
+        "per target task",
+        used_through=(
+            "contmerge simulate fw",
+            "Python: contmerge.strategies.frank_wolfe.FrankWolfeMerger",
+        ),
+        docs="docs/frank_wolfe.md, `contmerge simulate fw --help`",
+        aliases=("frank_wolfe", "fw_merging", "fwmerging", "frankwolfe"),
+    ),
+}
+
+ELSEWHERE_NOTE = (
+    "DIMAT and FW-Merging are not one-pass folds: use `contmerge simulate decentralized` / "
+    "`contmerge simulate fw` or their Python APIs (contmerge.strategies.dimat, "
+    "contmerge.strategies.frank_wolfe)"
+)
+
+
+def load_target(target: str) -> type:
+    """The object a ``module:attribute`` target names."""
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -49,19 +113,89 @@ def available() -> dict[str, str]:
 def lookup(name: str) -> type:
     """The class registered under ``name`` (built-ins win over entry points of the same name)."""
     if name in BUILTINS:
-        return _load(BUILTINS[name])
+        return load_target(BUILTINS[name])
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             return ep.load()
-    raise StrategyError(f"unknown strategy {name!r}; available: {', '.join(sorted(available()))}")
+    raise StrategyError(unknown_strategy_message(name))
+
+
+def elsewhere(name: str) -> tuple[str, Elsewhere] | None:
+    """The non-fold method ``name`` refers to (by name or alias), if it is one."""
+    key = name.lower().replace("-", "_")
+    for method, entry in ELSEWHERE.items():
+        if key == method or key in entry.aliases:
+            return method, entry
+    return None
+
+
+def unknown_strategy_message(name: str) -> str:
+    """Why ``name`` is not a strategy: where DIMAT/FW-Merging live, else the closest names."""
+    names = sorted({*available(), "chain"})
+    found = elsewhere(name)
+    if found:
+        method, entry = found
+        return (
+            f"{entry.title} ({method}) is not a one-pass fold, so it is not a --strategy: it needs "
+            f"{entry.needs}. It is used through {entry.where()}. Strategies: "
+            f"{', '.join(names)}"
+        )
+    hint = _closest(name, names)
+    return (
+        f"unknown strategy {name!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+        + f". Available: {', '.join(names)} (`contmerge strategies` lists their settings). "
+        + ELSEWHERE_NOTE
+    )  # fmt: skip
 
 
 def make(name: str, **hparams: Any) -> Strategy | Preprocessor:
     cls = lookup(name)
+    check_settings(name, cls, hparams)
     try:
         return cls(**hparams)
     except (TypeError, ValueError) as exc:
         raise StrategyError(f"bad settings for strategy {name!r}: {exc}") from exc
+
+
+def check_settings(name: str, cls: type, hparams: Iterable[str]) -> None:
+    """Refuse a setting the class does not have, naming the valid ones and the closest match."""
+    if not is_dataclass(cls):
+        return  # its settings are not declared as fields: its constructor is the judge
+    valid = settings_of(cls)
+    for key in hparams:
+        if key in {s.name for s in valid}:
+            continue
+        hint = _closest_setting(key, valid)
+        listing = ", ".join(s.describe() for s in valid) or "none"
+        raise StrategyError(
+            f"bad settings for strategy {name!r}: it has no setting {key!r}"
+            + (f"; did you mean {hint!r}?" if hint else ".")
+            + f" Its settings: {listing} (`contmerge strategies {name}` explains them)"
+        )
+
+
+def _closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate ``word`` was probably meant to be (case does not count), if any."""
+    folded = {c.casefold(): c for c in candidates}
+    matches = difflib.get_close_matches(word.casefold(), list(folded), n=1, cutoff=0.6)
+    return folded[matches[0]] if matches else None
+
+
+def _closest_setting(word: str, settings: list[Setting]) -> str | None:
+    """The setting ``word`` was meant to be: by its spelling, or by the paper's symbol for it
+    (``lam``, ``lambda`` or ``λ`` all point to the setting whose symbol is λ)."""
+    spellings = {s.name: s.name for s in settings}
+    for s in settings:
+        spellings.update(dict.fromkeys(_spellings(s.symbol) if s.symbol else (), s.name))
+    hint = _closest(word, spellings)
+    return spellings[hint] if hint else None
+
+
+def _spellings(symbol: str) -> list[str]:
+    if symbol.isascii():
+        return [symbol]
+    word = unicodedata.name(symbol, "").split()[-1].lower()  # "alpha"; "lamda", as Unicode has it
+    return [symbol, word, *(["lambda"] if word == "lamda" else [])]
 
 
 def parse_strategy(spec: str | Strategy, **overrides: Any) -> Strategy:
@@ -70,6 +204,8 @@ def parse_strategy(spec: str | Strategy, **overrides: Any) -> Strategy:
         if overrides:
             raise StrategyError("settings can only be given with a strategy name, not an object")
         return spec
+    if elsewhere(spec.strip()):  # "frank-wolfe" would not even parse
+        raise StrategyError(unknown_strategy_message(spec.strip()))
     try:
         tree = ast.parse(spec.strip(), mode="eval").body
     except SyntaxError as exc:

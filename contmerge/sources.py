@@ -8,19 +8,20 @@ Nothing here holds more than one tensor of the checkpoint in memory at a time.
 
 from __future__ import annotations
 
-import json
-import pickle
+import math
 import re
-import zipfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .tensorfile import SafetensorsReader, TensorMeta
+from . import jsonfile
+from .errors import CheckpointError, clip
+from .lora_config import CONFIG_FILE, read_lora_config
+from .tensorfile import CODE_BY_DTYPE, SafetensorsReader, TensorMeta, header_limit
+from .torchfile import load_torch_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -119,8 +120,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
     fresh_reads = True
 
-    def __init__(self, path: str | Path) -> None:
-        self._reader = SafetensorsReader(path)
+    def __init__(self, path: str | Path, max_header_bytes: int | None = None) -> None:
+        self._reader = SafetensorsReader(path, max_header_bytes)
         self.source = str(path)
         self.meta = dict(self._reader.meta)
 
@@ -140,35 +141,91 @@ class SafetensorsCheckpoint(Checkpoint):
         self._reader.close()
 
 
+def read_shard_index(index_path: str | Path, max_bytes: int | None = None) -> dict[str, Path]:
+    """A sharded checkpoint's ``weight_map``: tensor name -> shard file, every shard checked to
+    lie inside the index's directory (no absolute path, no ``..``, no symlink leading out).
+
+    Shards need not exist yet (the server's inbox waits for them). Raises CheckpointError
+    naming the index file. The one rule for both doors: the CLI and the server's inbox.
+    """
+    index_path = Path(index_path)
+    index = jsonfile.read_object(index_path, header_limit(max_bytes), "shard index")
+    weight_map = index.get("weight_map")
+
+    def fail(reason: str, tensor: str | None = None) -> CheckpointError:
+        return CheckpointError(str(index_path), f"malformed shard index: {reason}", tensor)
+
+    if not isinstance(weight_map, dict):
+        what = "missing" if weight_map is None else f"a {type(weight_map).__name__}"
+        raise fail(f"weight_map is {what}, not an object of tensor name -> shard file")
+    if not weight_map:
+        raise fail("weight_map is empty")
+    directory = index_path.parent
+    shards: dict[str, Path] = {}
+    out: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise fail(f"the shard of a tensor is {clip(repr(shard), 60)}, not a file name", name)
+        if shard not in shards:
+            shards[shard] = _shard_path(index_path, directory, shard)
+        out[name] = shards[shard]
+    return out
+
+
+def shard_files(index_path: str | Path, max_bytes: int | None = None) -> list[Path]:
+    """The distinct shard files an index names, each inside its directory (see
+    ``read_shard_index``); CheckpointError naming the index file otherwise."""
+    return sorted(set(read_shard_index(index_path, max_bytes).values()))
+
+
+def _shard_path(index_path: Path, directory: Path, shard: str) -> Path:
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(
+            str(index_path), f"shard {clip(shard, 80)!r} {why}: shards must lie in its directory"
+        )
+
+    if "\0" in shard:
+        raise refuse("holds a NUL byte")
+    relative = PurePosixPath(shard)
+    if relative.is_absolute():
+        raise refuse("is an absolute path")
+    if ".." in relative.parts:
+        raise refuse("leaves the directory (..)")
+    path = directory / relative
+    try:
+        root, resolved = directory.resolve(), path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise refuse(f"cannot be resolved ({exc})") from None
+    if resolved == root or not resolved.is_relative_to(root):
+        raise refuse("is a symlink leading out of the directory")
+    return path
+
+
 class ShardedCheckpoint(Checkpoint):
     """A Hugging Face sharded directory described by ``model.safetensors.index.json``."""
 
     fresh_reads = True
 
-    def __init__(self, index_path: str | Path) -> None:
+    def __init__(self, index_path: str | Path, max_header_bytes: int | None = None) -> None:
         index_path = Path(index_path)
         self.source = str(index_path.parent)
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(str(index_path), f"malformed shard index: {exc}") from exc
-        self._readers: dict[str, SafetensorsReader] = {}
-        self._shard_of: dict[str, str] = {}
+        weight_map = read_shard_index(index_path, max_header_bytes)
+        self._readers: dict[Path, SafetensorsReader] = {}
+        self._shard_of: dict[str, Path] = {}
         self.meta = {}
         try:
-            for shard in sorted(set(weight_map.values())):
-                shard_path = index_path.parent / shard
-                if not shard_path.is_file():
+            for shard_path in sorted(set(weight_map.values())):
+                if not shard_path.exists():
                     raise CheckpointError(str(shard_path), "shard listed in the index is missing")
-                self._readers[shard] = SafetensorsReader(shard_path)
-            for name, shard in weight_map.items():
-                reader = self._readers[shard]
+                self._readers[shard_path] = SafetensorsReader(shard_path, max_header_bytes)
+            for name, shard_path in weight_map.items():
+                reader = self._readers[shard_path]
                 if name not in reader.meta:
                     raise CheckpointError(
                         reader.path, "tensor listed in the index is missing", name
                     )
                 self.meta[name] = reader.meta[name]
-                self._shard_of[name] = shard
+                self._shard_of[name] = shard_path
         except BaseException:
             self.close()
             raise
@@ -191,31 +248,15 @@ class ShardedCheckpoint(Checkpoint):
 
 
 class TorchFileCheckpoint(Checkpoint):
-    """A ``torch.save`` file, loaded only with ``weights_only=True`` (no arbitrary pickle code)."""
+    """A ``torch.save`` file, loaded only with ``weights_only=True`` (no arbitrary pickle code),
+    its zip records checked before any is mapped (see ``contmerge.torchfile``)."""
 
     fresh_reads = True  # ``read`` clones out of the loaded (memory-mapped) file
 
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
         self.source = str(path)
-        try:
-            # mmap keeps tensors on disk until read; it needs the zip format of torch >= 1.6
-            loaded = torch.load(
-                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                str(path),
-                f"refused: this pickle needs code beyond plain tensors ({_unpickle_reason(exc)})",
-            ) from exc
-        except Exception as exc:  # torch raises many kinds (e.g. AttributeError for f8 legacy)
-            reason = f"not a readable torch file: {type(exc).__name__}: {exc}"
-            raise CheckpointError(str(path), reason) from exc
-        tensors = _unwrap_state_dict(loaded)
-        if tensors is None:
-            raise CheckpointError(str(path), "does not hold a state dict of tensors")
-        self._tensors = tensors
-        self.meta = {n: TensorMeta.of(t) for n, t in tensors.items()}
+        self._tensors = load_torch_file(Path(path))
+        self.meta = {n: TensorMeta.of(t) for n, t in self._tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
@@ -224,101 +265,119 @@ class TorchFileCheckpoint(Checkpoint):
         return self._tensors[name]
 
 
-def _unpickle_reason(exc: Exception) -> str:
-    """The useful line of torch's long weights_only message (what it refused to load)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours part of its message
-    found = re.search(
-        r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\. Please use|\n\n|$)",
-        text,
-        re.S,
-    )
-    if found and found.group(1).strip():
-        return found.group(1).strip()
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-
-
-def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return dict(obj)
-        for key in ("state_dict", "model", "module"):
-            if key in obj:
-                return _unwrap_state_dict(obj[key])
-    return None
-
-
 class LoraCheckpoint(Checkpoint):
     """A PEFT LoRA adapter directory, read as the low-rank delta B·A·scale on its target weights.
 
     Tensors saved under ``modules_to_save`` are full replacements and fold like full weights.
+    The config and every factor's shape are checked on opening, from headers only: a factor
+    pair that does not make the target's shape is refused before anything is read.
     """
 
     _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
 
-    def __init__(self, directory: str | Path, base_meta: Mapping[str, TensorMeta]) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        base_meta: Mapping[str, TensorMeta],
+        max_header_bytes: int | None = None,
+    ) -> None:
         directory = Path(directory)
         self.source = str(directory)
-        try:
-            config = json.loads((directory / "adapter_config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(str(directory), f"unreadable adapter_config.json: {exc}") from exc
-        if str(config.get("peft_type", "LORA")).upper() != "LORA":
-            raise CheckpointError(
-                str(directory), f"unsupported PEFT type {config.get('peft_type')}"
-            )
-        for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias")):
-            if config.get(flag):
-                raise CheckpointError(
-                    str(directory), f"{what} adapters are not supported (not a B·A delta)"
-                )
-        self._config = config
-        self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        self._config = read_lora_config(directory)
+        self.fan_in_fan_out = self._config.fan_in_fan_out
         weights = directory / "adapter_model.safetensors"
-        if weights.is_file():
-            self._inner: Checkpoint = SafetensorsCheckpoint(weights)
-        elif (directory / "adapter_model.bin").is_file():
+        if weights.exists():
+            self._inner: Checkpoint = SafetensorsCheckpoint(weights, max_header_bytes)
+        elif (directory / "adapter_model.bin").exists():
             self._inner = TorchFileCheckpoint(directory / "adapter_model.bin")
         else:
             raise CheckpointError(str(directory), "no adapter_model.safetensors or .bin inside")
+        try:
+            self._pair_up(base_meta)
+        except BaseException:
+            self._inner.close()
+            raise
+
+    def _pair_up(self, base_meta: Mapping[str, TensorMeta]) -> None:
+        inner = self._inner
         self._pairs: dict[str, tuple[str, str]] = {}
         self._full: dict[str, str] = {}
         self._scales: dict[str, float] = {}
         pending: dict[str, dict[str, str]] = {}
-        for key in self._inner.meta:
+        for key in inner.meta:
             match = self._LORA.match(key)
-            if match:
-                pending.setdefault(match["module"], {})[match["part"]] = key
-            else:
+            if not match:
+                self._claim(_base_name(key, base_meta), key, base_meta)
                 self._full[_base_name(key, base_meta)] = key
+                continue
+            parts = pending.setdefault(match["module"], {})
+            if match["part"] in parts:
+                raise CheckpointError(inner.source, "LoRA factor given twice (two adapters?)", key)
+            parts[match["part"]] = key
         for module, parts in pending.items():
             if set(parts) != {"A", "B"}:
-                raise CheckpointError(self.source, "LoRA factor without its partner", module)
+                raise CheckpointError(inner.source, "LoRA factor without its partner", module)
             target = _base_name(module + ".weight", base_meta)
+            self._claim(target, parts["A"], base_meta)
+            path = _strip_peft_prefix(module)  # what PEFT's rank/alpha patterns match
+            rank = self._check_factors(target, path, parts, base_meta[target])
             self._pairs[target] = (parts["A"], parts["B"])
-            self._scales[target] = self._scale_of(module, self._inner.meta[parts["A"]])
-        self.meta = {name: base_meta[name] for name in self._pairs if name in base_meta}
-        self.meta.update({name: self._inner.meta[key] for name, key in self._full.items()})
-        for name in list(self._pairs) + list(self._full):
-            if name not in base_meta:
-                raise CheckpointError(self.source, "adapter targets a tensor the base lacks", name)
+            scale = self._config.scale_of(path, rank)
+            if not math.isfinite(scale):
+                raise CheckpointError(inner.source, f"LoRA scale {scale} is not finite", target)
+            self._scales[target] = scale
+        self.meta = {name: base_meta[name] for name in self._pairs}
+        self.meta.update({name: inner.meta[key] for name, key in self._full.items()})
+
+    def _claim(self, target: str, key: str, base_meta: Mapping[str, TensorMeta]) -> None:
+        """``key`` changes the base's ``target``: the base must have it, and nothing else may."""
+        if target not in base_meta:
+            raise CheckpointError(self.source, "adapter targets a tensor the base lacks", target)
+        if target in self._pairs or target in self._full:
+            raise CheckpointError(
+                self._inner.source, "two adapter tensors change the same base tensor", target
+            )
+
+    def _check_factors(
+        self, target: str, module: str, parts: Mapping[str, str], weight: TensorMeta
+    ) -> int:
+        """The factors' rank, once B·A is known (from the headers) to make ``weight``'s shape
+        at the rank adapter_config.json gives ``module``."""
+        a_key, b_key = parts["A"], parts["B"]
+        a_meta, b_meta = self._inner.meta[a_key], self._inner.meta[b_key]
+
+        def fail(reason: str) -> CheckpointError:
+            return CheckpointError(self._inner.source, reason, target)
+
+        for key, meta in ((a_key, a_meta), (b_key, b_meta)):
+            if not meta.is_float:
+                raise fail(f"LoRA factor {key!r} has dtype {CODE_BY_DTYPE[meta.dtype]}, not float")
+            if len(meta.shape) != 2:
+                raise fail(
+                    f"LoRA factor {key!r} has shape {list(meta.shape)}: only linear (2-D) "
+                    "factors are supported"
+                )
+        (rank, fan_in), (fan_out, rank_b) = a_meta.shape, b_meta.shape
+        if rank != rank_b:
+            raise fail(f"LoRA factors disagree on the rank: lora_A has {rank}, lora_B {rank_b}")
+        if rank == 0:
+            raise fail("LoRA factors of rank 0")
+        product = [fan_in, fan_out] if self.fan_in_fan_out else [fan_out, fan_in]
+        if tuple(product) != weight.shape:
+            raise fail(f"LoRA product B·A has shape {product}, the weight has {list(weight.shape)}")
+        wanted = self._config.rank_of(module)
+        if rank != wanted:
+            raise fail(
+                f"LoRA factors have rank {rank}, {self._config.path.name} gives this module "
+                f"r={wanted}"
+            )
+        if rank > max(product):
+            raise fail(f"LoRA rank {rank} exceeds both of the weight's dimensions {product}")
+        return rank
 
     @property
     def carries_full_weights(self) -> bool:
         return False
-
-    def _scale_of(self, module: str, a_meta: TensorMeta) -> float:
-        """PEFT's ``scaling``: alpha / r (or / √r with rsLoRA), where ``rank_pattern`` and
-        ``alpha_pattern`` may give a module its own r and alpha; r is lora_A's row count."""
-        config = self._config
-        path = _strip_peft_prefix(module)
-        alpha = float(config.get("lora_alpha", config["r"]))
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            # the matching rule of peft.utils.other.get_pattern_key
-            if re.match(rf"(.*\.)?({pattern})$", path):
-                alpha = float(value)
-                break
-        rank = a_meta.shape[0] if a_meta.shape else int(config["r"])
-        return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
 
     def read(self, name: str) -> torch.Tensor:
         return self._inner.read(self._full[name])
@@ -361,38 +420,48 @@ def _strip_peft_prefix(name: str) -> str:
 def open_checkpoint(
     source: str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint,
     base_meta: Mapping[str, TensorMeta] | None = None,
+    max_header_bytes: int | None = None,
 ) -> Checkpoint:
-    """Open any supported checkpoint: a file, a model/adapter directory, a state dict or module."""
+    """Open any supported checkpoint: a file, a model/adapter directory, a state dict or module.
+
+    ``max_header_bytes`` bounds a safetensors header or shard index (default
+    ``tensorfile.header_limit()``: $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB).
+    """
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, (Mapping, nn.Module)):
         return StateDictCheckpoint(source)
     path = Path(source)
     if path.is_dir():
-        return _open_directory(path, base_meta)
+        return _open_directory(path, base_meta, max_header_bytes)
     if not path.exists():
-        raise CheckpointError(str(path), "no such file or directory")
+        what = "a dangling or looping symlink" if path.is_symlink() else "no such file or directory"
+        raise CheckpointError(str(path), what)
     if path.name.endswith(".index.json"):
-        return ShardedCheckpoint(path)
+        return ShardedCheckpoint(path, max_header_bytes)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return TorchFileCheckpoint(path)
-    return SafetensorsCheckpoint(path)
+    return SafetensorsCheckpoint(path, max_header_bytes)
 
 
-def _open_directory(path: Path, base_meta: Mapping[str, TensorMeta] | None) -> Checkpoint:
-    if (path / "adapter_config.json").is_file():
+def _open_directory(
+    path: Path, base_meta: Mapping[str, TensorMeta] | None, max_header_bytes: int | None
+) -> Checkpoint:
+    if (path / CONFIG_FILE).exists():
         if base_meta is None:
             raise CheckpointError(str(path), "a LoRA adapter can only be read against a base")
-        return LoraCheckpoint(path, base_meta)
+        return LoraCheckpoint(path, base_meta, max_header_bytes)
     for name in WEIGHT_FILES:
         candidate = path / name
-        if not candidate.is_file():
+        if not candidate.exists():
             continue
+        if candidate.is_dir():
+            raise CheckpointError(str(candidate), "not a regular file (a directory)")
         if name == TORCH_INDEX:
             raise CheckpointError(
                 str(path), "sharded .bin checkpoints are not supported; convert them to safetensors"
             )
-        checkpoint = open_checkpoint(candidate)
+        checkpoint = open_checkpoint(candidate, max_header_bytes=max_header_bytes)
         checkpoint.source = str(path)
         if (path / "config.json").is_file():
             checkpoint.config_dir = path

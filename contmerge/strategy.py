@@ -20,11 +20,19 @@ chunks of each tensor (a cache-sized piece at a time, on several threads) throug
 A rule with one state slot says how one entry folds, as a compiled function (``entry_fold``):
 the engine builds one loop around it that reads the arrival, differences it against the base,
 checks it and folds it in a single pass over memory. Tests hold both equal to ``fold``.
+
+Discoverability: a rule's hyper-parameters are its dataclass fields, each declared with
+:func:`setting` (default, one-line meaning, the paper's symbol); its class docstring's first line
+says what it does. ``contmerge strategies`` lists both for every rule, third-party ones included
+(:func:`settings_of`, :func:`summary_of`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -41,6 +49,75 @@ from .tensorfile import TensorMeta
 State = dict[str, torch.Tensor]
 #: flat chunks of a tensor's state slots, as numpy arrays (what compiled loops take)
 Arrays = dict[str, np.ndarray]
+
+
+def setting(default: Any, help: str, *, symbol: str | None = None) -> Any:
+    """A hyper-parameter field of a strategy: ``alpha: float = setting(0.5, "…", symbol="α")``.
+
+    ``help`` is the one-line meaning ``contmerge strategies`` shows; ``symbol`` is the paper's
+    name for it (a misspelt setting such as ``lam`` is matched against it too).
+    """
+    metadata = {"help": help, **({"symbol": symbol} if symbol else {})}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One hyper-parameter of a strategy class, as ``contmerge strategies`` shows it."""
+
+    name: str
+    type: str
+    default: Any  # ``dataclasses.MISSING`` when the setting is required
+    help: str
+    symbol: str | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+    def describe(self) -> str:
+        default = "required" if self.required else f"= {self.default!r}"
+        symbol = f" ({self.symbol})" if self.symbol and self.symbol != self.name else ""
+        return f"{self.name}: {self.type} {default}{symbol}"
+
+
+def settings_of(cls: type) -> list[Setting]:
+    """The hyper-parameters of a strategy or pre-processor class (its dataclass fields)."""
+    if not dataclasses.is_dataclass(cls):
+        return []
+    found = []
+    for f in fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        found.append(
+            Setting(f.name, kind, default, f.metadata.get("help", ""), f.metadata.get("symbol"))
+        )
+    return found
+
+
+def doc_of(cls: type) -> str:
+    """The class docstring, else its module's: what the rule does (dedented)."""
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "")  # its own, not a base class's
+    if doc.startswith(f"{cls.__name__}("):  # the signature @dataclass writes when there is none
+        doc = ""
+    module = sys.modules.get(cls.__module__)
+    return doc or inspect.cleandoc((module.__doc__ if module else "") or "")
+
+
+def summary_of(cls: type) -> str:
+    """The first paragraph of :func:`doc_of`, on one line."""
+    return first_paragraph(doc_of(cls))
+
+
+def first_paragraph(doc: str) -> str:
+    return " ".join(doc.split("\n\n", 1)[0].split())
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,24 @@ for models larger than RAM. Files are byte-compatible with the safetensors forma
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import mmap
 import os
+import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from . import jsonfile
+from .errors import CheckpointError, SettingError, clip
+from .jsonfile import Pairs
 
 DTYPE_BY_CODE: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -43,11 +47,59 @@ DTYPE_BY_CODE: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: the largest header read unless told otherwise. A header is ~120 bytes per tensor: a shard of
+#: even the largest MoE models holds a few thousand tensors (< 1 MiB), and 16 MiB still holds a
+#: whole 1T-parameter MoE (~130 000 tensors) in one file. Parsing costs a few times the header
+#: in memory, so the bound is what an untrusted file can make the reader allocate.
+DEFAULT_MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_ENV = "CONTMERGE_MAX_HEADER_BYTES"
 FOREIGN_SIGNATURES = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
+_DIM_LIMIT = 1 << 63  # dimensions and element counts must fit an int64 (torch's sizes)
 
 
-@dataclass(frozen=True)
+def parse_size(text: str) -> int:
+    """``"16777216"``, ``"64K"``, ``"16M"``, ``"1G"`` (binary units) as a positive byte count."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    clean = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (clean[:-1], clean[-1]) if clean[-1:] in units else (clean, "")
+    try:
+        value = int(number) * units[unit]
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SettingError(f"not a size in bytes: {clip(text)!r} (e.g. 16777216, 64M, 1G)")
+    return value
+
+
+_limit_in_force: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "contmerge_max_header_bytes", default=None
+)
+
+
+def header_limit(given: int | None = None) -> int:
+    """The header bound in force: ``given``, else the one ``using_header_limit`` set, else
+    $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB."""
+    given = given if given is not None else _limit_in_force.get()
+    if given is not None:
+        if given <= 0:
+            raise SettingError(f"max_header_bytes must be positive, got {given}")
+        return given
+    from_env = os.environ.get(MAX_HEADER_ENV)
+    return parse_size(from_env) if from_env else DEFAULT_MAX_HEADER_BYTES
+
+
+@contextlib.contextmanager
+def using_header_limit(limit: int | None) -> Iterator[None]:
+    """Bound every header read inside the block (in this thread) by ``limit``; None: no change.
+    How a command-line option reaches readers opened deep inside the Merger."""
+    token = _limit_in_force.set(limit)
+    try:
+        yield
+    finally:
+        _limit_in_force.reset(token)
+
+
+@dataclass(frozen=True, slots=True)  # slots: a header may describe a hundred thousand tensors
 class TensorMeta:
     """Shape and dtype of a tensor, known without reading its data."""
 
@@ -75,99 +127,227 @@ def _fail(path: Path, reason: str, tensor: str | None = None) -> CheckpointError
     return CheckpointError(str(path), reason, tensor)
 
 
-class SafetensorsReader:
-    """Lazy reader of one ``.safetensors`` file: the header is parsed and checked up front."""
+class _Entry(tuple):
+    """A well-formed tensor entry, made as the parser meets it: ``(meta, begin, end)``. Turning
+    entries into this at once, rather than after the whole header is a tree of dicts and lists,
+    keeps a large header's parse at a few times its size in memory."""
 
-    def __init__(self, path: str | Path) -> None:
+
+def _compact(pairs: list[tuple[str, Any]]) -> Any:
+    """The parser's object hook: a tensor entry as an ``_Entry``, anything else as ``Pairs``
+    (so that the caller finds what is wrong with it, and repeated keys)."""
+    if len(pairs) == 3:
+        fields = dict(pairs)
+        code = fields.get("dtype")
+        dtype = DTYPE_BY_CODE.get(code) if isinstance(code, str) else None
+        shape, offsets = fields.get("shape"), fields.get("data_offsets")
+        if (
+            dtype is not None
+            and _is_shape(shape)
+            and _is_offsets(offsets)
+            and (offsets[1] - offsets[0]) == math.prod(shape) * dtype.itemsize
+        ):
+            return _Entry((TensorMeta(tuple(shape), dtype), offsets[0], offsets[1]))
+    return Pairs(pairs)
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # not bool, which Python counts as an int
+
+
+def _is_shape(shape: object) -> bool:
+    return (
+        type(shape) is list
+        and all(_is_int(d) and 0 <= d < _DIM_LIMIT for d in shape)
+        and math.prod(d for d in shape if d) < _DIM_LIMIT
+    )
+
+
+def _is_offsets(offsets: object) -> bool:
+    return (
+        type(offsets) is list
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
+
+
+def _quoted(value: object) -> str:
+    """A header value for a message: short, and only once the header has parsed as JSON."""
+    if isinstance(value, Pairs):
+        return "an object"
+    return clip(repr(value), 60)
+
+
+class SafetensorsReader:
+    """Lazy reader of one ``.safetensors`` file: the header is parsed and checked up front,
+    as strictly as the format's reference reader, with a bound on its size (see
+    ``max_header_bytes``)."""
+
+    def __init__(self, path: str | Path, max_header_bytes: int | None = None) -> None:
         self.path = Path(path)
+        limit = header_limit(max_header_bytes)
         try:
-            self._handle: BinaryIO = open(self.path, "rb")
+            # non-blocking: opening a FIFO would otherwise wait for a writer forever
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise _fail(self.path, f"cannot open: {exc.strerror}") from exc
+        self._handle: BinaryIO = os.fdopen(fd, "rb")
         self._map: mmap.mmap | None = None
         try:
-            self._parse_header()
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _fail(self.path, "not a regular file")
+            self._parse_header(limit)
         except BaseException:
             self._handle.close()
             raise
 
-    def _parse_header(self) -> None:
+    def _parse_header(self, limit: int) -> None:
         size = os.fstat(self._handle.fileno()).st_size
         prefix = self._handle.read(8)
         if len(prefix) < 8:
             raise _fail(self.path, f"truncated: {size} bytes is too short for a safetensors file")
         (header_len,) = struct.unpack("<Q", prefix)
-        raw = self._handle.read(header_len) if header_len <= MAX_HEADER_BYTES else b""
-        # the first 8 bytes are a length, so a pickle/zip signature there proves nothing by
-        # itself: name the format only once the file has failed to parse as safetensors
-        foreign = prefix.startswith(FOREIGN_SIGNATURES) and not raw.startswith(b"{")
-        if foreign:
+        # the length is the file's first 8 bytes: for a file that is not safetensors it is
+        # content, so no message quotes it
+        foreign = prefix.startswith(FOREIGN_SIGNATURES)
+        if foreign and header_len > min(size - 8, limit):
             raise _fail(self.path, "this is a pickle/zip (torch.save) file, not safetensors")
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        if header_len > size - 8:
             raise _fail(
                 self.path,
-                f"malformed or truncated header (declares {header_len} header bytes, "
-                f"file has {size})",
+                "truncated, or not a safetensors file: the header length in its first 8 bytes "
+                f"is larger than the file ({size} bytes)",
             )
+        if header_len > limit:
+            raise _fail(
+                self.path,
+                f"the header is larger than the {limit}-byte limit: not a safetensors file, or "
+                f"raise the limit (--max-header-bytes, ${MAX_HEADER_ENV})",
+            )
+        raw = self._handle.read(header_len)
+        if len(raw) < header_len:
+            raise _fail(self.path, "truncated while reading the header")
+        # a pickle/zip signature in the length proves nothing by itself: name the format only
+        # once the file has failed to parse as safetensors
+        if foreign and not raw.lstrip(b" ").startswith(b"{"):
+            raise _fail(self.path, "this is a pickle/zip (torch.save) file, not safetensors")
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _fail(self.path, f"malformed header: not valid JSON ({exc})") from exc
-        if not isinstance(header, dict):
-            raise _fail(self.path, "malformed header: not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise _fail(self.path, "malformed header: __metadata__ is not an object")
-        self.metadata: dict[str, str] = {str(k): str(v) for k, v in metadata.items()}
+            text = jsonfile.utf8(raw)
+            del raw  # the header is untrusted and may be large: hold one copy at a time
+            top = jsonfile.parse(text, _compact)
+        except jsonfile.JsonError as exc:
+            raise _fail(self.path, f"malformed header: {exc}") from None
+        del text
+        if not isinstance(top, Pairs):
+            raise _fail(self.path, "malformed header: not a JSON object of tensors")
         self.data_start = 8 + header_len
+        self.metadata: dict[str, str] = {}
         self.meta: dict[str, TensorMeta] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
-        spans: list[tuple[int, int, str]] = []
-        for name, entry in header.items():
-            meta, begin, end = self._check_entry(name, entry)
+        seen_metadata = False
+        for i, (name, entry) in enumerate(top):
+            top[i] = None  # the parsed header is let go as it is checked (see _Entry)
+            self._check_name(name)
+            if name == "__metadata__":
+                if seen_metadata:
+                    raise _fail(self.path, "malformed header: __metadata__ given twice")
+                seen_metadata = True
+                self._read_metadata(entry)
+                continue
+            if not isinstance(entry, _Entry):
+                entry = self._explain_entry(name, entry)
+            meta, begin, end = entry
+            if name in self.meta:
+                same = self._offsets[name] == (begin, end) and self.meta[name] == meta
+                what = "the same entry" if same else "entries pointing at different data"
+                raise _fail(self.path, f"malformed header: tensor listed twice ({what})", name)
             self.meta[name] = meta
             self._offsets[name] = (begin, end)
-            spans.append((begin, end, name))
-        expected = 0
-        for begin, end, name in sorted(spans):
-            if begin != expected:
+        self._check_layout(size)
+
+    def _check_name(self, name: str) -> None:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+            raise _fail(self.path, "malformed header: a name is not valid Unicode") from None
+
+    def _read_metadata(self, value: object) -> None:
+        if value is None:
+            return  # the reference reader takes null for "no metadata"
+        try:
+            metadata = jsonfile.as_dict(value, "__metadata__")
+        except jsonfile.JsonError as exc:
+            raise _fail(self.path, f"malformed header: {exc}") from None
+        for key, item in metadata.items():
+            if not isinstance(item, str):
                 raise _fail(
-                    self.path, "malformed header: tensor data overlaps or leaves a gap", name
+                    self.path,
+                    f"malformed header: __metadata__ value of {clip(key)!r} is not a string",
                 )
-            expected = end
-        if self.data_start + expected > size:
+            self._check_name(item)
+        self.metadata = metadata
+
+    def _explain_entry(self, name: str, entry: object) -> tuple[TensorMeta, int, int]:
+        """Why an entry the parser could not take is malformed (always raises)."""
+        try:
+            fields = jsonfile.as_dict(entry, "its entry")
+        except jsonfile.JsonError as exc:
+            raise _fail(self.path, f"malformed header entry: {exc}", name) from None
+        code, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+        if not isinstance(code, str) or code not in DTYPE_BY_CODE:
+            raise _fail(self.path, f"unknown or unsupported dtype {_quoted(code)}", name)
+        if not _is_shape(shape):
+            raise _fail(self.path, f"malformed shape {_quoted(shape)}", name)
+        if not _is_offsets(offsets):
+            raise _fail(self.path, f"malformed data_offsets {_quoted(offsets)}", name)
+        nbytes = math.prod(shape) * DTYPE_BY_CODE[code].itemsize  # type: ignore[arg-type]
+        span = offsets[1] - offsets[0]  # type: ignore[index]
+        if span != nbytes:
+            raise _fail(
+                self.path,
+                f"data_offsets span {span} bytes but shape {shape} of {code} needs {nbytes}",
+                name,
+            )
+        # only keys beyond the three (which the format allows) kept the parser from taking it
+        return TensorMeta(tuple(shape), DTYPE_BY_CODE[code]), offsets[0], offsets[1]  # type: ignore
+
+    def _check_layout(self, size: int) -> None:
+        """The data must tile the byte buffer exactly: no overlap, no gap, nothing after."""
+        expected, previous = 0, None
+        for name, (begin, end) in sorted(self._offsets.items(), key=lambda item: item[1]):
+            if begin < expected:
+                raise _fail(
+                    self.path,
+                    f"malformed header: tensor data overlaps that of {clip(previous or '')!r}",
+                    name,
+                )
+            if begin > expected:
+                raise _fail(
+                    self.path,
+                    f"malformed header: a gap of {begin - expected} bytes before its data",
+                    name,
+                )
+            expected, previous = end, name
+        available = size - self.data_start
+        if expected > available:
             # name the first tensor whose data is cut, so the message says what was lost
-            cut = next(name for _, end, name in sorted(spans) if self.data_start + end > size)
+            cut = next(
+                n
+                for n, (_, end) in sorted(self._offsets.items(), key=lambda i: i[1])
+                if end > available
+            )
             raise _fail(
                 self.path,
                 f"truncated: data needs {self.data_start + expected} bytes, file has {size}",
                 cut,
             )
-
-    def _check_entry(self, name: str, entry: object) -> tuple[TensorMeta, int, int]:
-        if not isinstance(entry, dict):
-            raise _fail(self.path, "malformed header entry", name)
-        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in DTYPE_BY_CODE:
-            raise _fail(self.path, f"unknown dtype {code!r}", name)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise _fail(self.path, f"malformed shape {shape!r}", name)
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise _fail(self.path, f"malformed data_offsets {offsets!r}", name)
-        meta = TensorMeta(tuple(shape), DTYPE_BY_CODE[code])
-        if offsets[1] - offsets[0] != meta.nbytes:
+        if expected < available:
             raise _fail(
                 self.path,
-                f"data_offsets span {offsets[1] - offsets[0]} bytes but shape {shape} of "
-                f"{code} needs {meta.nbytes}",
-                name,
+                f"malformed: {available - expected} bytes after the last tensor's data belong to "
+                "no tensor",
             )
-        return meta, offsets[0], offsets[1]
 
     def keys(self) -> list[str]:
         return list(self.meta)

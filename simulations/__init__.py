@@ -5,4 +5,5 @@
 - ``train``: pretraining, probe heads, independent and sequential fine-tuning, with a disk cache.
 - ``evaluate``: per-task accuracy, ACC and BWT.
 - ``continual``: the continual-merging scenario runner, its report and CLI.
+- ``federated``: federated rounds on Flower's simulation engine, against Flower's FedAvg.
 """

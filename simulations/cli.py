@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 #: scenario -> (module, adder, runner, one-line help)
 SCENARIOS: dict[str, tuple[str, str, str, str]] = {
@@ -20,7 +19,7 @@ SCENARIOS: dict[str, tuple[str, str, str, str]] = {
         "fine-tuned models arrive one by one: ACC/BWT over arrival orders",
     ),
     "federated": (
-        "contmerge.flower.simulate",
+        "contmerge.simulations.federated.cli",
         "add_federated_arguments",
         "main_federated",
         "federated rounds on Flower's simulation engine, vs Flower's FedAvg",
@@ -55,7 +54,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
             parser.set_defaults(func=getattr(loaded, runner))
         except (ImportError, AttributeError) as exc:
             parser.description = f"{help_text} (unavailable here: {exc})"
-            parser.set_defaults(func=lambda _args, exc=exc, name=name: _unavailable(name, exc))
+            parser.set_defaults(
+                func=lambda _args, exc=exc, name=name: _unavailable(name, exc), unavailable=True
+            )
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,5 +73,6 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _unavailable(name: str, exc: Exception) -> int:
-    print(f"contmerge simulate {name} is unavailable: {exc}", file=sys.stderr)
-    return 2
+    from contmerge.cli import missing_extra
+
+    return missing_extra(f"simulate {name}", exc)

@@ -27,11 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import FASHION_DIR, DataConfig, load_suite
-from .evaluate import Evaluator, acc_bwt, bounds, seen_mean, table_from_fixed
+from .evaluate import Evaluator, acc_bwt, seen_mean, table_from_fixed
 from .models import ModelConfig, StateDict
-from .train import CheckpointCache, TrainConfig, load_safetensors
+from .regime import regime_markdown
+from .train import CheckpointCache, Checkpoints, TrainConfig, load_safetensors
 
 CHECKPOINT_KINDS = ("independent", "sequential")
+MODELS = ("mlp", "minilm", "vit-s", "smollm2-lora")
 NO_MERGE = "latest"  # pseudo-strategy: the last arrival itself (sequential FT = continual FT)
 
 
@@ -53,11 +55,12 @@ def engine_merge_fn(base: StateDict, strategy: str, hparams: Mapping[str, Any]) 
 class _Latest:
     """No merging at all: emits the most recent arrival (continual fine-tuning's final model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, load: Callable[[Any], StateDict]) -> None:
+        self.load = load
         self.last: StateDict | None = None
 
     def fold(self, source: Any) -> None:
-        self.last = load_safetensors(Path(source)) if isinstance(source, str | Path) else source
+        self.last = self.load(source)
 
     def emit_state_dict(self) -> StateDict:
         if self.last is None:
@@ -70,7 +73,7 @@ class StrategySpec:
     """One row of the results: a strategy (engine spec string) on one kind of checkpoints."""
 
     label: str
-    strategy: str  # e.g. "opcm", "ties(lam=0.3)", or NO_MERGE
+    strategy: str  # e.g. "opcm", "ties(scaling_factor=0.3)", or NO_MERGE
     checkpoints: str = "independent"  # or "sequential" (MagMax's recipe)
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
@@ -103,7 +106,7 @@ _LABELS = {
 
 def parse_strategy_arg(text: str) -> StrategySpec:
     """CLI form ``SPEC[@independent|@sequential][=LABEL]``, e.g. ``magmax@sequential``,
-    ``ties(lam=0.1)``, ``opcm(alpha=0.3)=OPCM a0.3``; SPEC is passed to the engine as is."""
+    ``ties(scaling_factor=0.1)``, ``opcm(alpha=0.3)=OPCM a0.3``; SPEC goes to the engine as is."""
     depth, cut = 0, None
     for i, ch in enumerate(text):  # a label starts at the first '=' outside parentheses
         depth += (ch == "(") - (ch == ")")
@@ -145,9 +148,27 @@ class ContinualConfig:
     use_fashion: bool | None = None  # None: when installed
     fashion_dir: str = str(FASHION_DIR)
     progress: bool = True
+    model: str = "mlp"  # mlp | minilm | vit-s | smollm2-lora
+    steps: int | None = None  # real models: optimizer steps per task (None: RealConfig's)
+    real_overrides: Mapping[str, Any] = field(default_factory=dict)  # other RealConfig fields
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; one of {', '.join(MODELS)}")
+
+    def real_config(self) -> Any:
+        """The ``RealConfig`` of a real-model scenario (``None`` fields keep its defaults)."""
+        from .real_continual import RealConfig
+
+        given = {"tasks": tuple(self.tasks) if self.tasks else None, "steps": self.steps,
+                 "n_train": self.n_train, "n_test": self.n_test}  # fmt: skip
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        return RealConfig(model=self.model, seed=self.seed, **kwargs, **dict(self.real_overrides))
 
     def orders_count(self) -> int:
-        n = self.num_orders if self.num_orders is not None else (5 if self.quick else 10)
+        # 10 orders as OPCM/MINGLE for the MLP; 5 (the issue's minimum) for the real models
+        short = self.quick or self.model != "mlp"
+        n = self.num_orders if self.num_orders is not None else (5 if short else 10)
         if n < 1:
             raise ValueError("num_orders must be >= 1")
         return n
@@ -180,6 +201,7 @@ class ContinualConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["strategies"] = [asdict(s) | {"hparams": dict(s.hparams)} for s in self.strategies]
+        out["real_overrides"] = dict(self.real_overrides)
         return out
 
 
@@ -200,91 +222,195 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 # The run
 
 
+class MlpScenario:
+    """The small-MLP scenario behind the ``Scenario`` interface the runner uses."""
+
+    recipe: dict[str, Any]
+
+    def __init__(self, config: ContinualConfig, cache_dir: Path) -> None:
+        data_cfg, train_cfg, self.model_cfg = config.data_config(), config.train_config(), \
+            ModelConfig()  # fmt: skip
+        self.suite = load_suite(data_cfg)
+        self.names = self.suite.names
+        self.notes = self.suite.notes
+        self.cache = CheckpointCache(self.suite, data_cfg, self.model_cfg, train_cfg, cache_dir,
+                                     progress=config.progress)  # fmt: skip
+        self.root = self.cache.root
+        self.recipe = {
+            "optimizer": f"AdamW(lr={train_cfg.finetune_lr}, weight_decay="
+            f"{train_cfg.weight_decay}), one-cycle schedule",
+            "epochs_per_task": train_cfg.finetune_epochs,
+            "batch_size": train_cfg.batch_size,
+            "loss": "cross-entropy on 100·cos(feature, fixed class-mean head)",
+            "trained": "every backbone weight (784→256→256→64 MLP pretrained on Fashion-MNIST)",
+        }
+        self.ckpts: Checkpoints | None = None
+
+    def sources(self) -> str:
+        return self.suite.sources
+
+    def prepare(self, orders: Sequence[Sequence[str]], sequential: bool) -> None:
+        self.ckpts = self.cache.prepare(orders, sequential=sequential)
+        self.evaluator = Evaluator(self.suite.tasks, self.ckpts.head_states(), self.model_cfg)
+
+    def base_state(self) -> StateDict:
+        return self.cache.base()
+
+    def paths(self, kind: str, order: Sequence[str]) -> list[Path]:
+        assert self.ckpts is not None, "prepare() first"
+        return self.ckpts.paths(kind, order)
+
+    def full_state(self, source: Any) -> StateDict:
+        return load_safetensors(Path(source)) if isinstance(source, str | Path) else source
+
+    def accuracy(self, state: Mapping[str, torch.Tensor], names: Sequence[str]
+                 ) -> dict[str, float]:  # fmt: skip
+        return self.evaluator.accuracy(state, names)
+
+
+def _fold_input(scenario: Any, path: Path) -> Any:
+    """What the merger receives: a LoRA adapter directory as is (the engine reads its delta);
+    a checkpoint file as its in-memory state dict (the scenario measures merging, not file
+    sniffing; the engine's path input is covered by its own tests)."""
+    return path if Path(path).is_dir() else scenario.full_state(path)
+
+
+def build_scenario(config: ContinualConfig, cache_dir: Path) -> Any:
+    """The MLP scenario, or a real-model one (``real_continual``)."""
+    if config.model == "mlp":
+        return MlpScenario(config, cache_dir)
+    from .real_continual import RealScenario
+
+    return RealScenario(config.real_config(), cache_dir, progress=config.progress)
+
+
 def run_continual(config: ContinualConfig, merge_fn: MergeFn | None = None) -> dict[str, Any]:
     """Train (or load cached) checkpoints, stream them through each strategy, write reports."""
+    from .regime import lora_agreement, regime_diagnostics, ta_beats_average
+
     merge_fn = merge_fn or engine_merge_fn
     t_start = time.perf_counter()
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    data_cfg, train_cfg, model_cfg = config.data_config(), config.train_config(), ModelConfig()
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, train_cfg.threads)))  # 2-core target machine
+    torch.set_num_threads(1)  # 2 shared cores: a second thread was measured slower, not faster
     try:
-        suite = load_suite(data_cfg)
-        names = suite.names
+        scenario = build_scenario(config, cache_dir)
+        names = list(scenario.names)
         orders = make_orders(names, config.orders_count(), config.order_seed)
+        print_recipe(config, scenario)
         t_data = time.perf_counter()
 
-        cache = CheckpointCache(
-            suite, data_cfg, model_cfg, train_cfg, cache_dir, progress=config.progress
-        )
         need_seq = any(s.checkpoints == "sequential" for s in config.strategies)
-        ckpts = cache.prepare(orders, sequential=need_seq)
+        scenario.prepare(orders, need_seq)
         t_train = time.perf_counter()
 
-        base = ckpts.base_state()
-        evaluator = Evaluator(suite.tasks, ckpts.head_states(), model_cfg)
-        finetuned = {n: load_safetensors(ckpts.independent[n]) for n in names}
-        ref = bounds(evaluator, base, finetuned)
-
-        runs: dict[str, dict[str, Any]] = {}
-        jobs = [(s, k) for s in config.strategies for k in range(len(orders))]
-        bar = tqdm(jobs, desc="merge + evaluate", disable=not config.progress)
-        for spec, k in bar:
-            bar.set_postfix_str(spec.label)
-            order = orders[k]
-            merger = (
-                _Latest()
-                if spec.strategy == NO_MERGE
-                else merge_fn(base, spec.strategy, spec.hparams)
-            )
-            table: list[list[float]] = []
-            for t, path in enumerate(ckpts.paths(spec.checkpoints, order)):
-                # Folded as an in-memory state dict (read from the cached file): the scenario
-                # measures merging, not file sniffing, and stays independent of the engine's
-                # reader. The engine's path input is covered by its own tests.
-                merger.fold(load_safetensors(path))
-                acc = evaluator.accuracy(merger.emit_state_dict(), order[: t + 1])
-                table.append([acc[n] for n in order[: t + 1]])
-            close = getattr(merger, "close", None)
-            if callable(close):
-                close()
-            a, b = acc_bwt(table)
-            run = runs.setdefault(
-                spec.label,
-                {
-                    "strategy": spec.strategy,
-                    "checkpoints": spec.checkpoints,
-                    "hparams": dict(spec.hparams),
-                    "per_order": [],
-                },
-            )
-            run["per_order"].append(
-                {
-                    "order": order,
-                    "acc_table": table,
-                    "acc": a,
-                    "bwt": b,
-                    "seen_mean": seen_mean(table),
-                }
-            )
+        base = scenario.base_state()
+        finetuned = {n: scenario.full_state(scenario.paths("independent", [n])[0]) for n in names}
+        ref = {
+            "pretrained": scenario.accuracy(base, names),
+            "individual": {n: scenario.accuracy(finetuned[n], [n])[n] for n in names},
+        }
+        runs, finals = stream_strategies(scenario, config, orders, base, ref, merge_fn)
         t_merge = time.perf_counter()
+        diagnostics = regime_diagnostics(scenario, base, finetuned, finals, names, merge_fn,
+                                         progress=config.progress)  # fmt: skip
+        if config.model.endswith("-lora"):
+            diagnostics["lora_vs_merge_and_unload"] = lora_agreement(
+                scenario, base, config.strategies, orders[0], merge_fn
+            )
+        t_diag = time.perf_counter()
     finally:
         torch.set_num_threads(prev_threads)
 
-    results = _summarise(config, suite.sources, suite.notes, names, orders, ref, runs)
-    results["cache_dir"] = str(ckpts.root)
+    results = _summarise(config, scenario.sources(), getattr(scenario, "notes", []), names,
+                         orders, ref, runs)  # fmt: skip
+    results["model_name"] = config.model
+    results["recipe"] = scenario.recipe
+    diagnostics["ta_beats_average"] = ta_beats_average(results)
+    results["diagnostics"] = diagnostics
+    results["cache_dir"] = str(scenario.root)
+    results["trained_now"] = getattr(scenario, "trainings", None)  # None: the MLP's own counter
     results["timing_s"] = {
         "data": round(t_data - t_start, 2),
         "training_or_cache": round(t_train - t_data, 2),
         "merge_and_eval": round(t_merge - t_train, 2),
+        "diagnostics": round(t_diag - t_merge, 2),
     }
     results["files"] = write_reports(results, out_dir)
     results["timing_s"]["total"] = round(time.perf_counter() - t_start, 2)
     # Rewrite the JSON so it carries the final total time too.
     Path(results["files"]["json"]).write_text(json.dumps(results, indent=2))
     return results
+
+
+def print_recipe(config: ContinualConfig, scenario: Any) -> None:
+    """The fixed fine-tuning recipe, stated before anything runs."""
+    print(f"continual merging, model {config.model}: {len(scenario.names)} tasks "
+          f"({', '.join(scenario.names)}), {config.orders_count()} orders", flush=True)  # fmt: skip
+    for key, value in scenario.recipe.items():
+        print(f"  {key}: {value}", flush=True)
+
+
+def stream_strategies(
+    scenario: Any,
+    config: ContinualConfig,
+    orders: Sequence[Sequence[str]],
+    base: StateDict,
+    ref: Mapping[str, Mapping[str, float]],
+    merge_fn: MergeFn,
+) -> tuple[dict[str, dict[str, Any]], dict[str, StateDict]]:
+    """Every strategy over every order, scored after every arrival on the tasks seen so far.
+
+    Returns the runs and, per strategy, the final merge of the first order (for diagnostics).
+    """
+    individual = ref["individual"]
+    runs: dict[str, dict[str, Any]] = {}
+    finals: dict[str, StateDict] = {}
+    jobs = [(s, k) for s in config.strategies for k in range(len(orders))]
+    bar = tqdm(jobs, desc="merge + evaluate", disable=not config.progress)
+    for spec, k in bar:
+        bar.set_postfix_str(spec.label)
+        order = list(orders[k])
+        merger = (
+            _Latest(scenario.full_state) if spec.strategy == NO_MERGE
+            else merge_fn(base, spec.strategy, spec.hparams)
+        )  # fmt: skip
+        table: list[list[float]] = []
+        for t, path in enumerate(scenario.paths(spec.checkpoints, order)):
+            merger.fold(_fold_input(scenario, path))
+            merged = merger.emit_state_dict()
+            acc = scenario.accuracy(merged, order[: t + 1])
+            table.append([acc[n] for n in order[: t + 1]])
+        if k == 0:
+            finals[spec.label] = {n: v.detach().clone() for n, v in merged.items()}
+        close = getattr(merger, "close", None)
+        if callable(close):
+            close()
+        a, b = acc_bwt(table)
+        norm = [[a_i / max(individual[n], 1e-12) for a_i, n in zip(row, order)] for row in table]
+        run = runs.setdefault(
+            spec.label,
+            {
+                "strategy": spec.strategy,
+                "checkpoints": spec.checkpoints,
+                "hparams": dict(spec.hparams),
+                "per_order": [],
+            },
+        )
+        run["per_order"].append(
+            {
+                "order": order,
+                "acc_table": table,
+                "acc": a,
+                "bwt": b,
+                "norm_acc": float(np.mean(norm[-1])),
+                "seen_mean": seen_mean(table),
+                "norm_seen_mean": seen_mean(norm),
+            }
+        )
+    return runs, finals
 
 
 def _summarise(
@@ -302,23 +428,31 @@ def _summarise(
         ("Pretrained", pre, "—"),
         ("Fine-tuned (individual, upper bound)", ind, "independent"),
     ):
+        normed = {n: per_task[n] / max(ind[n], 1e-12) for n in names}
         rows.append(
             {
                 "method": label,
                 "checkpoints": kind,
                 "acc_mean": float(np.mean([per_task[n] for n in names])),
                 "acc_std": 0.0,
+                "norm_acc_mean": float(np.mean(list(normed.values()))),
+                "norm_acc_std": 0.0,
                 "bwt_mean": None,
                 "bwt_std": None,
                 "final_per_task": dict(per_task),
                 "curve_mean": _curve([seen_mean(table_from_fixed(per_task, o)) for o in orders]),
                 "curve_std": _curve([seen_mean(table_from_fixed(per_task, o)) for o in orders], 1),
+                "norm_curve_mean": _curve([seen_mean(table_from_fixed(normed, o)) for o in orders]),
+                "norm_curve_std": _curve(
+                    [seen_mean(table_from_fixed(normed, o)) for o in orders], 1
+                ),
             }
         )
     for label, run in runs.items():
         per = run["per_order"]
         acc_m, acc_s = _mean_std([p["acc"] for p in per])
         bwt_m, bwt_s = _mean_std([p["bwt"] for p in per])
+        norm_m, norm_s = _mean_std([p["norm_acc"] for p in per])
         final = {n: float(np.mean([p["acc_table"][-1][p["order"].index(n)] for p in per]))
                  for n in names}  # fmt: skip
         rows.append(
@@ -330,17 +464,22 @@ def _summarise(
                 "acc_std": acc_s,
                 "bwt_mean": bwt_m,
                 "bwt_std": bwt_s,
+                "norm_acc_mean": norm_m,
+                "norm_acc_std": norm_s,
                 "final_per_task": final,
                 "curve_mean": _curve([p["seen_mean"] for p in per]),
                 "curve_std": _curve([p["seen_mean"] for p in per], 1),
+                "norm_curve_mean": _curve([p["norm_seen_mean"] for p in per]),
+                "norm_curve_std": _curve([p["norm_seen_mean"] for p in per], 1),
             }
         )
     return {
         "scenario": "continual",
         "config": config.to_dict(),
-        "data": asdict(config.data_config()),
-        "train": config.train_config().to_dict(),
-        "model": ModelConfig().to_dict(),
+        "data": asdict(config.data_config()) if config.model == "mlp" else None,
+        "train": config.train_config().to_dict() if config.model == "mlp" else None,
+        "model": ModelConfig().to_dict() if config.model == "mlp" else None,
+        "real": config.real_config().to_dict() if config.model != "mlp" else None,
         "sources": sources,
         "notes": notes,
         "tasks": names,
@@ -370,17 +509,20 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     """Rows: bounds then strategies; ACC and BWT in %, mean ± std over orders."""
     n_orders = len(results["orders"])
     lines = [
-        f"Continual merging — {len(results['tasks'])} tasks ({results['sources']}), "
+        f"Continual merging, model {results.get('model_name', 'mlp')} — "
+        f"{len(results['tasks'])} tasks ({results['sources']}), "
         f"{n_orders} arrival orders; ACC/BWT in %, mean ± std over orders.",
         "",
-        "| Method | Checkpoints | ACC | BWT |",
-        "|---|---|---|---|",
+        "| Method | Checkpoints | ACC | BWT | Normalised ACC |",
+        "|---|---|---|---|---|",
     ]
     for row in results["summary"]:
         is_bound = row["bwt_mean"] is None
         acc = _pct(row["acc_mean"]) if is_bound else _pct(row["acc_mean"], row["acc_std"])
         bwt = "—" if is_bound else _pct(row["bwt_mean"], row["bwt_std"])
-        lines.append(f"| {row['method']} | {row['checkpoints']} | {acc} | {bwt} |")
+        norm = (_pct(row["norm_acc_mean"]) if is_bound
+                else _pct(row["norm_acc_mean"], row["norm_acc_std"]))  # fmt: skip
+        lines.append(f"| {row['method']} | {row['checkpoints']} | {acc} | {bwt} | {norm} |")
     return "\n".join(lines)
 
 
@@ -416,10 +558,14 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         "",
         f"- tasks: {', '.join(results['tasks'])}",
         f"- sources: {results['sources']}; checkpoint cache: `{results.get('cache_dir', '')}`",
-        "- heads: linear probes on the pretrained backbone, frozen during fine-tuning and kept",
-        "  outside the merge; only the backbone is merged.",
+        "- heads: the pretrained model's normalised class-mean features, cosine logits × 100;",
+        "  fixed, never trained, kept outside the merge; only the backbone is merged.",
         "- BWT = mean over tasks i < T of a_i(final merge) − a_i(merge right after task i).",
+        "- normalised ACC = mean over tasks of a_i(final merge) / a_i(its own fine-tuned model).",
+        *[f"- recipe, {k}: {v}" for k, v in results.get("recipe", {}).items()],
         *[f"- note: {n}" for n in results["notes"]],
+        "",
+        *regime_markdown(results.get("diagnostics", {})),
     ]
     Path(paths["markdown"]).write_text("\n".join(md) + "\n")
     plot_curves(results, Path(paths["plot"]))
@@ -428,31 +574,39 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 
 def plot_curves(results: Mapping[str, Any], path: Path) -> None:
-    """Mean accuracy on the tasks seen so far vs number of models merged, ± std bands."""
+    """Mean accuracy (left) and normalised accuracy (right) on the tasks seen so far vs number
+    of models merged, mean ± std bands over orders."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on CI or servers
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
     x = np.arange(1, len(results["tasks"]) + 1)
-    bound_styles = iter([":", "--", "-."])  # pretrained, fine-tuned: black, told apart by dashes
-    for row in results["summary"]:
-        mean, std = np.asarray(row["curve_mean"]) * 100, np.asarray(row["curve_std"]) * 100
-        if row["bwt_mean"] is None:  # a bound: its spread only reflects which tasks came first
-            ax.plot(x, mean, linestyle=next(bound_styles, "--"), color="black", alpha=0.7,
-                    label=row["method"])  # fmt: skip
-            continue
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=row["method"])
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("number of models merged")
-    ax.set_ylabel("mean accuracy on tasks seen so far (%)")
-    ax.set_title(f"Continual merging, {len(results['orders'])} orders (mean ± std)")
-    ax.set_xticks(x)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no overlap
+    for ax, key, ylabel in ((axes[0], "curve", "mean accuracy on tasks seen so far (%)"),
+                            (axes[1], "norm_curve", "normalised accuracy (merged / individual, %)")
+                            ):  # fmt: skip
+        bound_styles = iter([":", "--", "-."])  # pretrained, fine-tuned: told apart by dashes
+        for row in results["summary"]:
+            if f"{key}_mean" not in row:
+                continue
+            mean = np.asarray(row[f"{key}_mean"]) * 100
+            std = np.asarray(row[f"{key}_std"]) * 100
+            if row["bwt_mean"] is None:  # a bound: its spread only reflects task order
+                ax.plot(x, mean, linestyle=next(bound_styles, "--"), color="black", alpha=0.7,
+                        label=row["method"])  # fmt: skip
+                continue
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=row["method"])
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("number of models merged")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Continual merging, {results.get('model_name', 'mlp')}, "
+                 f"{len(results['orders'])} orders (mean ± std)")  # fmt: skip
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -469,10 +623,15 @@ def add_continual_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
                         help=f"checkpoint cache (default: {default_cache_dir()})")  # fmt: skip
     parser.add_argument(
         "--strategy", action="append", default=None, metavar="SPEC[@sequential][=LABEL]",
-        help="repeatable; engine spec such as opcm, 'ties(lam=0.1)', magmax@sequential, "
+        help="repeatable; engine spec such as opcm, 'ties(scaling_factor=0.1)', magmax@sequential, "
         f"or '{NO_MERGE}@sequential' (no merge). Default: all baselines, OPCM and MagMax-Seq",
     )  # fmt: skip
-    parser.add_argument("--orders", type=int, default=None, help="arrival orders (10; quick: 5)")
+    parser.add_argument(
+        "--orders",
+        type=int,
+        default=None,
+        help="arrival orders (mlp: 10; quick and real models: 5)",
+    )
     parser.add_argument("--order-seed", type=int, default=42)
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the task names")
     parser.add_argument("--seed", type=int, default=0, help="data split and training seed")
@@ -480,6 +639,19 @@ def add_continual_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--pretrain-epochs", type=int, default=None)
     parser.add_argument("--n-train", type=int, default=None, help="training samples per task")
     parser.add_argument("--n-test", type=int, default=None, help="test samples per task")
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="mlp",
+        help="mlp (small MLP, minutes) or a real pretrained transformer: minilm "
+        "(text), vit-s (DINOv2 images), smollm2-lora (LoRA adapters of an LLM)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="real models: fine-tuning steps per task (default 20)",
+    )
     parser.add_argument("--quick", action="store_true", help="small, fast setting (the demo)")
     parser.add_argument("--digits-only", action="store_true",
                         help="ignore Fashion-MNIST even if installed")  # fmt: skip
@@ -493,7 +665,8 @@ def config_from_args(args: argparse.Namespace, *, quick: bool | None = None) -> 
     strategies = (
         tuple(parse_strategy_arg(s) for s in args.strategy) if args.strategy else DEFAULT_STRATEGIES
     )
-    default_out = "contmerge-demo" if quick else "contmerge-runs/continual"
+    model = getattr(args, "model", "mlp")
+    default_out = "contmerge-demo" if quick else f"contmerge-runs/continual-{model}"
     return ContinualConfig(
         output_dir=args.output_dir or default_out,
         cache_dir=args.cache_dir,
@@ -510,6 +683,8 @@ def config_from_args(args: argparse.Namespace, *, quick: bool | None = None) -> 
         use_fashion=False if args.digits_only else None,
         fashion_dir=args.fashion_dir,
         progress=not args.no_progress,
+        model=model,
+        steps=getattr(args, "steps", None),
     )
 
 
@@ -518,8 +693,12 @@ def _print_summary(results: Mapping[str, Any]) -> None:
     print(markdown_table(results))
     print()
     t = results["timing_s"]
-    print(f"time: {t['total']:.1f} s (training/cache {t['training_or_cache']:.1f} s, "
-          f"merge+eval {t['merge_and_eval']:.1f} s)")  # fmt: skip
+    print("\n".join(regime_markdown(results.get("diagnostics", {}))))
+    print()
+    print(
+        f"time: {t['total']:.1f} s (training/cache {t['training_or_cache']:.1f} s, "
+        f"merge+eval {t['merge_and_eval']:.1f} s, diagnostics {t.get('diagnostics', 0):.1f} s)"
+    )
     for kind, path in results["files"].items():
         print(f"{kind:>8}: {path}")
 
@@ -540,9 +719,20 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+#: measured full-run times on this 2-core machine (shared), shown as the demo's next step
+REAL_RUN_TIMES = {
+    "minilm": "training ≈ 20 min (31 fine-tunes), then merge + evaluation; see docs/continual.md",
+    "vit-s": "training ≈ 20 min (31 fine-tunes), then merge + evaluation; see docs/continual.md",
+    "smollm2-lora": "not measured in full yet; see docs/continual.md",
+}
+
+
 def main_demo(args: argparse.Namespace) -> int:
     results = run_continual(config_from_args(args, quick=True))
     _print_summary(results)
+    print("\nnext: the same experiment on real pretrained transformers (checkpoints cached):")
+    for model, took in REAL_RUN_TIMES.items():
+        print(f"  contmerge simulate continual --model {model}   # first run: {took}")
     return 0
 
 

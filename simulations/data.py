@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contmerge.errors import Notice
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_INSTALL_HINT = "apt-get install dataset-fashion-mnist"
+FASHION_INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 IMAGE_SIDE = 28
 INPUT_DIM = IMAGE_SIDE * IMAGE_SIDE
 
@@ -315,7 +317,7 @@ def resolve_use_fashion(cfg: DataConfig) -> tuple[bool, list[str]]:
             f"Fashion-MNIST not found in {cfg.fashion_dir}: install it with "
             f"`{FASHION_INSTALL_HINT}`. Falling back to the digits-only tasks."
         )
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(Notice(msg), stacklevel=2)
         return False, [msg]
     if cfg.use_fashion and not present:
         raise FileNotFoundError(

@@ -8,10 +8,10 @@ models each other task also gets extra fine-tunes with a different seed on a dif
 75 % of its training set ("variants"). The extra relevant models are variants of the targets made
 the same way (another seed, another 75 % split of the target's training data).
 
-Heads (``heads="cosine"``, the papers' kind): fixed unit rows at the pretrained model's class-mean
-features of each task, cosine logits × 100 (:mod:`contmerge.simulations.heads`, CLIP's zero-shot
-heads); every fine-tune is trained through its task's frozen head, and every backbone is judged
-with the same heads. ``heads="linear"`` uses the continual scenario's linear probes instead.
+Heads (the papers' kind, the checkpoint cache's own): fixed unit rows at the pretrained model's
+class-mean features of each task, cosine logits × 100 (:mod:`contmerge.simulations.heads`, CLIP's
+zero-shot heads); every fine-tune is trained through its task's frozen head, and every backbone
+is judged with the same heads. Variant 0 of a task is the cache's independent fine-tune.
 
 Per pool and seed: task arithmetic (λ = 0.3), TIES (the authors' batch form), AdaMerging over the
 pool (FW-hard-headline's start), and FW-Merging with the authors' YAML defaults (``fw_hard``,
@@ -44,11 +44,9 @@ from tqdm.auto import tqdm
 from .continual import ContinualConfig, default_cache_dir
 from .data import FASHION_DIR, Task, load_suite
 from .evaluate import Evaluator
-from .heads import CLIP_LOGIT_SCALE, class_mean_heads, cosine_logits
 from .models import Backbone, ModelConfig, StateDict, head_from_state
 from .train import (
     CheckpointCache,
-    features,
     finetune_backbone,
     load_safetensors,
     save_safetensors,
@@ -85,9 +83,8 @@ LABELS = {
     "fw_hard_linear": "FW-hard (task), paper's LMO ⟨g, s⟩",
     "fw_hard_linear_layer": "FW-hard (layer), paper's LMO ⟨g, s⟩",
 }
-HEADS = ("cosine", "linear")
 VARIANT_RECIPE = "fw-variant-v1: seed derived from (seed, task, k); random 75 % of the train split"
-COSINE_RECIPE = "fw-cosine-v1"  # bump when the cosine-head fine-tuning recipe changes
+VARIANTS_DIR = "fw-variants"  # under the cache's root (its key covers the training code)
 
 
 @dataclass
@@ -100,7 +97,6 @@ class FwPoolConfig:
     irrelevant: tuple[int, ...] | None = None  # (0, 8, 16); quick: (0, 4)
     relevant: tuple[int, ...] = ()  # extra relevant variants, e.g. (8, 16); off by default
     methods: tuple[str, ...] = METHODS
-    heads: str = "cosine"  # cosine: the papers' fixed normalised heads | linear: probes
     n_labelled: int = 100  # per target task, the authors' dataset_size
     max_iters: int | None = None  # None: each preset's (quick: 2)
     ada_iters: int | None = None  # 500 (authors); quick: 20
@@ -142,28 +138,6 @@ class FwPoolConfig:
 # Heads and the pool
 
 
-class CosineHead(nn.Module):
-    """A fixed head: ``scale · cos(feature, row)`` for unit rows (CLIP's zero-shot logits)."""
-
-    def __init__(self, rows: torch.Tensor, scale: float = CLIP_LOGIT_SCALE) -> None:
-        super().__init__()
-        self.register_buffer("rows", rows.detach().clone())
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(x, self.rows, self.scale)
-
-
-def cosine_heads(base: StateDict, tasks: Sequence[Task], model_cfg: ModelConfig) -> dict:
-    """Per task, unit rows at the pretrained backbone's class-mean training features."""
-    return {
-        t.name: CosineHead(
-            class_mean_heads(features(base, t.x_train, model_cfg), t.y_train, t.num_classes)
-        ).eval()
-        for t in tasks
-    }
-
-
 def _seed(*parts: object) -> int:
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
@@ -178,27 +152,21 @@ def variant_subset(task: Task, k: int, seed: int) -> Task:
     return replace(task, x_train=task.x_train[keep], y_train=task.y_train[keep])
 
 
-def variant_checkpoint(
-    cache: CheckpointCache, task: Task, k: int, seed: int, heads: Mapping[str, nn.Module] | None
-) -> Path:
-    """Fine-tune number k of ``task``. Linear heads (``heads`` None): k = 0 is the cache's own
-    independent checkpoint. Cosine heads: every variant is trained through ``heads[task]``."""
-    if heads is None:
-        if k == 0:
-            return cache.independent(task.name)
-        path = cache.root / "fw-variants" / f"{task.name}-v{k}.safetensors"
-    else:
-        path = cache.root / COSINE_RECIPE / f"{task.name}-v{k}.safetensors"
+def variant_checkpoint(cache: CheckpointCache, task: Task, k: int, seed: int) -> Path:
+    """Fine-tune number k of ``task``, through the task's fixed head: k = 0 is the cache's own
+    independent checkpoint, k > 0 another seed on another 75 % of the training data."""
+    if k == 0:
+        return cache.independent(task.name)
+    path = cache.root / VARIANTS_DIR / f"{task.name}-v{k}.safetensors"
     if path.exists():
         return path
-    head = load_safetensors(cache.head(task.name)) if heads is None else heads[task.name]
     state = finetune_backbone(
         cache.base(),
-        head,
+        load_safetensors(cache.head(task.name)),
         variant_subset(task, k, seed),
         cache.model_cfg,
         cache.cfg,
-        seed=_seed(seed, "fw-finetune" if heads is None else "fw-cos", task.name, k),
+        seed=_seed(seed, "fw-finetune", task.name, k),
     )
     save_safetensors(path, state, {"kind": "fw-variant", "task": task.name, "k": str(k)})
     return path
@@ -332,15 +300,10 @@ def run_seed(config: FwPoolConfig, seed: int) -> dict[str, Any]:
     )
     base_path = cache.pretrained()
     base = load_safetensors(base_path)
-    if config.heads == "cosine":
-        head_modules = cosine_heads(base, suite.tasks, model_cfg)
-        train_heads: dict[str, nn.Module] | None = head_modules
-    else:
-        head_modules = {
-            t.name: head_from_state(load_safetensors(cache.head(t.name)), model_cfg)
-            for t in suite.tasks
-        }
-        train_heads = None
+    head_modules = {
+        t.name: head_from_state(load_safetensors(cache.head(t.name)), model_cfg)
+        for t in suite.tasks
+    }
 
     relevant = [(t, 0) for t in targets]
     series = [("irrelevant", n, interleaved(others, n, 0)) for n in config.counts()]
@@ -350,7 +313,7 @@ def run_seed(config: FwPoolConfig, seed: int) -> dict[str, Any]:
     for key, (task, k) in tqdm(
         needed.items(), desc="pool checkpoints", disable=not config.progress
     ):
-        paths[key] = variant_checkpoint(cache, task, k, seed, train_heads)
+        paths[key] = variant_checkpoint(cache, task, k, seed)
     t_pool = time.perf_counter()
 
     evaluator = Evaluator(targets, head_modules, model_cfg)
@@ -440,8 +403,6 @@ def run_fw_pool(config: FwPoolConfig) -> dict[str, Any]:
     unknown = [m for m in config.methods if m not in LABELS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(LABELS)}")
-    if config.heads not in HEADS:
-        raise ValueError(f"heads must be one of {', '.join(HEADS)}")
     if config.soft_unlabelled not in ("test", "train"):
         raise ValueError("soft_unlabelled must be 'test' or 'train'")
     if not config.seeds:
@@ -598,7 +559,8 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         f"- sources: {results['sources']}; targets: {', '.join(results['targets'])}; "
         f"irrelevant models from: {', '.join(results['other_tasks'])}; seeds "
         f"{', '.join(str(s['seed']) for s in results['seeds'])}",
-        f"- heads: {cfg['heads']}; extra models beyond one per task: {results['variant_recipe']}",
+        "- heads: fixed class-mean cosine heads (logits × 100); extra models beyond one per task: "
+        f"{results['variant_recipe']}",
         f"- iteration settings replacing the presets': {results['settings']}; FW objective: "
         f"{cfg['n_labelled']} labelled train samples per target; entropy (soft, AdaMerging) on "
         f"the targets' {cfg['soft_unlabelled']} inputs",
@@ -680,13 +642,6 @@ def add_fw_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default=",".join(METHODS),
         help=f"comma-separated, from {', '.join(LABELS)} (default: {', '.join(METHODS)})",
     )
-    parser.add_argument(
-        "--heads",
-        choices=HEADS,
-        default="cosine",
-        help="cosine: fixed normalised class-mean heads, logits ×100 (the papers' kind, "
-        "default); linear: linear probes",
-    )
     parser.add_argument("--n-labelled", type=int, default=100, help="labelled samples per target")
     parser.add_argument(
         "--max-iters", type=int, default=None, help="FW iterations (default: each preset's)"
@@ -718,7 +673,6 @@ def config_from_args(args: argparse.Namespace) -> FwPoolConfig:
         irrelevant=args.irrelevant,
         relevant=tuple(args.relevant),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        heads=args.heads,
         n_labelled=args.n_labelled,
         max_iters=args.max_iters,
         ada_iters=args.ada_iters,

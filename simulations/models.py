@@ -1,4 +1,4 @@
-"""A small MLP backbone that gets merged, and per-task linear heads that never are.
+"""A small MLP backbone that gets merged, and per-task heads that never are.
 
 Mirrors the CLIP protocol of the continual-merging papers: one shared encoder (merged) plus one
 classification head per task (kept outside the merge). The linear weights are 256x784, 256x256
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import INPUT_DIM
+from .heads import cosine_logits
 
 StateDict = dict[str, torch.Tensor]
 
@@ -69,6 +70,21 @@ def backbone_from_state(state: StateDict, cfg: ModelConfig | None = None) -> Bac
     return set_state(Backbone(cfg), state).eval()
 
 
-def head_from_state(state: StateDict, cfg: ModelConfig | None = None) -> nn.Linear:
+class CosineHead(nn.Module):
+    """A fixed head of unit class embeddings: logits = scale · cos(feature, row) (``heads``)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(features, self.weight)
+
+
+def head_from_state(state: StateDict, cfg: ModelConfig | None = None) -> nn.Module:
+    """A head from its state: ``{weight, bias}`` is a linear probe, ``{weight}`` alone the
+    papers' fixed normalised class embeddings (``CosineHead``)."""
+    if "bias" not in state:
+        return CosineHead(state["weight"]).eval()
     cfg = cfg or ModelConfig()
     return set_state(make_head(cfg, state["weight"].shape[0]), state).eval()

@@ -4,9 +4,11 @@ Protocol (the CLIP analogue used by OPCM and MagMax):
 1. Pretrain the backbone on the pretraining split. Its labels are coarse super-classes (tops,
    bottoms/dresses, footwear, bags for Fashion-MNIST; digit ranges for the fallback) so the
    features are general but not already a solution of the downstream 10-way tasks.
-2. Per task, fit a linear head on the frozen pretrained features (a linear probe) and freeze it,
-   like CLIP's zero-shot text heads: every backbone (pretrained, fine-tuned, merged) is judged
-   with the same head, and heads never enter the merge.
+2. Per task, the head is the pretrained backbone's normalised class-mean features with cosine
+   logits × 100 (``heads``), the papers' kind of head (CLIP's zero-shot text embeddings): fixed,
+   never trained, so every backbone (pretrained, fine-tuned, merged) is judged with the same
+   head, and heads never enter the merge. (``fit_probe_head``, a linear probe, is kept for
+   diagnostics.)
 3. Fine-tune the backbone with that head: *independently* (each task from θ0) and *sequentially*
    (MagMax's recipe: task k starts from task k-1's fine-tuned checkpoint, in one arrival order).
 
@@ -33,17 +35,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DataConfig, Task, TaskSuite
+from .heads import class_mean_heads
 from .models import (
     Backbone,
     ModelConfig,
     StateDict,
     backbone_from_state,
     get_state,
+    head_from_state,
     make_head,
     set_state,
 )
 
-CACHE_FORMAT = 1  # bump when the training code changes in a way that invalidates checkpoints
+CACHE_FORMAT = 2  # bump when the training code changes in a way that invalidates checkpoints
 TRAINING_RUNS: Counter[str] = Counter()  # kind -> trainings performed in this process
 
 # Coarse pretraining labels. Fashion: tops {t-shirt, pullover, coat, shirt}, bottoms/dress
@@ -168,22 +172,24 @@ def fit_probe_head(
     return get_state(head)
 
 
+def class_mean_head(base: StateDict, task: Task, model_cfg: ModelConfig) -> StateDict:
+    """The task's fixed head: unit class means of θ0's features on its training data."""
+    feats = features(base, task.x_train, model_cfg)
+    return {"weight": class_mean_heads(feats, task.y_train, task.num_classes)}
+
+
 def finetune_backbone(
     start: StateDict,
-    head_state: StateDict | nn.Module,
+    head_state: StateDict,
     task: Task,
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     *,
     seed: int,
 ) -> StateDict:
-    """Fine-tune every backbone parameter on one task through its frozen head (a linear head's
-    state dict, or any head module)."""
+    """Fine-tune every backbone parameter on one task through its frozen head."""
     backbone = set_state(Backbone(model_cfg), start).train()
-    if isinstance(head_state, nn.Module):
-        head = head_state.eval()
-    else:
-        head = set_state(make_head(model_cfg, task.num_classes), head_state).eval()
+    head = head_from_state(head_state, model_cfg)
     head.requires_grad_(False)
     _fit(
         list(backbone.parameters()),
@@ -228,10 +234,10 @@ def load_safetensors(path: Path) -> StateDict:
 
 def _code_fingerprint() -> str:
     """Hash of the data/model/training source: editing how checkpoints are made invalidates them."""
-    from . import data, models
+    from . import data, heads, models
 
     digest = hashlib.sha256()
-    for module in (data, models, sys.modules[__name__]):
+    for module in (data, heads, models, sys.modules[__name__]):
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()[:16]
 
@@ -340,7 +346,7 @@ class CheckpointCache:
         path = self.root / "heads" / f"{name}.safetensors"
         if not path.exists():
             with _threads(self.cfg.threads):
-                state = fit_probe_head(self.base(), self.tasks[name], self.model_cfg, self.cfg)
+                state = class_mean_head(self.base(), self.tasks[name], self.model_cfg)
             save_safetensors(path, state, {"kind": "head", "task": name})
         return path
 

@@ -14,6 +14,8 @@ from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorIn
 
 @dataclass
 class Average(Strategy):
+    """Running mean of the models (OPCM's continual baseline): θ0 + mean of the task vectors."""
+
     name = "average"
     elementwise = True
 

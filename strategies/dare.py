@@ -15,16 +15,19 @@ import numpy as np
 from torch import Tensor
 
 from contmerge.kernels import kernel
-from contmerge.strategy import EntryTransform, FoldContext, Preprocessor, TensorInfo
+from contmerge.strategy import EntryTransform, FoldContext, Preprocessor, TensorInfo, setting
 
 
 @dataclass
 class Dare(Preprocessor):
+    """DARE (Yu et al. 2024), a pre-processor: drop each delta entry with probability p and
+    rescale the survivors by 1/(1−p)."""
+
     name = "dare"
     elementwise = True
-    p: float = 0.9
-    rescale: bool = True
-    seed: int = 0
+    p: float = setting(0.9, "probability of dropping each delta entry, in [0, 1)")
+    rescale: bool = setting(True, "divide the kept entries by 1−p (False: keep them as they are)")
+    seed: int = setting(0, "seed of the drop mask (mixed with the arrival index and tensor name)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p < 1.0:

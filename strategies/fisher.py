@@ -21,6 +21,9 @@ from contmerge.tensorfile import TensorMeta
 
 @dataclass
 class Fisher(Strategy):
+    """Fisher merging (Matena & Raffel 2022): θ = Σ F_t θ_t / Σ F_t, each arrival bringing its
+    diagonal Fisher (same tensor names and shapes as the model)."""
+
     name = "fisher"
     needs_extras = ("fisher",)
 

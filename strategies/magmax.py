@@ -14,14 +14,17 @@ import torch
 from torch import Tensor
 
 from contmerge.kernels import kernel
-from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo, setting
 
 
 @dataclass
 class MagMax(Strategy):
+    """MagMax (Marczak et al. 2024): per entry, the task-vector value of largest magnitude
+    (ties go to the later model), emitted as θ0 + λ·τ_max."""
+
     name = "magmax"
     elementwise = True
-    scaling_factor: float = 0.5
+    scaling_factor: float = setting(0.5, "weight of the max-magnitude task vector", symbol="λ")
 
     def fold(
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext

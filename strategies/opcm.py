@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import FoldContext, State, Strategy, TensorInfo, setting
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -49,8 +49,16 @@ def project_out(merged: torch.Tensor, delta: torch.Tensor, alpha: float) -> torc
 
 @dataclass
 class OPCM(Strategy):
+    """OPCM (Tang et al. 2025): each new task vector is projected off the merged update's
+    singular diagonal and top-r block (per nn.Linear weight), other tensors summed; the merge
+    is rescaled to the mean arrival norm."""
+
     name = "opcm"
-    alpha: float = 0.5
+    alpha: float = setting(
+        0.5,
+        "share of Σσ that sets the projected rank r (first cumulative share above α), in [0, 1)",
+        symbol="α",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha < 1.0:

@@ -16,15 +16,20 @@ import torch
 from torch import Tensor
 
 from contmerge.errors import CheckpointError
-from contmerge.strategy import FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import FoldContext, State, Strategy, TensorInfo, setting
 from contmerge.tensorfile import TensorMeta
 
 
 @dataclass
 class RegMean(Strategy):
+    """RegMean (Jin et al. 2023): W = (Σ W_t G_t)(Σ G_t)⁻¹ per nn.Linear weight, each arrival
+    bringing the Gram matrix G_t = XᵀX of that layer's inputs; other tensors averaged."""
+
     name = "regmean"
     needs_extras = ("gram",)
-    reduce_non_diagonal_ratio: float = 1.0
+    reduce_non_diagonal_ratio: float = setting(
+        1.0, "scale of the Gram matrices' off-diagonal entries (1.0: the plain formula)", symbol="α"
+    )
 
     def _regressed(self, info) -> bool:
         return info.is_linear and len(info.shape) == 2

@@ -9,14 +9,16 @@ from typing import Any
 from torch import Tensor
 
 from contmerge.kernels import kernel
-from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo, setting
 
 
 @dataclass
 class TaskArithmetic(Strategy):
+    """Continual task arithmetic: θ0 + λ·Σ τ_t over every arrival (order does not matter)."""
+
     name = "task_arithmetic"
     elementwise = True
-    scaling_factor: float = 0.3
+    scaling_factor: float = setting(0.3, "weight of the summed task vectors", symbol="λ")
 
     def fold(
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext

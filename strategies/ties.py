@@ -20,15 +20,21 @@ import torch
 from torch import Tensor
 
 from contmerge.kth import KthSmallestAbs
-from contmerge.strategy import FoldContext, Pass, State, Strategy, TensorInfo
+from contmerge.strategy import FoldContext, Pass, State, Strategy, TensorInfo, setting
 
 
 @dataclass
 class ContinualTies(Strategy):
+    """Continual TIES-Merging as OPCM's authors run it: TIES of [merged − θ0, τ_t] over the whole
+    flattened model (global top-k % per row, sign election, disjoint sum), added with weight λ."""
+
     name = "ties"
-    scaling_factor: float = 0.3
-    threshold: float = 20.0  # percent of each row kept, as the authors' ``reset_thresh``
-    merge_func: str = "sum"
+    scaling_factor: float = setting(0.3, "weight of each TIES step added to the merge", symbol="λ")
+    threshold: float = setting(
+        20.0,
+        "percent of each row's entries kept, by magnitude (the authors' reset_thresh), in (0, 100]",
+    )
+    merge_func: str = setting("sum", "how the sign-agreeing entries combine: 'sum' or 'mean'")
 
     def __post_init__(self) -> None:
         if self.merge_func not in ("sum", "mean"):

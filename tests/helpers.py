@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
+
+from contmerge import Merger
 
 Model = dict[str, torch.Tensor]
 
@@ -51,3 +56,33 @@ def float_names(model: Model) -> list[str]:
 
 def whole_norm(model: Model, names: list[str]) -> float:
     return float(torch.sqrt(sum((model[n].double() ** 2).sum() for n in names)))
+
+
+def write_models(tmp_path: Path, count: int, scale: int = 1) -> tuple[Path, list[Path]]:
+    base = random_base()
+    if scale > 1:  # larger tensors so a fold takes long enough to be interrupted
+        base["encoder.0.weight"] = torch.randn(256 * scale, 512)
+        base["encoder.1.weight"] = torch.randn(128, 256 * scale)
+        base["encoder.0.bias"] = torch.randn(256 * scale)
+        base["norm.weight"] = torch.ones(256 * scale)
+        base["norm.bias"] = torch.zeros(256 * scale)
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for seed in range(count):
+        path = tmp_path / f"ft{seed}.safetensors"
+        save_file(fine_tuned(base, seed), path)
+        paths.append(path)
+    return tmp_path / "base.safetensors", paths
+
+
+def merged_after(base: Path, paths: list[Path], strategy: str) -> dict[str, torch.Tensor]:
+    with Merger(base, strategy) as merger:
+        for path in paths:
+            merger.fold(path)
+        return merger.emit_state_dict()
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -35,6 +35,7 @@ def check_flower_reproduces_the_in_process_simulation(**overrides):
     assert flower["runs"]["dimat"]["merged"] != flower["runs"]["wa"]["merged"]
 
 
+@pytest.mark.slow
 def test_flower_run_reproduces_the_in_process_simulation():
     # the default: FC with the authors' shortcut (agent 0 merges, every agent trains its merge)
     check_flower_reproduces_the_in_process_simulation()

@@ -238,9 +238,11 @@ def test_durable_state_reuses_the_previous_generation_file(tmp_path) -> None:
             merger.fold(path)
         names = sorted(p.name for p in state.iterdir())
         assert names == [".lock", SPARE, "manifest.json", merger.manifest["state_file"]]
-    with Merger(base_path, state_dir=state) as merger:  # reopening drops the spare
-        assert SPARE not in {p.name for p in state.iterdir()}
+    spare = (state / SPARE).stat().st_ino
+    with Merger(base_path, state_dir=state) as merger:  # reopening deletes nothing
+        assert SPARE in {p.name for p in state.iterdir()}
         merger.fold(paths[3])
+        assert (state / merger.manifest["state_file"]).stat().st_ino == spare  # overwritten
         durable = merger.emit_state_dict()
     memory = Merger(base_path, "task_arithmetic")
     for path in paths:

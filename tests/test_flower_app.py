@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,6 +44,12 @@ RUN_CONFIG = (
     "strategy='opcm' merge='continual' partition='by-task'"
 )
 
+DOC = (Path(__file__).resolve().parents[1] / "docs" / "flower.md").read_text()
+#: docs/flower.md's config.toml and the simulation settings its `flwr run` passes: the tests use
+#: them as written (addresses aside), so the documented setup is the tested one
+DOC_TOML = re.search(r"```toml\n(.*?)```", DOC, re.S).group(1)  # type: ignore[union-attr]
+DOC_PORTS = {"local-sim": 9093, "deploy": 9094}
+
 pytestmark = pytest.mark.skipif(
     not (BIN / "flower-superlink").exists() or shutil.which("flwr", path=str(BIN)) is None,
     reason="Flower's executables are not installed",
@@ -65,7 +72,9 @@ class Processes:
     def env(self, home: str) -> dict[str, str]:
         flwr_home = self.root / home
         flwr_home.mkdir(parents=True, exist_ok=True)
-        return {**os.environ, **BASE_ENV, "FLWR_HOME": str(flwr_home)}
+        # the SuperLink starts flower-superexec by name: this venv's, even when not activated
+        path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+        return {**os.environ, **BASE_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
 
     def start(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")
@@ -122,14 +131,43 @@ def _wait_http(port: int, procs: Processes, timeout: float = 120) -> None:
     raise AssertionError(f"SuperLink not up on port {port}:\n{procs.logs()}")
 
 
-def _flwr_run(procs: Processes, connection: str, toml: str, out: Path, extra: str = "") -> dict:
+def _doc_federation_config() -> str:
+    found = re.search(r'--federation-config "([^"]+)"', DOC)
+    assert found, "docs/flower.md's local simulation passes no --federation-config"
+    return found.group(1)
+
+
+def _doc_toml(connection: str, port: int) -> str:
+    """docs/flower.md's config.toml, ``connection`` the default and pointing at ``port``."""
+    toml = DOC_TOML.replace(f"127.0.0.1:{DOC_PORTS[connection]}", f"127.0.0.1:{port}")
+    return re.sub(r'default = "[^"]*"', f'default = "{connection}"', toml)
+
+
+def test_documented_flower_config_uses_no_deprecated_options(tmp_path: Path, monkeypatch) -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.common.config import parse_config_args
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text(DOC_TOML)
+    for name in DOC_PORTS:
+        connection = read_superlink_connection(name)
+        # what `flwr run` warns about: "`options.` fields … are deprecated"
+        assert connection.options is None and connection.address, name
+    assert parse_config_args([_doc_federation_config()]) == {
+        "num-supernodes": 2, "client-resources-num-cpus": 1,
+    }  # fmt: skip
+
+
+def _flwr_run(procs: Processes, connection: str, toml: str, out: Path, extra: str = "",
+              federation_config: str | None = None) -> dict:  # fmt: skip
     """``flwr run`` the app, then poll until the ServerApp wrote its results (or failed)."""
     env = procs.env("cli")
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(toml)
     run_config = f"{RUN_CONFIG} out-dir='{out}' {extra}"
+    federation = ["--federation-config", federation_config] if federation_config else []
     submitted = subprocess.run(
         [str(BIN / "flwr"), "run", str(APP), connection, "--run-config", run_config,
-         "--format", "json"],
+         *federation, "--format", "json"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr + procs.logs()
@@ -167,26 +205,20 @@ def _check_results(results: dict, dtype: str) -> None:
     assert 0.3 < final <= 1.0  # 10-way tasks: far above chance
 
 
+@pytest.mark.slow
 def test_flwr_run_local_simulation(processes: Processes, tmp_path: Path) -> None:
     port = _free_port()
     processes.start("superlink", ["flower-superlink", "--insecure", "--simulation",
                                   "--disable-runtime-dependency-installation",
                                   "--host", "127.0.0.1", "--port", str(port)])  # fmt: skip
     _wait_http(port, processes)
-    toml = f"""
-[superlink]
-default = "sim"
-
-[superlink.sim]
-address = "127.0.0.1:{port}"
-insecure = true
-options.num-supernodes = 2
-options.backend.client-resources.num-cpus = 1
-"""
-    results = _flwr_run(processes, "sim", toml, tmp_path / "out")
+    toml = _doc_toml("local-sim", port)
+    results = _flwr_run(processes, "local-sim", toml, tmp_path / "out",
+                        federation_config=_doc_federation_config())  # fmt: skip
     _check_results(results, "float32")
 
 
+@pytest.mark.slow
 def test_flwr_run_on_superlink_and_two_supernodes_with_bf16(
     processes: Processes, tmp_path: Path
 ) -> None:
@@ -201,14 +233,7 @@ def test_flwr_run_on_superlink_and_two_supernodes_with_bf16(
             "--host", "127.0.0.1", "--port", str(_free_port()),
             "--node-config", f"partition-id={i} num-partitions=2",
         ])  # fmt: skip
-    toml = f"""
-[superlink]
-default = "deploy"
-
-[superlink.deploy]
-address = "127.0.0.1:{port}"
-insecure = true
-"""
+    toml = _doc_toml("deploy", port)
     out = tmp_path / "out"
     results = _flwr_run(processes, "deploy", toml, out, "transport-dtype='bfloat16'")
     _check_results(results, "bfloat16")

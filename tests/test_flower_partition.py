@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contmerge.flower.partition import parse_partition, partition
+from contmerge.simulations.federated.partition import parse_partition, partition
 
 
 def _labels() -> list[np.ndarray]:

@@ -33,6 +33,7 @@ def two_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return quick_run(tmp_path_factory.mktemp("fw-pool-seeds"), "0,1")
 
 
+@pytest.mark.slow
 def test_quick_run_merges_every_pool_with_every_method(results: dict) -> None:
     targets, others = results["targets"], results["other_tasks"]
     assert len(targets) == 4 and not set(targets) & set(others)
@@ -96,15 +97,19 @@ def test_cosine_heads_are_fixed_unit_rows_and_train_the_fine_tunes(results: dict
 
     seed = results["seeds"][0]
     cache = Path(seed["cache_dir"])
-    variants = sorted((cache / fw_pool.COSINE_RECIPE).glob("*.safetensors"))
-    assert {p.stem for p in variants} >= {f"{t}-v0" for t in results["targets"]}
+    variants = sorted((cache / fw_pool.VARIANTS_DIR).glob("*.safetensors"))
+    # --relevant 4: a second fine-tune (variant 1) of each target, beside the cache's own
+    assert {p.stem for p in variants} == {f"{t}-v1" for t in results["targets"]}
     base = load_file(str(cache / "pretrained.safetensors"))
-    tuned = load_file(str(variants[0]))
-    assert any(not torch.equal(base[k], tuned[k]) for k in base)
-    heads = fw_pool.cosine_heads(base, [_task("x", 3)], fw_pool.ModelConfig())
-    rows = heads["x"].rows
-    torch.testing.assert_close(rows.norm(dim=1), torch.ones(3))
-    assert not list(heads["x"].parameters())  # a buffer: never trained, never merged
+    for path in (variants[0], cache / "independent" / f"{results['targets'][0]}.safetensors"):
+        tuned = load_file(str(path))
+        assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    for name in results["targets"]:
+        state = load_file(str(cache / "heads" / f"{name}.safetensors"))
+        assert set(state) == {"weight"}  # no bias: the fixed cosine head, not a linear probe
+        torch.testing.assert_close(state["weight"].norm(dim=1), torch.ones(len(state["weight"])))
+        head = fw_pool.head_from_state(state)
+        assert not list(head.parameters())  # a buffer: never trained, never merged
 
 
 def test_a_rerun_loads_each_finished_seed(results: dict) -> None:
@@ -123,6 +128,7 @@ def test_a_rerun_loads_each_finished_seed(results: dict) -> None:
     quick_run(out.parent, "0")  # the reports of the whole run again, for the next test
 
 
+@pytest.mark.slow
 def test_reports_are_written(results: dict) -> None:
     files = results["files"]
     saved = json.loads(Path(files["json"]).read_text())

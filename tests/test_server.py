@@ -10,140 +10,36 @@ import shutil
 import ssl
 import struct
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import load, save, save_file
+from server_helpers import (
+    STRATEGY,
+    TOKEN,
+    Served,
+    assert_same_model,
+    drop,
+    final_events,
+    finetune,
+    inbox_outcome,
+    journal,
+    make_base,
+    sequential_fold,
+    serve_args,
+    wait_for,
+    wait_scans,
+)
 
 from contmerge import Merger
 from contmerge.cli import main
 from contmerge.server.client import MergeClient
 from contmerge.server.launcher import ServerProcess
 
-TOKEN = "test-token-0123456789abcdef"
-STRATEGY = "ties"  # order-sensitive: equality with a sequential fold also checks the order
 MAX_UPLOAD = 200_000
-
-
-# --- checkpoints -----------------------------------------------------------------------------
-def make_base(width: int = 48, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for i in range(layers):
-        tensors[f"layers.{i}.weight"] = torch.randn(width, width, generator=gen)
-        tensors[f"layers.{i}.bias"] = torch.randn(width, generator=gen)
-    tensors["head.weight"] = torch.randn(10, width, generator=gen)
-    tensors["steps"] = torch.tensor([7, 11], dtype=torch.int64)  # a buffer: never merged
-    return tensors
-
-
-def finetune(base: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict:
-    gen = torch.Generator().manual_seed(1000 + seed)
-    return {
-        name: value + scale * torch.randn(value.shape, generator=gen)
-        if value.is_floating_point()
-        else value.clone()
-        for name, value in base.items()
-    }
-
-
-def sequential_fold(base: Path, strategy: str, files: list[Path]) -> dict[str, torch.Tensor]:
-    merger = Merger(base, strategy)  # in memory: the reference the server must equal
-    for path in files:
-        assert merger.fold(path).status == "folded"
-    return merger.emit_state_dict()
-
-
-def assert_same_model(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype, name
-        assert torch.equal(got[name], want[name]), f"{name}: max abs diff " + str(
-            (got[name].double() - want[name].double()).abs().max().item()
-        )
-
-
-# --- polling and files -------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def journal(state: Path) -> list[dict[str, Any]]:
-    path = state / "journal.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def final_events(state: Path, checkpoint_id: str) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in journal(state)
-        if r["id"] == checkpoint_id and r["event"] in {"folded", "duplicate", "rejected"}
-    ]
-
-
-def serve_args(state: Path, base: Path, token_file: Path, *extra: str) -> list[str]:
-    return [
-        "--state", str(state), "--base", str(base), "--strategy", STRATEGY,
-        "--port", "0", "--token-file", str(token_file), "--threads", "1", *extra,
-    ]  # fmt: skip
-
-
-class Served:
-    """A running server, its files, and what the tests uploaded (id -> local file)."""
-
-    def __init__(self, root: Path, *extra: str, width: int = 48, layers: int = 2) -> None:
-        self.root = root
-        self.state = root / "state"
-        self.base = root / "base.safetensors"
-        self.base_tensors = make_base(width, layers)
-        save_file(self.base_tensors, self.base)
-        self.token_file = root / "token"
-        self.token_file.write_text(TOKEN + "\n")
-        self.args = serve_args(self.state, self.base, self.token_file, *extra)
-        self.process = ServerProcess(self.args, root / "server.log").start()
-        self.client = MergeClient(self.process.url, TOKEN)
-        self.uploaded: dict[str, Path] = {}
-
-    def restart(self, kill: bool = False) -> None:
-        self.client.close()
-        if kill:
-            self.process.kill()
-        else:
-            assert self.process.stop() == 0
-        self.process = ServerProcess(self.args, self.root / "server.log").start()
-        self.client = MergeClient(self.process.url, TOKEN)
-
-    def checkpoint(self, seed: int, **kwargs: Any) -> Path:
-        path = self.root / f"ckpt-{seed}.safetensors"
-        save_file(finetune(self.base_tensors, seed, **kwargs), path)
-        return path
-
-    def upload(self, path: Path, name: str | None = None) -> str:
-        receipt = self.client.upload(path, name)
-        self.uploaded[receipt["id"]] = path
-        return receipt["id"]
-
-    def snapshot(self) -> tuple[int, int, bytes]:
-        manifest = self.client.manifest()
-        model = self.client.http.get("/model")
-        assert model.status_code == 200
-        return manifest["generation"], manifest["globals"]["count"], model.content
-
-    def close(self) -> None:
-        self.client.close()
-        self.process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -460,36 +356,6 @@ def inboxed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     server.close()
 
 
-def wait_scans(server: Served, scans: int = 6) -> dict[str, Any]:
-    """Let the watcher look at the inbox a few more times; returns the last status."""
-    start = server.client.status()["inbox"]["scans"]
-    return wait_for(
-        lambda: (s := server.client.status())["inbox"]["scans"] >= start + scans and s,
-        what="inbox scans",
-    )
-
-
-def drop(path: Path, data: bytes) -> None:
-    """How a writer should deliver: write a temp name, fsync, rename into place."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
-def inbox_outcome(server: Served, name: str) -> dict[str, Any]:
-    return wait_for(
-        lambda: next(
-            (r for r in reversed(journal(server.state))
-             if r["origin"] == "inbox" and r["name"] == name and r["event"] != "accepted"),
-            None,
-        ),
-        what=f"the outcome of inbox/{name}",
-    )  # fmt: skip
-
-
 def test_inbox_takes_a_file_only_once_renamed_into_place(inboxed: Served) -> None:
     inbox = inboxed.root / "inbox"
     data = save(finetune(inboxed.base_tensors, 70))
@@ -568,7 +434,110 @@ def test_inbox_rejects_bad_checkpoints_with_the_reason_beside_them(inboxed: Serv
     assert inboxed.snapshot() == before
 
 
+def _sharded_dir(directory: Path, tensors: dict[str, torch.Tensor], far_shard: str) -> None:
+    """A sharded checkpoint whose index sends its second shard to ``far_shard``."""
+    index, first, _ = _shards(tensors)
+    index["weight_map"] = {
+        name: far_shard if shard.startswith("model-00002") else shard
+        for name, shard in index["weight_map"].items()
+    }
+    directory.mkdir()
+    save_file(first, directory / "model-00001-of-00002.safetensors")
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_inbox_rejects_a_shard_index_that_leaves_its_directory(inboxed: Served) -> None:
+    inbox = inboxed.root / "inbox"
+    tensors = finetune(inboxed.base_tensors, 73)
+    _, _, second = _shards(tensors)
+    outside = inboxed.root / "outside"
+    outside.mkdir()
+    save_file(second, outside / "x.safetensors")
+    before = inboxed.snapshot()
+    for name, far in (
+        ("escape-relative", "../../outside/x.safetensors"),
+        ("escape-absolute", str(outside / "x.safetensors")),
+    ):
+        staging = inboxed.root / f"staging-{name}"
+        _sharded_dir(staging, tensors, far)
+        os.replace(staging, inbox / name)
+        # refused, not waited on: the shard it names is never going to be in the directory
+        record = inbox_outcome(inboxed, name, timeout=30)
+        assert record["event"] == "rejected", record
+        assert "outside the checkpoint directory" in record["reason"], record["reason"]
+        reason = inbox / "rejected" / f"{name}.reason.txt"
+        wait_for(reason.exists, what=f"{name}.reason.txt")
+        assert "outside the checkpoint directory" in reason.read_text()
+        assert not (inbox / name).exists()
+    assert inboxed.snapshot() == before
+    assert (outside / "x.safetensors").exists()  # never read, never moved
+
+
+def _passwd_like() -> bytes:
+    return b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+def _reasons_served(server: Served, checkpoint_id: str) -> list[str]:
+    """Every place a client can read the reason of an arrival."""
+    status = server.client.status()
+    recent = [r["reason"] for r in status["recent"] if r["id"] == checkpoint_id]
+    return [server.client.outcome(checkpoint_id)["reason"], *recent]
+
+
+def test_inbox_refuses_symlinks_out_of_it_and_never_echoes_file_bytes(inboxed: Served) -> None:
+    inbox = inboxed.root / "inbox"
+    secret = inboxed.root / "secret.txt"
+    secret.write_bytes(_passwd_like())
+    # what the first 8 bytes read as a header length: must never reach a client
+    leaked = str(struct.unpack("<Q", _passwd_like()[:8])[0])
+    elsewhere = inboxed.root / "elsewhere.safetensors"
+    save_file(finetune(inboxed.base_tensors, 74), elsewhere)
+    linked_dir = inboxed.root / "staging-linked-dir"
+    linked_dir.mkdir()
+    (linked_dir / "model.safetensors").symlink_to(elsewhere)
+    before = inboxed.snapshot()
+
+    (inbox / "linked-out.safetensors").symlink_to(elsewhere)
+    (inbox / "linked-secret.safetensors").symlink_to(secret)
+    os.replace(linked_dir, inbox / "linked-dir")
+    drop(inbox / "copied-secret.safetensors", _passwd_like())
+    for name in ("linked-out.safetensors", "linked-secret.safetensors", "linked-dir"):
+        record = inbox_outcome(inboxed, name, timeout=30)
+        assert record["event"] == "rejected", record
+        assert "symbolic link" in record["reason"] and "outside the inbox" in record["reason"]
+    record = inbox_outcome(inboxed, "copied-secret.safetensors", timeout=30)
+    assert record["event"] == "rejected"
+    assert "not a safetensors file" in record["reason"], record["reason"]
+    for name in ("linked-secret.safetensors", "copied-secret.safetensors"):
+        checkpoint_id = inbox_outcome(inboxed, name)["id"]
+        reason_file = inbox / "rejected" / f"{name}.reason.txt"
+        wait_for(reason_file.exists, what=f"{name}.reason.txt")
+        for text in [*_reasons_served(inboxed, checkpoint_id), reason_file.read_text()]:
+            assert leaked not in text and "root:x" not in text, text
+    # the same bytes uploaded over HTTP: refused up front, just as plainly
+    response = inboxed.client.post(_passwd_like(), "secret.safetensors")
+    assert response.status_code == 422
+    for text in (response.text, *_reasons_served(inboxed, response.json()["id"])):
+        assert leaked not in text and "root:x" not in text, text
+    assert inboxed.snapshot() == before
+    assert secret.read_bytes() == _passwd_like() and elsewhere.exists()  # not moved
+
+
+def test_inbox_follows_a_symlink_that_stays_inside_it(inboxed: Served) -> None:
+    inbox = inboxed.root / "inbox"
+    store = inbox / ".store"  # a dotted directory: never an entry of its own
+    store.mkdir()
+    save_file(finetune(inboxed.base_tensors, 75), store / "real.safetensors")
+    count = inboxed.client.manifest()["globals"]["count"]
+    (inbox / "alias.safetensors").symlink_to(".store/real.safetensors")
+    record = inbox_outcome(inboxed, "alias.safetensors", timeout=30)
+    assert record["event"] == "folded", record
+    wait_for((inbox / "done" / "alias.safetensors").is_symlink, what="the link moved to done/")
+    assert inboxed.client.manifest()["globals"]["count"] == count + 1
+
+
 # --- crash safety ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kill_9_during_folds_loses_nothing_and_folds_nothing_twice(tmp_path: Path) -> None:
     # wide tensors make a fold take long enough that SIGKILL lands inside one
     server = Served(tmp_path, width=384, layers=3)
@@ -613,6 +582,7 @@ def load_emitted(server: Served) -> dict[str, torch.Tensor]:
         return merger.emit_state_dict()
 
 
+@pytest.mark.slow
 def test_restart_completes_whatever_step_a_crash_interrupted(tmp_path: Path) -> None:
     """The disk as SIGKILL leaves it in each window between the durable steps of an arrival,
     made exactly: restart must fold each accepted checkpoint once and clear the rest."""

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "server_load.py"
 
 
+@pytest.mark.slow
 def test_load_benchmark_small_run_is_exactly_once_and_equal(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(BENCHMARK), "--uploads", "30", "--clients", "4",

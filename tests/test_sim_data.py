@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from contmerge.errors import Notice
 from contmerge.simulations import data
 from contmerge.simulations.data import DataConfig, load_suite
 
 HAS_FASHION = data.fashion_available()
 needs_fashion = pytest.mark.skipif(
-    not HAS_FASHION, reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
+    not HAS_FASHION,
+    reason=f"Fashion-MNIST missing: {data.FASHION_INSTALL_HINT}",
 )
 SMALL = {"n_train": 300, "n_test": 200, "n_pretrain": 1000}
 
@@ -118,7 +120,7 @@ def test_fixed_permutations_are_shared_by_train_and_test() -> None:
 
 
 def test_missing_fashion_falls_back_to_digits_with_install_hint(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="apt-get install dataset-fashion-mnist"):
+    with pytest.warns(Notice, match=r"apt-get update && apt-get install -y dataset-fashion-mnist"):
         suite = load_suite(DataConfig(**SMALL, fashion_dir=str(tmp_path)))
     assert suite.sources == "digits-only"
     assert len(suite.tasks) >= 8

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from contmerge.sources import (
     ShardedCheckpoint,
     StateDictCheckpoint,
     TorchFileCheckpoint,
+    shard_files,
 )
+from contmerge.state import SPARE
 from contmerge.tensorfile import TensorMeta, write_safetensors
 
 
@@ -199,7 +202,7 @@ def test_unreadable_torch_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"f8\.bin: not a readable torch file"):
         open_checkpoint(path)
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(CheckpointError, match="not a readable torch file"):
+    with pytest.raises(CheckpointError, match="not a torch file"):
         open_checkpoint(path)
 
 
@@ -341,10 +344,12 @@ def make_adapter(tmp_path: Path, safe: bool = True, **config: object):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:  # B starts at zero: make the adapter actually change something
-                param.copy_(torch.randn(param.shape, generator=g))
+            # B starts at zero: make the adapter change something, by as little as a fine-tune
+            # does (a change as large as the weights is refused as another base's)
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
             elif "modules_to_save" in name:
-                param.add_(torch.randn(param.shape, generator=g))
+                param.add_(0.02 * torch.randn(param.shape, generator=g))
     directory = tmp_path / "adapter"
     model.save_pretrained(directory, safe_serialization=safe)
     merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
@@ -410,3 +415,320 @@ def test_dora_adapter_is_refused_not_misread(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="DoRA"):
         open_checkpoint(directory, StateDictCheckpoint(base).meta)
+
+
+# --- hostile sharded indexes ------------------------------------------------------------------
+
+
+def test_shard_files_lists_the_shards_inside_the_directory(tmp_path: Path) -> None:
+    write_shards(tmp_path / "d", {"a": torch.ones(2), "b": torch.zeros(3), "c": torch.ones(1)}, 2)
+    (tmp_path / "d" / "link.safetensors").symlink_to("model-00001-of-00002.safetensors")
+    index_path = tmp_path / "d" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["c"] = "link.safetensors"  # a symlink that stays inside is fine
+    index_path.write_text(json.dumps(index))
+    assert shard_files(index_path) == [
+        tmp_path / "d" / "link.safetensors",
+        tmp_path / "d" / "model-00001-of-00002.safetensors",
+        tmp_path / "d" / "model-00002-of-00002.safetensors",
+    ]
+    with open_checkpoint(tmp_path / "d") as checkpoint:
+        assert torch.equal(checkpoint.read("c"), torch.ones(1))
+
+
+def _outside_shard(tmp_path: Path, how: str) -> Path:
+    """A sharded directory whose second shard is a readable safetensors file outside it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_file({"b": torch.zeros(3)}, outside / "x.safetensors")
+    directory = tmp_path / "ckpt"
+    write_shards(directory, {"a": torch.ones(2), "b": torch.zeros(3)}, shards=2)
+    shard = {
+        "dot-dot": "../outside/x.safetensors",
+        "dot-dot inside a path": "sub/../../outside/x.safetensors",
+        "absolute": str(outside / "x.safetensors"),
+        "symlink out": "link.safetensors",
+        "symlinked folder out": "folder/x.safetensors",
+        "NUL byte": "x.safetensors\0",
+    }[how]
+    (directory / "link.safetensors").symlink_to(outside / "x.safetensors")
+    (directory / "folder").symlink_to(outside)
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["b"] = shard
+    index_path.write_text(json.dumps(index))
+    return index_path
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "dot-dot",
+        "dot-dot inside a path",
+        "absolute",
+        "symlink out",
+        "symlinked folder out",
+        "NUL byte",
+    ],
+)
+def test_shard_path_leaving_the_directory_is_refused(tmp_path: Path, how: str) -> None:
+    index_path = _outside_shard(tmp_path, how)
+    for call in (lambda: open_checkpoint(index_path.parent), lambda: shard_files(index_path)):
+        with pytest.raises(CheckpointError) as caught:
+            call()
+        assert caught.value.source == str(index_path)
+        assert "shards must lie in its directory" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("index", "reason"),
+    [
+        ({"weight_map": [["a", "model-00001-of-00002.safetensors"]]}, "weight_map is a list"),
+        ({"weight_map": {"a": 1}}, "shard of a tensor is 1"),
+        ({"weight_map": {"a": None}}, "shard of a tensor is None"),
+        ({"weight_map": {"a": ""}}, "shard of a tensor is ''"),
+        ({"weight_map": {}}, "weight_map is empty"),
+        ({"metadata": {}}, "weight_map is missing"),
+        ([1, 2], "not a JSON object"),
+        ("text", "not a JSON object"),
+    ],
+)
+def test_malformed_shard_index_is_a_clean_error(tmp_path: Path, index: object, reason: str):
+    write_shards(tmp_path / "d", {"a": torch.ones(2), "b": torch.zeros(3)}, shards=2)
+    index_path = tmp_path / "d" / "model.safetensors.index.json"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(reason)) as caught:
+        open_checkpoint(tmp_path / "d")
+    assert caught.value.source == str(index_path)
+
+
+def test_shard_index_that_is_not_json_is_a_clean_error(tmp_path: Path) -> None:
+    write_shards(tmp_path / "d", {"a": torch.ones(2)}, shards=1)
+    index_path = tmp_path / "d" / "model.safetensors.index.json"
+    for raw, reason in (
+        (b'{"weight_map": {"a": "x", "a": "y"}}', "key 'a' twice"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b'{"weight_map": NaN}', "NaN is not a JSON value"),
+        (b"", "not valid JSON"),
+    ):
+        index_path.write_bytes(raw)
+        with pytest.raises(CheckpointError, match=reason) as caught:
+            open_checkpoint(tmp_path / "d")
+        assert caught.value.source == str(index_path)
+
+
+# --- hostile LoRA adapters, written by hand ----------------------------------------------------
+
+
+def lora_base() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "fc.weight": torch.randn(8, 6, generator=g),
+        "fc.bias": torch.randn(8, generator=g),
+        "head.weight": torch.randn(3, 8, generator=g),
+    }
+
+
+def hand_adapter(
+    directory: Path,
+    config: object,
+    factors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """An adapter directory as PEFT saves it: a small, plausible delta on fc and head."""
+    g = torch.Generator().manual_seed(1)
+    if factors is None:
+        factors = {
+            "base_model.model.fc.lora_A.weight": 0.1 * torch.randn(2, 6, generator=g),
+            "base_model.model.fc.lora_B.weight": 0.1 * torch.randn(8, 2, generator=g),
+            "base_model.model.head.lora_A.weight": 0.1 * torch.randn(2, 8, generator=g),
+            "base_model.model.head.lora_B.weight": 0.1 * torch.randn(3, 2, generator=g),
+        }
+    directory.mkdir(parents=True, exist_ok=True)
+    text = config if isinstance(config, str) else json.dumps(config)
+    (directory / "adapter_config.json").write_text(text)
+    save_file(factors, directory / "adapter_model.safetensors")
+    return directory
+
+
+GOOD_LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc", "head"]}
+
+
+def test_hand_made_adapter_reads_as_b_times_a(tmp_path: Path) -> None:
+    directory = hand_adapter(tmp_path / "a", GOOD_LORA)
+    base = lora_base()
+    with open_checkpoint(directory, StateDictCheckpoint(base).meta) as adapter:
+        factors = load_file(directory / "adapter_model.safetensors")
+        want = (
+            2
+            * factors["base_model.model.fc.lora_B.weight"]
+            @ factors["base_model.model.fc.lora_A.weight"]
+        )
+        torch.testing.assert_close(adapter.delta("fc.weight", base["fc.weight"]), want)
+
+
+LORA_CONFIG_ERRORS = {
+    "missing r": ({"lora_alpha": 4}, "no 'r'"),
+    "r is text": ({"r": "abc"}, "'r' must be a positive integer"),
+    "r is zero": ({"r": 0}, "'r' must be a positive integer"),
+    "r is negative": ({"r": -2}, "'r' must be a positive integer"),
+    "r is a float": ({"r": 1e6}, "'r' must be a positive integer"),
+    "r is true": ({"r": True}, "'r' must be a positive integer"),
+    "alpha is text": ({"lora_alpha": "4"}, "'lora_alpha' must be a positive finite number"),
+    "alpha is NaN": ({"lora_alpha": "@NaN"}, "NaN is not a JSON value"),
+    "alpha is 1e999": ({"lora_alpha": "@1e999"}, "'lora_alpha' must be a positive finite number"),
+    "alpha is negative": ({"lora_alpha": -4}, "'lora_alpha' must be"),
+    "bad alpha_pattern regex": ({"alpha_pattern": {"fc(": 3}}, "bad regex"),
+    "bad rank_pattern regex": ({"rank_pattern": {"[fc": 3}}, "bad regex"),
+    "alpha_pattern a list": ({"alpha_pattern": ["fc"]}, "'alpha_pattern' must be an object"),
+    "rank_pattern value text": ({"rank_pattern": {"fc": "2"}}, "'rank_pattern' value"),
+    "use_rslora text": ({"use_rslora": "false"}, "'use_rslora' must be true or false"),
+    "fan_in_fan_out number": ({"fan_in_fan_out": 1}, "'fan_in_fan_out' must be true or false"),
+    "peft_type not a string": ({"peft_type": ["LORA"]}, "unsupported PEFT type"),
+    "another PEFT type": ({"peft_type": "IA3"}, "unsupported PEFT type 'IA3'"),
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_CONFIG_ERRORS))
+def test_bad_lora_config_is_a_clean_error(tmp_path: Path, case: str) -> None:
+    edit, reason = LORA_CONFIG_ERRORS[case]
+    config = {**GOOD_LORA, **edit}
+    if case == "missing r":
+        del config["r"]
+    # "@text": a value Python's json writes no other way (NaN, a number beyond float's range)
+    text = re.sub(r'"@([^"]*)"', r"\1", json.dumps(config))
+    directory = hand_adapter(tmp_path / "a", text)
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(directory, StateDictCheckpoint(lora_base()).meta)
+    assert caught.value.source == str(directory / "adapter_config.json")
+    assert reason in caught.value.reason, caught.value.reason
+
+
+@pytest.mark.parametrize("config", [[1, 2], "null", '"LORA"', "{", '{"r": 2, "r": 3}'], ids=str)
+def test_lora_config_that_is_not_a_json_object_is_a_clean_error(tmp_path: Path, config: object):
+    text = json.dumps(config) if isinstance(config, list) else config
+    directory = hand_adapter(tmp_path / "a", text)
+    with pytest.raises(CheckpointError, match="malformed adapter_config.json") as caught:
+        open_checkpoint(directory, StateDictCheckpoint(lora_base()).meta)
+    assert caught.value.source == str(directory / "adapter_config.json")
+
+
+def _factors(**shapes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """fc's factors with the given shapes (``A``, ``B``), head's left as in hand_adapter."""
+    out = {
+        "base_model.model.head.lora_A.weight": torch.full((2, 8), 0.01),
+        "base_model.model.head.lora_B.weight": torch.full((3, 2), 0.01),
+    }
+    for part, shape in shapes.items():
+        out[f"base_model.model.fc.lora_{part}.weight"] = torch.full(shape, 0.01)
+    return out
+
+
+LORA_FACTOR_ERRORS = {
+    # B·A of [1, 6] for an [8, 6] weight: broadcast into every row before
+    "product a row": (
+        _factors(A=(2, 6), B=(1, 2)),
+        r"B·A has shape \[1, 6\], the weight has \[8, 6\]",
+    ),
+    "product transposed": (_factors(A=(2, 8), B=(6, 2)), r"B·A has shape \[6, 8\]"),
+    "ranks disagree": (_factors(A=(2, 6), B=(8, 3)), "lora_A has 2, lora_B 3"),
+    "rank 0": (_factors(A=(0, 6), B=(8, 0)), "rank 0"),
+    "rank differs from r": (_factors(A=(3, 6), B=(8, 3)), "rank 3, adapter_config.json gives"),
+    "3-D factor": (_factors(A=(2, 6, 1), B=(8, 2)), r"shape \[2, 6, 1\]: only linear"),
+    "1-D factor": (_factors(A=(12,), B=(8, 2)), "only linear"),
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_FACTOR_ERRORS))
+def test_lora_factors_that_do_not_make_the_weight_are_refused_on_opening(
+    tmp_path: Path, case: str
+) -> None:
+    factors, reason = LORA_FACTOR_ERRORS[case]
+    directory = hand_adapter(tmp_path / "a", GOOD_LORA, factors)
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(directory, StateDictCheckpoint(lora_base()).meta)
+    assert caught.value.tensor == "fc.weight"
+    assert caught.value.source == str(directory / "adapter_model.safetensors")
+    assert re.search(reason, caught.value.reason), caught.value.reason
+
+
+def test_lora_factor_of_integers_is_refused(tmp_path: Path) -> None:
+    factors = _factors(A=(2, 6), B=(8, 2))
+    factors["base_model.model.fc.lora_A.weight"] = torch.ones(2, 6, dtype=torch.int64)
+    directory = hand_adapter(tmp_path / "a", GOOD_LORA, factors)
+    with pytest.raises(CheckpointError, match=r"lora_A.weight' has dtype I64, not float"):
+        open_checkpoint(directory, StateDictCheckpoint(lora_base()).meta)
+
+
+@pytest.mark.parametrize("strategy", ["average", "opcm", "ties", "magmax", "task_arithmetic"])
+def test_lora_adapter_with_an_absurd_scale_is_refused_like_another_base(
+    tmp_path: Path, strategy: str
+) -> None:
+    base = lora_base()
+    good = hand_adapter(tmp_path / "good", GOOD_LORA)
+    absurd = hand_adapter(tmp_path / "absurd", {**GOOD_LORA, "lora_alpha": 4e4})
+    with Merger(base, strategy, tmp_path / "state") as merger:
+        assert merger.fold(good).status == "folded"
+        before = {p.name: p.read_bytes() for p in (tmp_path / "state").iterdir()}
+        with pytest.raises(CheckpointError, match="another base, or scaled absurdly") as caught:
+            merger.fold(absurd)
+        assert caught.value.source == str(absurd)
+        assert merger.count == 1
+    after = {p.name: p.read_bytes() for p in (tmp_path / "state").iterdir()}
+    assert {k: v for k, v in after.items() if k != SPARE} == {
+        k: v for k, v in before.items() if k != SPARE
+    }
+    # the check is the another-base one: turned off, the same adapter folds
+    with Merger(base, strategy, max_relative_delta=None) as merger:
+        assert merger.fold(absurd).status == "folded"
+
+
+# --- torch zip archives that a memory-mapped load would misread --------------------------------
+
+
+def repack(source: Path, out: Path, edit) -> Path:
+    """``source``'s zip records rewritten through ``edit(name, data) -> (data, compression)``."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(out, "w") as packed:
+        for info in archive.infolist():
+            data, compression = edit(info.filename, archive.read(info.filename))
+            packed.writestr(zipfile.ZipInfo(info.filename), data, compress_type=compression)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("data record compressed", "'good/data/0' is compressed"),  # a bomb: 200 MB of zeros
+        ("pickle compressed", "'good/data.pkl' is compressed"),
+        (
+            "data record cut short",
+            "tensor 'w': its data needs 64 bytes, it has a zip record of 8 bytes",
+        ),
+    ],
+)
+def test_torch_zip_records_are_checked_before_they_are_mapped(
+    tmp_path: Path, case: str, reason: str
+) -> None:
+    import zipfile
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(4, 4)}, good)
+
+    def edit(name: str, data: bytes) -> tuple[bytes, int]:
+        if case == "data record compressed" and name.endswith("data/0"):
+            return bytes(200 << 20), zipfile.ZIP_DEFLATED
+        if case == "pickle compressed" and name.endswith("data.pkl"):
+            return data, zipfile.ZIP_DEFLATED
+        if case == "data record cut short" and name.endswith("data/0"):
+            return data[:8], zipfile.ZIP_STORED
+        return data, zipfile.ZIP_STORED
+
+    path = repack(good, tmp_path / "bad.pt", edit)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match=re.escape(reason)) as caught:
+        open_checkpoint(path)
+    assert caught.value.source == str(path)
+    # a repacked file that changes nothing still loads
+    same = repack(good, tmp_path / "same.pt", lambda n, d: (d, zipfile.ZIP_STORED))
+    assert torch.equal(open_checkpoint(same).read("w"), torch.ones(4, 4))

@@ -18,37 +18,7 @@ from safetensors.torch import load_file, save_file
 import contmerge.state
 from contmerge import CheckpointError, Merger, StateError
 
-from helpers import fine_tuned, random_base
-
-
-def write_models(tmp_path: Path, count: int, scale: int = 1) -> tuple[Path, list[Path]]:
-    base = random_base()
-    if scale > 1:  # larger tensors so a fold takes long enough to be interrupted
-        base["encoder.0.weight"] = torch.randn(256 * scale, 512)
-        base["encoder.1.weight"] = torch.randn(128, 256 * scale)
-        base["encoder.0.bias"] = torch.randn(256 * scale)
-        base["norm.weight"] = torch.ones(256 * scale)
-        base["norm.bias"] = torch.zeros(256 * scale)
-    save_file(base, tmp_path / "base.safetensors")
-    paths = []
-    for seed in range(count):
-        path = tmp_path / f"ft{seed}.safetensors"
-        save_file(fine_tuned(base, seed), path)
-        paths.append(path)
-    return tmp_path / "base.safetensors", paths
-
-
-def merged_after(base: Path, paths: list[Path], strategy: str) -> dict[str, torch.Tensor]:
-    merger = Merger(base, strategy)
-    for path in paths:
-        merger.fold(path)
-    return merger.emit_state_dict()
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+from helpers import assert_same, merged_after, write_models
 
 
 def test_resume_after_restart_equals_one_run(tmp_path):
@@ -139,6 +109,8 @@ def test_a_crash_before_the_manifest_commit_keeps_the_last_state(tmp_path, monke
         raise KeyboardInterrupt("power cut between the state file and the manifest")
 
     monkeypatch.setattr(contmerge.state, "atomic_write_bytes", crash)
+    # a power cut runs no clean-up: the new generation's file stays under its name
+    monkeypatch.setattr(contmerge.state._DiskStaging, "abort", lambda self: None)
     with pytest.raises(KeyboardInterrupt):
         merger.fold(paths[1])
     merger.close()
@@ -147,8 +119,9 @@ def test_a_crash_before_the_manifest_commit_keeps_the_last_state(tmp_path, monke
     with Merger(base, state_dir=state) as reopened:
         assert reopened.count == 1
         assert_same(reopened.emit_state_dict(), good)
-        assert len(list(state.glob("state-*"))) == 1  # the orphan was swept
-        reopened.fold(paths[1])
+        assert len(list(state.glob("state-*"))) == 2  # opening deletes nothing
+        reopened.fold(paths[1])  # its commit sweeps the orphan and takes its name
+        assert len(list(state.glob("state-*"))) == 1
         assert_same(reopened.emit_state_dict(), merged_after(base, paths, "opcm"))
 
 
@@ -166,6 +139,7 @@ FOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
     base, paths = write_models(tmp_path, 6, scale=8)
     state = tmp_path / "state"
@@ -274,3 +248,105 @@ def test_memory_store_never_reuses_a_buffer_the_new_state_still_holds() -> None:
     live = store.read("b")["value"]
     assert fresh_b["value"].data_ptr() != live.data_ptr()  # never the live state
     assert store.holds("b", live) and not store.holds("a", reused_a["value"])
+
+
+RACER = textwrap.dedent("""
+    import os, sys, time
+    from contmerge.cli import main
+    go = sys.argv[1]
+    print("ready", flush=True)
+    while not os.path.exists(go):  # both start at once, imports done
+        time.sleep(0.0005)
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.slow  # real processes started several times
+def test_two_merges_creating_one_state_at_once_lose_no_fold(tmp_path):
+    """Both find no manifest; only one may create the state. The other is refused, or resumes
+    after it: every fold a process reported (exit 0) is in the state, none twice."""
+    base, paths = write_models(tmp_path, 6, scale=8)  # creating the state takes a while
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    outcomes = set()
+    for attempt in range(3):
+        state, go = tmp_path / f"state{attempt}", tmp_path / f"go{attempt}"
+        mine = [paths[:3], paths[3:]]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(go), "merge", "--base", str(base)]
+                + ["--strategy", "average", "--state", str(state), "--quiet", *map(str, ckpts)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for ckpts in mine
+        ]
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        go.touch()
+        results = [proc.communicate(timeout=600) for proc in procs]
+        with Merger(base, state_dir=state) as merger:
+            folded = [Path(a["source"]) for a in merger.arrivals]
+            emitted = merger.emit_state_dict()
+        assert len(set(folded)) == len(folded)
+        for proc, (_, err), ckpts in zip(procs, results, mine):
+            if proc.returncode == 0:
+                assert all(c in folded for c in ckpts), (folded, err)
+            else:
+                assert "another process is folding into this state" in err, err
+            outcomes.add(proc.returncode)
+        assert 0 in (p.returncode for p in procs)
+        assert_same(emitted, merged_after(base, folded, "average"))
+    assert 1 in outcomes, "the two processes never overlapped: the race was not exercised"
+
+
+def test_a_writer_that_lost_its_lock_cannot_overwrite_another_fold(tmp_path):
+    base, paths = write_models(tmp_path, 3)
+    state = tmp_path / "state"
+    first = Merger(base, "average", state)
+    first.fold(paths[0])
+    (state / ".lock").unlink()  # someone cleans up "stale" lock files
+    with Merger(base, state_dir=state) as second:  # locks a new .lock of its own
+        second.fold(paths[1])
+    with pytest.raises(StateError, match="lock file was deleted or replaced"):
+        first.fold(paths[2])
+    first.close()
+    with Merger(base, state_dir=state) as merger:
+        assert [Path(a["source"]) for a in merger.arrivals] == paths[:2]
+        assert_same(merger.emit_state_dict(), merged_after(base, paths[:2], "average"))
+
+
+def test_a_lost_lock_is_noticed_before_the_other_writer_commits(tmp_path):
+    base, paths = write_models(tmp_path, 3)
+    state = tmp_path / "state"
+    first = Merger(base, "average", state)
+    first.fold(paths[0])
+    (state / ".lock").unlink()
+    second = Merger(base, state_dir=state)  # open, not folding yet
+    with pytest.raises(StateError, match="lock file was deleted or replaced"):
+        first.fold(paths[1])
+    first.close()
+    second.fold(paths[2])  # the holder of the directory's lock folds as usual
+    second.close()
+    with Merger(base, state_dir=state) as merger:
+        assert [Path(a["source"]) for a in merger.arrivals] == [paths[0], paths[2]]
+
+
+def test_a_commit_over_a_manifest_changed_behind_its_back_is_refused(tmp_path):
+    """Compare-and-swap: whoever changed the manifest (a writer that ignored the lock, a hand
+    edit), the fold is refused rather than silently overwriting it."""
+    base, paths = write_models(tmp_path, 2)
+    state = tmp_path / "state"
+    with Merger(base, "average", state) as merger:
+        merger.fold(paths[0])
+        manifest = json.loads((state / "manifest.json").read_text())
+        manifest["arrivals"][0]["source"] = "renamed by hand"
+        (state / "manifest.json").write_text(json.dumps(manifest))
+        edited = (state / "manifest.json").read_bytes()
+        with pytest.raises(StateError, match="changed since this process read it"):
+            merger.fold(paths[1])
+    assert (state / "manifest.json").read_bytes() == edited
+    with Merger(base, state_dir=state) as merger:
+        assert merger.count == 1
+        assert merger.fold(paths[1]).status == "folded"

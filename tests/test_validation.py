@@ -9,6 +9,7 @@ Bad values sit in the *last* tensor, so a fold that committed tensor by tensor w
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -17,10 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import fine_tune, save
 
-from contmerge import CheckpointError, Merger
+from contmerge import CheckpointError, ContmergeError, Merger, open_checkpoint
+from contmerge.cli import main
 from contmerge.state import SPARE
-from contmerge.tensorfile import CODE_BY_DTYPE, write_safetensors
+from contmerge.tensorfile import (
+    CODE_BY_DTYPE,
+    DEFAULT_MAX_HEADER_BYTES,
+    MAX_HEADER_ENV,
+    SafetensorsReader,
+    header_limit,
+    write_safetensors,
+)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -38,22 +48,6 @@ def base_tensors() -> Tensors:
 
 
 LAST = "head.weight"
-
-
-def fine_tune(base: Tensors, seed: int) -> Tensors:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        name: (value.float() + 0.05 * torch.randn(value.shape, generator=g)).to(value.dtype)
-        if value.is_floating_point()
-        else value.clone()
-        for name, value in base.items()
-    }
-
-
-def save(path: Path, tensors: Tensors) -> Path:
-    with open(path, "wb") as handle:
-        write_safetensors(handle, tensors)
-    return path
 
 
 def raw_safetensors(path: Path, tensors: Tensors, edit: Callable[[dict], None]) -> Path:
@@ -258,7 +252,7 @@ BAD: dict[str, Bad] = {
         lambda d, g, f: truncated(d / "bad.safetensors", f, lambda h, s: 0), None, "truncated"
     ),
     "cut in length prefix": Bad(_cut(lambda h, s: 5), None, "truncated"),
-    "cut inside header": Bad(_cut(lambda h, s: 8 + h // 2), None, "truncated header"),
+    "cut inside header": Bad(_cut(lambda h, s: 8 + h // 2), None, "truncated"),
     "cut right after header": Bad(_cut(lambda h, s: 8 + h), "embed.weight", "truncated"),
     "cut inside first tensor": Bad(_cut(lambda h, s: 8 + h + 100), "embed.weight", "truncated"),
     "cut inside last tensor": Bad(_cut(lambda h, s: s - 1), LAST, "truncated"),
@@ -269,9 +263,9 @@ BAD: dict[str, Bad] = {
         "x",
         "malformed header entry",
     ),
-    "offsets overlap": Bad(_header(_overlap), None, "overlaps or leaves a gap"),
-    "offsets past end": Bad(_header(_past_end), LAST, "overlaps or leaves a gap|truncated"),
-    "unknown dtype": Bad(_header(_set(LAST, "dtype", "F17")), LAST, "unknown dtype 'F17'"),
+    "offsets overlap": Bad(_header(_overlap), "layer.0.bias", "overlaps .*layer.0.weight"),
+    "offsets past end": Bad(_header(_past_end), LAST, "gap of 64 bytes"),
+    "unknown dtype": Bad(_header(_set(LAST, "dtype", "F17")), LAST, "unsupported dtype 'F17'"),
     "span disagrees with shape": Bad(_header(_set(LAST, "shape", [4, 7])), LAST, "span"),
     "negative dimension": Bad(_header(_set(LAST, "shape", [-4, -8])), LAST, "malformed shape"),
     "torch zip named .safetensors": Bad(_pickled(True), None, "pickle/zip"),
@@ -363,3 +357,187 @@ def test_bad_input_is_refused_and_leaves_the_state_untouched(folded_once, case: 
     reference.fold(work.parent / "good1.safetensors")
     reference.fold(good_file)
     assert snapshot(merger)[2] == snapshot(reference)[2]
+
+
+# --- the header, as strictly as the format's reference reader --------------------------------
+
+
+def raw_file(path: Path, header: str, data: bytes = b"") -> Path:
+    """A safetensors file whose header is ``header`` as written (repeated keys and all)."""
+    encoded = header.encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def f32(begin: int, end: int) -> str:
+    """The JSON of a one-element F32 tensor's entry."""
+    return json.dumps({"dtype": "F32", "shape": [1], "data_offsets": [begin, end]})
+
+
+def obj(*pairs: tuple[str, str]) -> str:
+    """A JSON object from (key, JSON value) pairs, as written: a key may repeat."""
+    return "{" + ", ".join(f"{json.dumps(key)}: {value}" for key, value in pairs) + "}"
+
+
+def test_duplicate_tensor_pointing_at_other_bytes_is_named(tmp_path: Path) -> None:
+    header = obj(("a", f32(0, 4)), ("b", f32(4, 8)), ("a", f32(4, 8)))
+    path = raw_file(tmp_path / "dup.safetensors", header, bytes(8))
+    with pytest.raises(CheckpointError) as caught:
+        SafetensorsReader(path)
+    assert caught.value.tensor == "a"
+    assert "listed twice (entries pointing at different data)" in caught.value.reason
+
+
+def test_identical_duplicate_tensor_is_refused(tmp_path: Path) -> None:
+    # the format disallows repeated keys; the reference reader happens to keep the last one
+    header = obj(("a", f32(0, 4)), ("a", f32(0, 4)))
+    path = raw_file(tmp_path / "dup.safetensors", header, bytes(4))
+    with pytest.raises(CheckpointError, match=r"tensor 'a': .*listed twice \(the same entry\)"):
+        SafetensorsReader(path)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ('{"step": 3}', "value of 'step' is not a string"),
+        ('{"nested": {"a": "b"}}', "value of 'nested' is not a string"),
+        ('{"x": null}', "value of 'x' is not a string"),
+        ("[]", "__metadata__ is not a JSON object"),
+        ('""', "__metadata__ is not a JSON object"),
+        ('{"a": "1", "a": "2"}', "__metadata__ has the key 'a' twice"),
+    ],
+)
+def test_metadata_must_be_a_map_of_strings(tmp_path: Path, metadata: str, reason: str) -> None:
+    header = obj(("__metadata__", metadata), ("a", f32(0, 4)))
+    path = raw_file(tmp_path / "meta.safetensors", header, bytes(4))
+    with pytest.raises(CheckpointError, match=re.escape(reason)):
+        SafetensorsReader(path)
+
+
+def test_null_metadata_and_padding_are_accepted_as_the_reference_reader_does(tmp_path: Path):
+    header = " " + obj(("__metadata__", "null"), ("a", f32(0, 4))) + "   "
+    path = raw_file(tmp_path / "ok.safetensors", header, struct.pack("<f", 2.5))
+    with SafetensorsReader(path) as reader:
+        assert reader.metadata == {} and reader.read("a").tolist() == [2.5]
+
+
+def test_a_text_file_is_refused_without_quoting_its_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "passwd.safetensors"
+    text = b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin\n"
+    path.write_bytes(text)
+    with pytest.raises(CheckpointError) as caught:
+        SafetensorsReader(path)
+    reason = caught.value.reason
+    assert "not a safetensors file" in reason
+    assert f"larger than the file ({len(text)} bytes)" in reason
+    # the first 8 bytes read as a length: 3475222254926655346; no digits of it may show
+    assert str(struct.unpack("<Q", b"root:x:0")[0]) not in str(caught.value)
+    assert not re.search(r"\d{6,}", str(caught.value).replace(str(path), ""))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\x00\xff\xfe\x00{}", "not valid UTF-8 (at byte 1)"),
+        ('{"a": 1}'.encode("utf-16"), "not valid UTF-8"),  # json.loads would guess UTF-16
+        (b'{"__metadata__": {"x": NaN}}', "NaN is not a JSON value"),
+        (b'{"a": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 0]}}', "Infinity"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b"]}}", "a number is too long"),
+        (b'{"\\ud800": {}}', "a name is not valid Unicode"),
+    ],
+)
+def test_header_that_is_not_strict_json_is_refused_plainly(
+    tmp_path: Path, raw: bytes, reason: str
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(CheckpointError) as caught:
+        SafetensorsReader(path)
+    assert reason in caught.value.reason
+    assert "\\x" not in caught.value.reason and "0xff" not in caught.value.reason
+
+
+def test_data_after_the_last_tensor_is_refused(tmp_path: Path) -> None:
+    # the byte buffer must be fully indexed (no room for a polyglot file's second payload)
+    path = raw_file(tmp_path / "tail.safetensors", obj(("a", f32(0, 4))), bytes(12))
+    with pytest.raises(CheckpointError, match="8 bytes after the last tensor's data"):
+        SafetensorsReader(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ('{"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}', "unsupported dtype"),
+        ('{"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}', "malformed shape"),
+        ('{"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}', "malformed shape"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": [false, 4]}', "malformed data_offsets"),
+        ('{"dtype": "F32", "shape": [0, 9223372036854775808], "data_offsets": [0, 0]}', "shape"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "dtype": "F16"}', "'dtype' twice"),
+    ],
+)
+def test_malformed_entry_is_named(tmp_path: Path, entry: str, reason: str) -> None:
+    path = raw_file(tmp_path / "bad.safetensors", obj(("w", entry)), bytes(4))
+    with pytest.raises(CheckpointError) as caught:
+        SafetensorsReader(path)
+    assert caught.value.tensor == "w" and reason in caught.value.reason, caught.value.reason
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        SafetensorsReader(fifo)  # opening a FIFO for reading blocks until a writer comes
+
+
+# --- the header's size is bounded --------------------------------------------------------------
+
+
+def big_header_file(path: Path, header_bytes: int) -> Path:
+    """A valid file with one small tensor and a header of about ``header_bytes`` bytes."""
+    save(path, {"w": torch.ones(2)})
+    with SafetensorsReader(path) as reader:  # grow it through the metadata
+        metadata = {"note": "x" * header_bytes}
+    with open(path, "wb") as handle:
+        write_safetensors(handle, {"w": torch.ones(2)}, metadata)
+    assert not reader.metadata
+    return path
+
+
+def test_header_larger_than_the_bound_is_refused_and_the_bound_can_be_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(MAX_HEADER_ENV, raising=False)
+    assert header_limit() == DEFAULT_MAX_HEADER_BYTES == 16 << 20
+    path = big_header_file(tmp_path / "big.safetensors", DEFAULT_MAX_HEADER_BYTES + 1)
+    with pytest.raises(CheckpointError) as caught:
+        SafetensorsReader(path)
+    assert "larger than the 16777216-byte limit" in caught.value.reason
+    assert "--max-header-bytes" in caught.value.reason
+    with SafetensorsReader(path, max_header_bytes=32 << 20) as reader:
+        assert reader.read("w").tolist() == [1.0, 1.0]
+    monkeypatch.setenv(MAX_HEADER_ENV, "32M")
+    with open_checkpoint(path) as checkpoint:
+        assert checkpoint.read("w").tolist() == [1.0, 1.0]
+    monkeypatch.setenv(MAX_HEADER_ENV, "1K")
+    small = save(tmp_path / "small.safetensors", {"w": torch.ones(2)})
+    assert open_checkpoint(small).keys() == ["w"]
+    with pytest.raises(CheckpointError, match="larger than the 1024-byte limit"):
+        open_checkpoint(path)
+    monkeypatch.setenv(MAX_HEADER_ENV, "lots")
+    with pytest.raises(ContmergeError, match="not a size in bytes: 'lots'"):
+        open_checkpoint(small)
+
+
+def test_cli_max_header_bytes_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = base_tensors()
+    base_path = save(tmp_path / "base.safetensors", base)
+    arrival = dict(fine_tune(base, 1))
+    path = tmp_path / "ft.safetensors"
+    with open(path, "wb") as handle:
+        write_safetensors(handle, arrival, {"note": "x" * 4096})
+    common = ["merge", "--base", str(base_path), "--state", str(tmp_path / "s"), "--quiet"]
+    assert main([*common, "--strategy", "average", "--max-header-bytes", "4K", str(path)]) == 1
+    assert "larger than the 4096-byte limit" in capsys.readouterr().err
+    assert main([*common, "--max-header-bytes", "64K", str(path)]) == 0
+    assert "folded as #1" in capsys.readouterr().out

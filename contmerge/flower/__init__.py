@@ -6,33 +6,27 @@
   across rounds, relative to a fixed base).
 - :func:`to_array_record` / :func:`from_array_record`: state dicts <-> ``ArrayRecord``,
   bit-exact for bfloat16 and float8 (which Flower's own conversion refuses).
-- :class:`ReplyStream`: push messages, iterate over replies as they arrive.
+- :class:`ReplyStream`: push messages, iterate over replies as they arrive;
+  :class:`StreamingGrid`: a Grid whose train replies come as such a stream.
+- ``simulate``: Flower's simulation engine in-process (Ray backend settings, quiet
+  ``run_simulation``).
 
-Importing this package needs ``flwr`` (``pip install 'contmerge[flower]'``).
+The scenarios built on it live in ``contmerge.simulations`` (``federated``,
+``decentralized_flower``), never the other way round. Importing this package needs ``flwr``
+(``pip install 'contmerge[flower]'``).
 """
 
-from __future__ import annotations
+from .arrays import ArrayRecordCheckpoint, from_array_record, tensor_to_array, to_array_record
+from .strategy import ContmergeStrategy, RoundReport
+from .streaming import ReplyStream, StreamingGrid
 
-import importlib
-from typing import Any
-
-# Lazy exports: ``contmerge.flower.cli`` (built into ``contmerge --help``) must not pay for
-# importing Flower; the names below import it on first use.
-_EXPORTS = {
-    "ArrayRecordCheckpoint": "arrays",
-    "from_array_record": "arrays",
-    "tensor_to_array": "arrays",
-    "to_array_record": "arrays",
-    "ReplyStream": "streaming",
-    "ContmergeStrategy": "strategy",
-    "RoundReport": "strategy",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__all__ = [
+    "ArrayRecordCheckpoint",
+    "ContmergeStrategy",
+    "ReplyStream",
+    "RoundReport",
+    "StreamingGrid",
+    "from_array_record",
+    "tensor_to_array",
+    "to_array_record",
+]

@@ -1,110 +1,21 @@
-"""A contmerge strategy against Flower's own FedAvg, in one run of Flower's simulation engine.
+"""Flower's simulation engine in-process: the Ray backend settings and ``run_simulation``.
 
-One ``run_simulation`` (Ray backend, one CPU per virtual client) whose ServerApp runs the
-contmerge strategy for R rounds, then FedAvg for R rounds, from the same θ0 and with the same
-clients, partition and local-training seeds. The server evaluates the global backbone after every
-round on every task's test set (each with its frozen head).
+The scenarios built on it (``contmerge simulate federated``, the decentralized DIMAT run) live
+in ``contmerge.simulations``; this module is what they share with any script of their own.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 
-from .arrays import from_array_record, to_array_record
-from .client import HEADS_KEY, SCENARIO_KEY, make_client_app
-from .scenario import DEFAULT_CACHE, Prepared, Scenario, heads_to_bytes, prepare
-from .strategy import ContmergeStrategy, MergeMode
-
-FEDAVG = "fedavg"
-
-# ``contmerge.simulations.cli`` looks the command up here by these names.
-from .cli import add_federated_arguments, main_federated  # noqa: E402
-
-__all__ = ["FederatedRun", "add_federated_arguments", "main_federated", "run_federated"]
-
-
-@dataclass
-class FederatedRun:
-    """One comparison: which contmerge strategy, how many clients and rounds, which data."""
-
-    strategy: str = "opcm"
-    merge: MergeMode = "round"
-    clients: int = 4
-    rounds: int = 5
-    scenario: Scenario = field(default_factory=Scenario)
-    streaming: bool = True  # start_streaming (fold as pulled) or the drop-in strategy.start
-    baseline: bool = True  # also run Flower's FedAvg
-    timeout: float = 900.0  # per round
-    cache_dir: str = str(DEFAULT_CACHE)
-
-    @property
-    def label(self) -> str:
-        return f"{self.strategy} ({self.merge})"
-
-
-def server_app(run: FederatedRun, prepared: Prepared, out: dict[str, Any]) -> ServerApp:
-    """The ServerApp: runs both strategies and leaves their results in ``out``."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        train_config = ConfigRecord(
-            {SCENARIO_KEY: run.scenario.to_json(), HEADS_KEY: heads_to_bytes(prepared.heads)}
-        )
-        sampling = {
-            "fraction_train": 1.0,
-            "fraction_evaluate": 0.0,  # evaluation is central, on the test sets
-            "min_train_nodes": run.clients,
-            "min_available_nodes": run.clients,
-        }
-        contenders: list[tuple[str, FedAvg]] = [
-            (run.label, ContmergeStrategy(run.strategy, merge=run.merge, **sampling))
-        ]
-        if run.baseline:
-            contenders.append((FEDAVG, FedAvg(**sampling)))
-        for name, strategy in contenders:
-            started = time.perf_counter()
-            result = _start(strategy, run, grid, prepared, train_config)
-            out[name] = {
-                "accuracy": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
-                "train_loss": {
-                    r: float(m["train-loss"])  # type: ignore[arg-type]
-                    for r, m in result.train_metrics_clientapp.items()
-                    if "train-loss" in m
-                },
-                "seconds": time.perf_counter() - started,
-            }
-            if isinstance(strategy, ContmergeStrategy):
-                out[name]["rounds"] = [asdict(r) for r in strategy.reports]
-                strategy.close()
-
-    return app
-
-
-def _start(
-    strategy: FedAvg, run: FederatedRun, grid: Grid, prepared: Prepared, config: ConfigRecord
-) -> Result:
-    def evaluate(_round: int, arrays: ArrayRecord) -> MetricRecord:
-        return MetricRecord(prepared.accuracy(from_array_record(arrays)))
-
-    start = strategy.start
-    if isinstance(strategy, ContmergeStrategy) and run.streaming:
-        start = strategy.start_streaming
-    return start(
-        grid=grid,
-        initial_arrays=to_array_record(prepared.base),
-        num_rounds=run.rounds,
-        timeout=run.timeout,
-        train_config=config,
-        evaluate_fn=evaluate,
-    )
+__all__ = ["backend_config", "run_in_process"]
 
 
 def backend_config(cpus: int | None = None) -> dict[str, Any]:
@@ -115,30 +26,44 @@ def backend_config(cpus: int | None = None) -> dict[str, Any]:
     }
 
 
-def run_federated(run: FederatedRun, *, progress: bool = True) -> dict[str, Any]:
-    """Run the comparison; returns the results (see :mod:`contmerge.flower.report`)."""
+def run_in_process(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_supernodes: int,
+    cpus: int | None = None,
+) -> None:
+    """Flower's ``run_simulation`` on :func:`backend_config`, without its deprecation notice.
+
+    Flower 1.41–1.42 warn that ``run_simulation`` is deprecated in favour of ``flwr run``, yet
+    it is their only in-process simulation API (``flwr run`` needs a SuperLink and an app on
+    disk: docs/flower.md shows that route). Calling it on purpose, the advice is noise to the
+    user; every other Flower message still shows.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation as flower_run_simulation
 
-    prepared = prepare(run.scenario, run.cache_dir, progress=progress)
-    out: dict[str, Any] = {}
-    started = time.perf_counter()
-    run_simulation(
-        server_app=server_app(run, prepared, out),
-        client_app=make_client_app(),
-        num_supernodes=run.clients,
-        backend_config=backend_config(),  # type: ignore[arg-type]
-    )
-    missing = [
-        name for name in (run.label, FEDAVG if run.baseline else None) if name and name not in out
-    ]
-    if missing:
-        raise RuntimeError(f"the simulation ended without results for {missing}")
-    return {
-        "config": {**asdict(run), "scenario": asdict(run.scenario)},
-        "sources": prepared.sources,
-        "tasks": prepared.task_names,
-        "seconds": time.perf_counter() - started,
-        "strategies": out,
-    }
+    with _quiet_run_simulation_deprecation():
+        flower_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_config=backend_config(cpus),  # type: ignore[arg-type]
+        )
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_run_simulation_deprecation() -> Iterator[None]:
+    from flwr.common.logger import FLOWER_LOGGER
+
+    quiet = _DropRunSimulationDeprecation()
+    FLOWER_LOGGER.addFilter(quiet)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeFilter(quiet)

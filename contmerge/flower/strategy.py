@@ -5,9 +5,11 @@ Two ways to run it:
 - **drop-in**: ``strategy.start(grid=..., initial_arrays=..., num_rounds=...)``, Flower's own
   round loop. Flower's ``send_and_receive`` gathers every reply of the round into a list before
   ``aggregate_train`` runs; the replies are then folded one by one, but they were all in memory.
-- **streaming**: ``strategy.start_streaming(grid=..., ...)``, same arguments and ``Result``.
-  Train messages are pushed and replies pulled as they arrive; each is folded and dropped at
-  once, so server memory does not grow with the number of clients.
+- **streaming**: ``strategy.start_streaming(grid=..., ...)``, same arguments and ``Result``:
+  Flower's own ``start`` again, over a :class:`~contmerge.flower.streaming.StreamingGrid` that
+  pushes the train messages and hands replies to ``aggregate_train`` as they are pulled; each is
+  folded and dropped at once, so server memory does not grow with the number of clients. Being
+  the same round loop, both ways send the same messages and evaluate alike.
 
 Two merge semantics (``merge=``):
 
@@ -27,6 +29,7 @@ otherwise the previous global model is kept.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ from ..registry import parse_strategy
 from ..strategy import Strategy
 from .arrays import ArrayRecordCheckpoint, to_array_record
 from .metrics import RunningMetrics
-from .streaming import ReplyStream
+from .streaming import StreamingGrid
 
 MergeMode = Literal["round", "continual"]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -68,7 +71,11 @@ class RoundReport:
     missing: list[int] = field(default_factory=list)
     #: True when the round produced a new global model
     updated: bool = False
+    #: wall time of ``aggregate_train``: under ``start_streaming`` it includes the wait for the
+    #: replies, under ``start`` they were all in before it began
     seconds: float = 0.0
+    #: of which the server's own work: folding the replies and emitting the merge
+    fold_seconds: float = 0.0
 
     @property
     def accepted(self) -> int:
@@ -78,7 +85,7 @@ class RoundReport:
 class ContmergeStrategy(FedAvg):
     """A Flower strategy whose training aggregation is a contmerge fold.
 
-    ``strategy`` is a contmerge strategy object or spec (``"opcm"``, ``"ties(lam=0.3)"``,
+    ``strategy`` is a contmerge strategy object or spec (``"opcm"``, ``"ties(scaling_factor=0.3)"``,
     ``"chain(dare(p=0.9), magmax())"``). Sampling, evaluation and the record keys are FedAvg's
     (same keyword arguments). Contmerge rules weigh every accepted reply equally: the
     ``weighted_by_key`` value only weights the averaged client metrics.
@@ -195,14 +202,29 @@ class ContmergeStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        merger, report, metrics = self._begin_round(server_round)
+        """Fold the round's replies one by one (as they are pulled, under ``start_streaming``)."""
+        started = time.perf_counter()
+        merger = self._round_merger(server_round)
+        report = RoundReport(server_round, sampled=self._sampled.pop(server_round, []))
+        metrics = RunningMetrics(self.weighted_by_key)
         for reply in replies:
             self._take(merger, reply, report, metrics)
+            del reply  # folded: nothing of it stays in memory while the next one is pulled
         answered = {*report.folded, *report.duplicates, *report.rejected, *report.failed}
         report.missing = [n for n in report.sampled if n not in answered]
-        return self._end_round(merger, report, metrics)
+        arrays = None
+        if report.accepted >= self.min_replies and merger.count > 0:
+            emitting = time.perf_counter()
+            arrays = to_array_record(merger.iter_merged())
+            report.fold_seconds += time.perf_counter() - emitting
+            report.updated = True
+        if self.merge == "round":
+            merger.close()
+        report.seconds = time.perf_counter() - started
+        self.reports.append(report)
+        self.on_round_end(report)
+        return arrays, metrics.result()
 
-    # --- streaming round loop -------------------------------------------------------------
     def start_streaming(
         self,
         grid: Grid,
@@ -213,69 +235,26 @@ class ContmergeStrategy(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
-        """Like :meth:`start`, but each reply is folded as it is pulled, then dropped.
+        """:meth:`start` with each reply folded as it is pulled, then dropped.
 
         ``timeout`` bounds each round's wait for replies; the round then completes from
         what arrived (see :class:`RoundReport`).
         """
-        log(INFO, "Starting %s (streaming) for %d rounds", type(self).__name__, num_rounds)
-        self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        if evaluate_fn is not None:
-            first = evaluate_fn(0, initial_arrays)
-            if first is not None:
-                result.evaluate_metrics_serverapp[0] = first
-        arrays = initial_arrays
-        for server_round in range(1, num_rounds + 1):
-            log(INFO, "[ROUND %s/%s] (streaming)", server_round, num_rounds)
-            messages = self.configure_train(server_round, arrays, train_config, grid)
-            merger, report, metrics = self._begin_round(server_round)
-            stream = ReplyStream(
-                grid,
-                messages,
-                timeout=timeout,
-                poll_interval=self.poll_interval,
-                pull_batch=self.pull_batch,
-                max_in_flight=self.max_in_flight,
-            )
-            del messages
-            for reply in stream:
-                self._take(merger, reply, report, metrics)
-                del reply  # folded: nothing of it stays in memory
-            report.missing = stream.missing + stream.unsent
-            new_arrays, train_metrics = self._end_round(merger, report, metrics)
-            if new_arrays is not None:
-                arrays = result.arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            self._evaluate_round(server_round, arrays, evaluate_config, grid, timeout, result)
-            if evaluate_fn is not None:
-                res = evaluate_fn(server_round, arrays)
-                log(INFO, "\t└──> global evaluation: %s", res)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[server_round] = res
-        if not result.arrays:
-            result.arrays = arrays
-        return result
-
-    def _evaluate_round(
-        self,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        grid: Grid,
-        timeout: float,
-        result: Result,
-    ) -> None:
-        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
-        if not messages:
-            return
-        replies = grid.send_and_receive(messages, timeout=timeout)  # metrics only: small
-        metrics = self.aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            result.evaluate_metrics_clientapp[server_round] = metrics
+        streaming = StreamingGrid(
+            grid,
+            poll_interval=self.poll_interval,
+            pull_batch=self.pull_batch,
+            max_in_flight=self.max_in_flight,
+        )
+        return self.start(
+            streaming,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
 
     # --- one round ------------------------------------------------------------------------
     def current_merger(self) -> Merger | None:
@@ -292,18 +271,15 @@ class ContmergeStrategy(FedAvg):
             return self.base
         return ArrayRecordCheckpoint(broadcast, "broadcast model")
 
-    def _begin_round(self, server_round: int) -> tuple[Merger, RoundReport, RunningMetrics]:
+    def _round_merger(self, server_round: int) -> Merger:
+        """The Merger the round's replies fold into: a fresh one on the broadcast, or the run's."""
         if self._round_base is None or self._round_base[0] != server_round:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train first")
         if self.merge == "round":
             broadcast = self._round_base[1]
-            merger = self.make_merger(ArrayRecordCheckpoint(broadcast, f"round {server_round}"))
-        else:
-            assert self._merger is not None
-            merger = self._merger
-        report = RoundReport(server_round, sampled=self._sampled.pop(server_round, []))
-        report.seconds = time.perf_counter()
-        return merger, report, RunningMetrics(self.weighted_by_key)
+            return self.make_merger(ArrayRecordCheckpoint(broadcast, f"round {server_round}"))
+        assert self._merger is not None
+        return self._merger
 
     def _take(
         self, merger: Merger, reply: Message, report: RoundReport, metrics: RunningMetrics
@@ -313,18 +289,21 @@ class ContmergeStrategy(FedAvg):
         if reply.has_error():
             report.failed[node] = str(reply.error.reason)
             log(WARNING, "round %d: node %d failed: %s", report.server_round, node,
-                _first_line(report.failed[node]))  # fmt: skip
+                client_message(report.failed[node]))  # fmt: skip
             self.on_reply(report.server_round, reply, "failed")
             return
+        started = time.perf_counter()
         try:
             record = self._reply_arrays(reply, node)
             arrival = ArrayRecordCheckpoint(record, f"node {node}")
             result = merger.fold(arrival, name=f"round {report.server_round} node {node}")
         except CheckpointError as exc:
+            report.fold_seconds += time.perf_counter() - started
             report.rejected[node] = str(exc)
             log(WARNING, "round %d: rejected reply: %s", report.server_round, exc)
             self.on_reply(report.server_round, reply, "rejected")
             return
+        report.fold_seconds += time.perf_counter() - started
         (report.folded if result.status == "folded" else report.duplicates).append(node)
         metrics.add(reply.content)
         self.on_reply(report.server_round, reply, result.status)
@@ -340,22 +319,24 @@ class ContmergeStrategy(FedAvg):
             f"expected one ArrayRecord (key {self.arrayrecord_key!r}), got {sorted(records)}",
         )
 
-    def _end_round(
-        self, merger: Merger, report: RoundReport, metrics: RunningMetrics
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays = None
-        if report.accepted >= self.min_replies and merger.count > 0:
-            arrays = to_array_record(merger.iter_merged())
-            report.updated = True
-        if self.merge == "round":
-            merger.close()
-        report.seconds = time.perf_counter() - report.seconds
-        self.reports.append(report)
-        self.on_round_end(report)
-        return arrays, metrics.result()
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# the last line of a Python traceback: "RuntimeError: message" (also dotted, e.g. torch.x.Error)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*$")
+_FLOWER_WRAPPER = "ClientAppException"
 
 
-def _first_line(text: str, limit: int = 300) -> str:
-    """Client errors can carry whole remote tracebacks; the log gets their gist."""
-    line = text.strip().splitlines()[0] if text.strip() else "(no reason given)"
+def client_message(text: str, limit: int = 300) -> str:
+    """The client's own error in a failed reply's reason, for one log line.
+
+    Under Ray the reason is the repr of a RayTaskError: its first line is Ray's header (actor,
+    pid, colour codes), the client's traceback comes after and ends in the line that says what
+    went wrong, which Flower then wraps in a ClientAppException. That line is what a reader needs.
+    """
+    lines = [_ANSI.sub("", line).strip() for line in text.strip().splitlines()]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and _FLOWER_WRAPPER not in line]
+    if raised:
+        line = raised[0]  # the client's exception, before Ray's and Flower's re-raises
+    else:
+        line = next((x for x in lines if x), "(no reason given)")
     return line if len(line) <= limit else line[:limit] + "…"

@@ -5,6 +5,8 @@ all of them in a list: server memory grows with the number of clients. :class:`R
 pushes the same messages with ``grid.push_messages`` and pulls replies with
 ``grid.pull_messages`` in small batches, yielding each reply and keeping no reference to it,
 so a consumer that folds and drops each reply holds at most ``pull_batch`` of them.
+:class:`StreamingGrid` is a Grid whose ``send_and_receive`` of train messages returns such a
+stream, so that Flower's own round loop (``Strategy.start``) hands it to ``aggregate_train``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from logging import WARNING
+from typing import TYPE_CHECKING
 
-from flwr.app import Message
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
+
+if TYPE_CHECKING:
+    from flwr.proto.node_pb2 import NodeInfo
+    from flwr.supercore.run import Run
 
 
 class ReplyStream:
@@ -108,3 +115,70 @@ class ReplyStream:
         never_sent = [m.metadata.dst_node_id for m in self._waiting]
         self._waiting.clear()
         self.missing = sorted([*self._pending.values(), *never_sent])
+
+
+class StreamingGrid(Grid):
+    """``grid`` as it is, except that ``send_and_receive`` of train messages returns a
+    :class:`ReplyStream` (iterable once) instead of the list of every reply.
+
+    Evaluation and other messages go through ``grid.send_and_receive`` unchanged: their replies
+    are metrics, small, and strategies may read them more than once.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        poll_interval: float = 0.1,
+        pull_batch: int = 4,
+        max_in_flight: int | None = None,
+    ) -> None:
+        self.grid = grid
+        self.poll_interval = poll_interval
+        self.pull_batch = pull_batch
+        self.max_in_flight = max_in_flight
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        return ReplyStream(
+            self.grid,
+            messages,
+            timeout=timeout,
+            poll_interval=self.poll_interval,
+            pull_batch=self.pull_batch,
+            max_in_flight=self.max_in_flight,
+        )
+
+    # --- everything else is the wrapped grid's ---------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)

@@ -1,18 +1,20 @@
 """The HTTP API (FastAPI): upload, status, metrics, merged model, manifest, health.
 
-``POST /checkpoints?name=NAME`` takes the raw safetensors bytes as the body, streamed to the
-spool in chunks under a size limit, and answers 202 with an id once the upload is durable.
-Everything but ``/healthz`` needs ``Authorization: Bearer <token>``.
+``POST /checkpoints?name=NAME`` takes the raw safetensors bytes as the body, or a tar of a
+checkpoint directory (``Content-Type: application/x-tar``, ``?format=tar`` or a ``.tar`` name),
+streamed to the spool in chunks under a size limit, and answers 202 with an id once the upload
+is durable. A body that stops arriving for ``upload_idle_timeout`` seconds, or arrives slower
+than ``upload_min_rate`` once that long has passed, is cut with 408. Everything but
+``/healthz`` needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import IO, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -20,26 +22,65 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from .auth import bearer_check
+from .bodycheck import Refusal
 from .metrics import CONTENT_TYPE
-from .service import MergeService, UploadRejected
-from .spool import BadName, check_name
+from .service import MergeService
+from .upload import Accepted, Upload
 
 log = logging.getLogger("contmerge.server")
 WRITE_BLOCK = 1 << 20  # gather the body into ~1 MiB writes, done off the event loop
 READ_BLOCK = 1 << 20
 
 
-def _write(handle: IO[bytes], digest: Any, data: bytes | bytearray) -> None:
-    digest.update(data)
-    handle.write(data)
+def _refused(refusal: Refusal) -> JSONResponse:
+    headers = {}
+    body: dict[str, object] = {"status": refusal.status, "reason": refusal.reason}
+    if refusal.checkpoint_id is not None:
+        body = {"id": refusal.checkpoint_id, **body}
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
+        body["retry_after"] = refusal.retry_after
+    return JSONResponse(body, status_code=refusal.status_code, headers=headers)
 
 
-def _refused(exc: UploadRejected) -> JSONResponse:
-    record = exc.record
+def _queued(accepted: Accepted) -> JSONResponse:
+    where = f"/uploads/{accepted.id}"
     return JSONResponse(
-        {"id": record["id"], "status": "rejected", "reason": record["reason"]},
-        status_code=exc.status_code,
+        {
+            "id": accepted.id,
+            "name": accepted.name,
+            "status": "queued",
+            "bytes": accepted.bytes,
+            "sha256": accepted.sha256,
+            "queue_depth": accepted.queue_depth,
+            "status_url": where,
+        },
+        status_code=202,
+        headers={"Location": where},
     )
+
+
+async def _receive(request: Request, upload: Upload) -> None:
+    """Stream the body into the upload; Refusal (408) for a client too slow to wait for."""
+    pending = bytearray()
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout=upload.idle_timeout)
+        except asyncio.TimeoutError:
+            raise upload.stalled() from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            upload.check(chunk)
+            pending += chunk
+            if len(pending) >= WRITE_BLOCK:
+                data, pending = pending, bytearray()
+                await run_in_threadpool(upload.write, data)
+        if not message.get("more_body", False):
+            break
+        upload.pace()
+    await run_in_threadpool(upload.write, pending)
 
 
 def create_app(service: MergeService, token: str | None) -> FastAPI:
@@ -69,110 +110,39 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
     async def upload(
         request: Request,
         name: str | None = None,
+        format: str | None = None,
         x_checkpoint_name: str | None = Header(default=None),
     ) -> Response:
-        raw_name = name or x_checkpoint_name or "checkpoint"
-        checkpoint_id = service.spool.new_id()
-        limit = service.settings.max_upload_bytes
-        try:
-            safe_name = check_name(raw_name)
-        except BadName as exc:
-            return _refused(
-                await run_in_threadpool(
-                    service.reject_upload, 400, checkpoint_id, raw_name, str(exc)
-                )
-            )
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            # refused before reading: with "Expect: 100-continue" (curl) nothing is even sent
-            return _refused(
-                await run_in_threadpool(
-                    service.reject_upload,
-                    413,
-                    checkpoint_id,
-                    safe_name,
-                    f"upload of {declared} bytes is over the limit of {limit} bytes",
-                )
-            )
-        if not service.reserve_upload():
-            seconds = service.retry_after()
-            return JSONResponse(
-                {"status": "busy", "reason": "queue full, retry later", "retry_after": seconds},
-                status_code=503,
-                headers={"Retry-After": str(seconds)},
-            )
-        return await _receive(request, checkpoint_id, safe_name, limit)
-
-    async def _receive(request: Request, checkpoint_id: str, name: str, limit: int) -> Response:
-        temp, handle = service.spool.open_temp(checkpoint_id)
-        queued = False
         try:
-            digest = hashlib.sha256()
-            size = 0
-            pending = bytearray()
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    return _refused(
-                        await run_in_threadpool(
-                            service.reject_upload,
-                            413,
-                            checkpoint_id,
-                            name,
-                            f"upload is over the limit of {limit} bytes",
-                        )
-                    )
-                pending += chunk
-                if len(pending) >= WRITE_BLOCK:
-                    data, pending = pending, bytearray()
-                    await run_in_threadpool(_write, handle, digest, data)
-            await run_in_threadpool(_write, handle, digest, pending)
-            client = request.client.host if request.client else None
-            record = await run_in_threadpool(
-                service.accept_upload,
-                temp,
-                handle,
-                checkpoint_id,
-                name,
-                size,
-                digest.hexdigest(),
-                client,
+            receiving = await run_in_threadpool(
+                service.begin_upload,
+                name or x_checkpoint_name or "checkpoint",
+                request.headers.get("content-type", ""),
+                format,
+                int(declared) if declared.isdigit() else None,
             )
-            queued = True
-        except UploadRejected as exc:
-            return _refused(exc)
+        except Refusal as refusal:
+            return _refused(refusal)
+        try:
+            await _receive(request, receiving)
+            client = request.client.host if request.client else None
+            return _queued(await run_in_threadpool(receiving.finish, client))
+        except Refusal as refusal:
+            await run_in_threadpool(receiving.abort, refusal)
+            return _refused(refusal)
         except ClientDisconnect:
-            log.info("upload %s: client went away before the body was complete", checkpoint_id)
+            log.info("upload %s: client went away before the body was complete", receiving.id)
             return Response(status_code=400)
-        finally:
-            if not queued:
-                handle.close()
-                service.spool.discard(temp)
-                service.queue.release()
-        return JSONResponse(
-            {
-                "id": checkpoint_id,
-                "name": name,
-                "status": "queued",
-                "bytes": size,
-                "sha256": record["sha256"],
-                "queue_depth": len(service.queue),
-                "status_url": f"/uploads/{checkpoint_id}",
-            },
-            status_code=202,
-            headers={"Location": f"/uploads/{checkpoint_id}"},
-        )
+        finally:  # whatever happened (a bug, a cancelled request), give its slot and files back
+            await run_in_threadpool(receiving.abort)
 
     @app.get("/uploads/{checkpoint_id}", dependencies=auth)
     def upload_status(checkpoint_id: str) -> JSONResponse:
-        record = service.lookup(checkpoint_id)
-        if record is None:
+        found = service.upload_status(checkpoint_id)
+        if found is None:
             return JSONResponse({"id": checkpoint_id, "status": "unknown"}, status_code=404)
-        status = record.get("event")
-        if status == "accepted":
-            current = service.board.current
-            status = "folding" if current and current["id"] == checkpoint_id else "queued"
-        return JSONResponse({**record, "status": status})
+        return JSONResponse(found)
 
     @app.get("/status", dependencies=auth)
     def status() -> JSONResponse:
@@ -180,7 +150,7 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
 
     @app.get("/metrics", dependencies=auth)
     def metrics() -> PlainTextResponse:
-        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(service.metrics_text(), media_type=CONTENT_TYPE)
 
     @app.get("/manifest", dependencies=auth)
     def manifest() -> JSONResponse:

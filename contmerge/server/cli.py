@@ -10,6 +10,7 @@ import argparse
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from contmerge.merger import DEFAULT_MAX_RELATIVE_DELTA
@@ -66,15 +67,50 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument(
         "--max-upload-bytes",
-        type=int,
+        type=positive(int),
         default=None,
         help="largest upload accepted, in bytes (default 16 GiB); larger ones get 413",
     )
     serve.add_argument(
         "--queue-size",
-        type=int,
+        type=positive(int),
         default=None,
-        help="checkpoints that may wait for the writer (default 64); beyond it uploads get 503",
+        help="complete checkpoints that may wait for the writer (default 64); beyond it uploads "
+        "get 503",
+    )
+    serve.add_argument(
+        "--max-concurrent-uploads",
+        type=positive(int),
+        default=None,
+        help="uploads whose body may be arriving at once (default 16), counted apart from the "
+        "queue; beyond it uploads get 503",
+    )
+    serve.add_argument(
+        "--upload-idle-timeout",
+        type=positive(float),
+        default=None,
+        help="seconds an upload may send nothing before it is cut with 408 (default 30); also "
+        "the grace period of --upload-min-rate",
+    )
+    serve.add_argument(
+        "--upload-min-rate",
+        type=positive(float, zero=True),
+        default=None,
+        help="bytes/s an upload must average once --upload-idle-timeout has passed, else it is "
+        "cut with 408 (default 16384; 0 for no floor)",
+    )
+    serve.add_argument(
+        "--max-header-bytes",
+        type=positive(int),
+        default=None,
+        help="largest safetensors header read, in bytes (default 16 MiB); a larger one gets 413 "
+        "as soon as its first 8 bytes arrive",
+    )
+    serve.add_argument(
+        "--max-tar-members",
+        type=positive(int),
+        default=None,
+        help="most files and folders in a directory uploaded as a tar (default 10000)",
     )
     serve.add_argument(
         "--threads",
@@ -85,6 +121,21 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.set_defaults(func=run_serve)
+
+
+def positive(kind: type, zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number above 0 (or at least 0 with ``zero``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'above 0'}")
+        return value
+
+    return parse
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -111,12 +162,16 @@ def _log_to_stderr(level: str) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ..cli import _parse_settings, missing_extra
 
-    from ..cli import _parse_settings
-    from .app import create_app
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ModuleNotFoundError as exc:
+        return missing_extra("serve", exc)
     from .auth import AuthSetupError, is_loopback, load_token
-    from .service import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_QUEUE_SIZE, MergeService, ServeSettings
+    from .service import MergeService, ServeSettings
 
     _log_to_stderr(args.log_level)
     try:
@@ -133,6 +188,19 @@ def run_serve(args: argparse.Namespace) -> int:
             "use --tls-cert/--tls-key (or a TLS proxy) off loopback",
             file=sys.stderr,
         )
+    limits = {
+        key: value
+        for key in (
+            "max_upload_bytes",
+            "queue_size",
+            "max_concurrent_uploads",
+            "upload_idle_timeout",
+            "upload_min_rate",
+            "max_header_bytes",
+            "max_tar_members",
+        )
+        if (value := getattr(args, key)) is not None
+    }
     settings = ServeSettings(
         state=Path(args.state),
         base=args.base,
@@ -142,8 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_relative_delta=None if args.any_base else args.max_relative_delta,
         inbox=Path(args.inbox) if args.inbox else None,
         poll_interval=args.poll_interval,
-        max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
-        queue_size=args.queue_size or DEFAULT_QUEUE_SIZE,
+        **limits,
     )
     if args.threads:
         import torch
@@ -168,8 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(
             f"contmerge serve: listening on {scheme}://{shown}:{port} "
-            f"(state {settings.state}, {service.merger.count} folded, "
-            f"{len(service.queue)} pending)",
+            f"(state {settings.state}, {service.count} folded, {service.pending} pending)",
             flush=True,
         )
         uvicorn.Server(config).run(sockets=[sock])

@@ -11,6 +11,11 @@ Polling, no dependency. An entry is taken only when it is complete and settled:
 
 Once the writer is done, the entry moves to ``done/`` or ``rejected/`` (with
 ``<name>.reason.txt`` beside it). Entries stay in place until then, so a restart finds them again.
+
+Some entries are rejected as they are, never folded nor waited on: a symbolic link that leads
+out of the inbox (a link whose target stays inside it is followed), a directory holding one, a
+shard index naming a file outside its directory, and a file whose first 8 bytes cannot be a
+safetensors header (checked once it has settled; the reason never quotes those bytes).
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..sources import SAFETENSORS_INDEX
+from .headercheck import DEFAULT_MAX_HEADER_BYTES, PREFIX_BYTES, header_problem
 
 log = logging.getLogger("contmerge.server")
 DONE, REJECTED = "done", "rejected"
 IGNORED_SUFFIXES = (".tmp", ".partial")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# read by torch's (weights-only) unpickler, not as safetensors: no header to check
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 Signature = list[Any]  # JSON-friendly, so the journal can remember it across restarts
 
@@ -41,6 +49,65 @@ class InboxEntry:
     path: Path
     signature: Signature
     sidecars: tuple[Path, ...]  # per-checkpoint statistics files that travel with it
+    refused: str | None = None  # why it is rejected as it is, without a fold
+
+
+class Refused(Exception):
+    """An entry to reject as it is: waiting would not help, folding must not happen."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base + os.sep)
+
+
+def check_link(path: Path, root: Path, shown: str) -> None:
+    """Refuse a symbolic link that leads out of ``root`` (one that stays inside is fine)."""
+    if path.is_symlink() and not _inside(path, root):
+        raise Refused(
+            f"{shown} is a symbolic link to outside the inbox: refused (put the checkpoint "
+            "itself in the inbox)"
+        )
+
+
+def check_shard_paths(directory: Path, shards: Sequence[str]) -> None:
+    """Refuse an index whose shards leave its directory (absolute, ``..``, or through a link).
+
+    TODO: call the shard rule of contmerge.sources once it has one (issue 11.8, CLI side).
+    """
+    for shard in shards:
+        relative = PurePosixPath(shard)
+        if (
+            relative.is_absolute()
+            or ".." in relative.parts
+            or not _inside(directory / shard, directory)
+        ):
+            shown = shard if len(shard) <= 100 else shard[:100] + "…"
+            raise Refused(
+                f"{SAFETENSORS_INDEX} names the shard {shown!r}, outside the checkpoint "
+                "directory: refused"
+            )
+
+
+def read_as_safetensors(path: Path) -> bool:
+    return not path.name.endswith((*TORCH_SUFFIXES, ".index.json", ".json"))
+
+
+def header_refusal(path: Path, limit: int) -> str | None:
+    """Why the safetensors header of a settled file will not be read, or None."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(PREFIX_BYTES)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return None  # gone or unreadable: the fold says why
+    problem = header_problem(prefix, size, limit)
+    return None if problem is None else problem[1]
+
+
+def lstat_signature(path: Path) -> Signature:
+    stat = path.lstat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 def is_ignored(name: str) -> bool:
@@ -53,17 +120,22 @@ def sidecar_names(name: str, kinds: Sequence[str]) -> list[str]:
     return [f"{stem}.{kind}.safetensors" for kind in kinds]
 
 
-def inspect_entry(path: Path) -> tuple[Signature | None, str | None]:
-    """(signature, None) when the entry looks complete, else (None, what it is waiting for)."""
+def inspect_entry(path: Path, root: Path) -> tuple[Signature | None, str | None]:
+    """(signature, None) when the entry looks complete, else (None, what it still lacks).
+
+    Raises Refused for an entry to reject as it is; ``root`` is the directory links must stay in.
+    """
+    check_link(path, root, path.name)
     try:
         if path.is_file():
             stat = path.stat()
             return [stat.st_size, stat.st_mtime_ns, stat.st_ino], None
         if not path.is_dir():
             return None, "not a file or directory"
-        listing = sorted(
-            [child.name, child.stat().st_size, child.stat().st_mtime_ns] for child in path.iterdir()
-        )
+        children = sorted(path.iterdir())
+        for child in children:
+            check_link(child, root, f"{path.name}/{child.name}")
+        listing = [[c.name, c.stat().st_size, c.stat().st_mtime_ns] for c in children]
     except FileNotFoundError:
         return None, "vanished"
     names = {row[0] for row in listing}
@@ -71,19 +143,33 @@ def inspect_entry(path: Path) -> tuple[Signature | None, str | None]:
         try:
             weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
+            check_shard_paths(path, shards)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return listing, None  # settled yet unreadable: the fold will say why
-        missing = [s for s in shards if s not in names]
+        missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            return None, f"waiting for {len(missing)} shard(s), e.g. {missing[0]}"
+            return None, f"{len(missing)} shard(s) of the index not there, e.g. {missing[0]}"
         return listing, None
     if "adapter_config.json" in names:
         if names.intersection(ADAPTER_WEIGHTS):
             return listing, None
-        return None, "adapter directory without adapter_model.safetensors yet"
+        return None, "adapter_config.json without adapter_model.safetensors"
     if names.intersection(MODEL_WEIGHTS):
         return listing, None
-    return None, f"directory without {SAFETENSORS_INDEX} or model weights yet"
+    return None, f"a directory without {SAFETENSORS_INDEX} or model weights"
+
+
+def header_refusal_in(path: Path, limit: int) -> str | None:
+    """The first header refusal among an entry's safetensors files: the entry itself, or the
+    ``*.safetensors`` files of a directory (which also holds configs, READMEs...)."""
+    if not path.is_dir():
+        return header_refusal(path, limit) if read_as_safetensors(path) else None
+    for file in sorted(path.iterdir()):
+        if file.name.endswith(".safetensors") and file.is_file():
+            problem = header_refusal(file, limit)
+            if problem is not None:
+                return f"{file.name}: {problem}"
+    return None
 
 
 class InboxWatcher(threading.Thread):
@@ -93,6 +179,7 @@ class InboxWatcher(threading.Thread):
         submit: Callable[[InboxEntry], bool],
         poll_interval: float = 1.0,
         sidecar_kinds: Sequence[str] = (),
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         super().__init__(name="contmerge-inbox", daemon=True)
         self.directory = directory
@@ -103,6 +190,7 @@ class InboxWatcher(threading.Thread):
         self.submit = submit
         self.poll_interval = poll_interval
         self.sidecar_kinds = tuple(sidecar_kinds)
+        self.max_header_bytes = max_header_bytes
         self.scans = 0
         self.waiting: dict[str, str] = {}
         self._seen: dict[str, Signature] = {}
@@ -129,8 +217,10 @@ class InboxWatcher(threading.Thread):
             if is_ignored(entry.name) or any(entry.name.endswith(s) for s in sidecars):
                 continue
             try:
-                # a rename updates ctime, not mtime: ctime orders entries by arrival
-                found.append((entry.stat().st_ctime_ns, entry.name, Path(entry.path)))
+                # a rename updates ctime, not mtime: ctime orders entries by arrival; a link's
+                # own, so that a dangling one is seen (and refused) too
+                stat = entry.stat(follow_symlinks=False)
+                found.append((stat.st_ctime_ns, entry.name, Path(entry.path)))
             except FileNotFoundError:
                 continue
         return [path for _, _, path in sorted(found)]
@@ -145,26 +235,34 @@ class InboxWatcher(threading.Thread):
             with self._lock:
                 if name in self._claimed:
                     continue
-            signature, why = inspect_entry(path)
-            if signature is None:
-                self._seen.pop(name, None)
-                waiting[name] = why or "incomplete"
-                continue
-            if self._seen.get(name) != signature:
-                self._seen[name] = signature
-                waiting[name] = "settling"
-                continue
+            try:
+                signature, why = inspect_entry(path, self.directory)
+            except Refused as exc:
+                refused: str | None = str(exc)
+                signature, why = lstat_signature(path), None
+            else:
+                refused = None
+                if signature is None:
+                    self._seen.pop(name, None)
+                    waiting[name] = why or "incomplete"
+                    continue
+                if self._seen.get(name) != signature:
+                    self._seen[name] = signature
+                    waiting[name] = "settling"
+                    continue
             if blocked:
                 waiting[name] = "queue full"
                 continue
             sidecars = tuple(
                 path.with_name(s)
                 for s in sidecar_names(name, self.sidecar_kinds)
-                if path.with_name(s).exists()
+                if os.path.lexists(path.with_name(s))
             )
+            if refused is None:
+                refused = self._refusal(path, sidecars)
             with self._lock:
                 self._claimed.add(name)
-            if not self.submit(InboxEntry(name, path, signature, sidecars)):
+            if not self.submit(InboxEntry(name, path, signature, sidecars, refused)):
                 with self._lock:
                     self._claimed.discard(name)
                 waiting[name] = "queue full"
@@ -176,14 +274,28 @@ class InboxWatcher(threading.Thread):
         self.waiting = waiting  # replaced whole, so readers on other threads see one scan
         self.scans += 1
 
+    def _refusal(self, path: Path, sidecars: Sequence[Path]) -> str | None:
+        """Checks of a settled entry: its sidecars' links, its safetensors headers."""
+        try:
+            for sidecar in sidecars:
+                check_link(sidecar, self.directory, sidecar.name)
+        except Refused as exc:
+            return str(exc)
+        try:
+            return header_refusal_in(path, self.max_header_bytes)
+        except OSError:
+            return None  # vanished or unreadable: the fold says why
+
     def settle(self, entry: InboxEntry, checkpoint_id: str, event: str, reason: str | None) -> None:
         """Move a finished entry (and its sidecars) to done/ or rejected/."""
         folder = self.rejected_dir if event == "rejected" else self.done_dir
         target = entry.name
-        if (folder / target).exists() or any((folder / s.name).exists() for s in entry.sidecars):
+        if os.path.lexists(folder / target) or any(
+            os.path.lexists(folder / s.name) for s in entry.sidecars
+        ):
             target = f"{checkpoint_id}-{entry.name}"  # never overwrite an earlier one
         try:
-            if entry.path.exists():
+            if os.path.lexists(entry.path):  # a refused link moves as the link itself
                 os.replace(entry.path, folder / target)
             for sidecar in entry.sidecars:
                 prefix = target[: len(target) - len(entry.name)]

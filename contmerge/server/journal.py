@@ -9,16 +9,79 @@ reads to see what happened to a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-FINAL_EVENTS = frozenset({"folded", "duplicate", "rejected"})
+Event = Literal["accepted", "folded", "duplicate", "rejected"]
+FinalEvent = Literal["folded", "duplicate", "rejected"]
+Origin = Literal["http", "inbox"]
+FINAL_EVENTS: frozenset[str] = frozenset({"folded", "duplicate", "rejected"})
 JOURNAL_FILE = "journal.jsonl"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """Who an arrival is: what every journal line about it starts with, and what it carries
+    from its ``accepted`` line to its final one (the upload's sha256, the inbox signature)."""
+
+    id: str
+    origin: Origin
+    name: str
+    label: str | None  # its source in the manifest; None for an upload refused before it had one
+    sha256: str | None = None
+    signature: list[Any] | None = None  # an inbox entry's, so that a restart knows it again
+
+    @staticmethod
+    def upload(checkpoint_id: str, name: str, sha256: str | None = None) -> Arrival:
+        return Arrival(checkpoint_id, "http", name, f"upload/{checkpoint_id}/{name}", sha256)
+
+    @staticmethod
+    def inbox(checkpoint_id: str, name: str, signature: list[Any]) -> Arrival:
+        label = f"inbox/{checkpoint_id}/{name}"
+        return Arrival(checkpoint_id, "inbox", name, label, signature=signature)
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One journal line (the journal stamps it with the time). Every line is built here."""
+
+    event: Event
+    arrival: Arrival
+    reason: str | None = None
+    bytes: int | None = None  # of an upload
+    client: str | None = None  # address an upload came from
+    content_hash: str | None = None  # of a fold's outcome: the Merger's arrival record
+    index: int | None = None
+    seconds: float | None = None
+    recovered: bool = False  # re-queued from the spool, or folded before a crash cut its line
+
+    def to_json(self) -> dict[str, Any]:
+        """The line as a JSON object: fields left unset are left out."""
+        arrival = self.arrival
+        fields: dict[str, Any] = {
+            "event": self.event,
+            "id": arrival.id,
+            "origin": arrival.origin,
+            "name": arrival.name,
+            "label": arrival.label,
+            "reason": self.reason,
+            "bytes": self.bytes,
+            "client": self.client,
+            "content_hash": self.content_hash,
+            "index": self.index,
+            "seconds": self.seconds,
+            "recovered": self.recovered or None,
+            "sha256": arrival.sha256,
+            "signature": arrival.signature,
+        }
+        return {key: value for key, value in fields.items() if value is not None}
 
 
 def now_iso() -> str:
@@ -40,15 +103,22 @@ class Journal:
                 if handle.read(1) != b"\n":
                     os.write(self._fd, b"\n")
 
-    def append(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Write ``record`` (stamped with the time) durably and return it as written."""
-        record = {"time": now_iso(), **record}
+    def append(self, entry: JournalRecord) -> dict[str, Any]:
+        """Write ``entry`` (stamped with the time) durably; the line as written."""
+        record = {"time": now_iso(), **entry.to_json()}
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:
+            start = os.fstat(self._fd).st_size
             view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError:
+                # a full disk can take half a line: cut it, or the next line would be glued on
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise
         return record
 
     def records(self) -> Iterator[dict[str, Any]]:

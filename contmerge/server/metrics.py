@@ -175,6 +175,25 @@ class ServerMetrics:
         self.upload_bytes = add(
             Counter("contmerge_upload_bytes_total", "Bytes of accepted uploads.")
         )
+        self.retries = add(
+            Counter(
+                "contmerge_retries_total",
+                "Folds tried again after a failure that was not the checkpoint's "
+                "(disk full, I/O error, out of memory).",
+                ("origin",),
+                ORIGINS,
+            )
+        )
+        self.timed_out = add(
+            Counter(
+                "contmerge_uploads_timed_out_total",
+                "Uploads cut with 408: no data for --upload-idle-timeout seconds, or slower "
+                "than --upload-min-rate.",
+            )
+        )
+        self.no_space = add(
+            Counter("contmerge_uploads_no_space_total", "Uploads refused with 507 (disk full).")
+        )
         self.fold_seconds = add(
             Histogram(
                 "contmerge_fold_seconds",

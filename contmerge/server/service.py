@@ -1,7 +1,8 @@
 """The merge service: the Merger, its writer thread, the queue, the spool, the journal and the
 inbox wired together, with the recovery that makes a restart pick up where a crash left off.
 
-The HTTP layer (app.py) only calls into this object; nothing here knows about HTTP.
+The HTTP layer (app.py) only calls the public methods of this object (and of the
+:class:`~.upload.Upload` handle that ``begin_upload`` returns); nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import CheckpointError
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
-from ..tensorfile import SafetensorsReader
+from .headercheck import DEFAULT_MAX_HEADER_BYTES
 from .inbox import InboxEntry, InboxWatcher, is_ignored
-from .journal import FINAL_EVENTS, JOURNAL_FILE, Journal
+from .journal import FINAL_EVENTS, JOURNAL_FILE, Arrival, Journal, JournalRecord
 from .metrics import ServerMetrics
-from .spool import SPOOL_DIR, Spool, Spooled, id_sequence
+from .spool import SPOOL_DIR, Spool, id_sequence, spooled_bytes
 from .status import StatusBoard
+from .upload import Upload, Uploads
 from .worker import Writer
 from .workqueue import WorkItem, WorkQueue
 
@@ -29,6 +30,10 @@ log = logging.getLogger("contmerge.server")
 EMIT_DIR = "server-cache"
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024**3
 DEFAULT_QUEUE_SIZE = 64
+DEFAULT_MAX_CONCURRENT_UPLOADS = 16
+DEFAULT_UPLOAD_IDLE_TIMEOUT = 30.0
+DEFAULT_UPLOAD_MIN_RATE = 16 * 1024  # bytes/s, averaged once the idle timeout has passed
+DEFAULT_MAX_TAR_MEMBERS = 10_000
 
 
 @dataclass
@@ -43,15 +48,11 @@ class ServeSettings:
     poll_interval: float = 1.0
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     queue_size: int = DEFAULT_QUEUE_SIZE
-
-
-class UploadRejected(Exception):
-    """An upload refused before it was queued; ``record`` is its journal line."""
-
-    def __init__(self, status_code: int, record: dict[str, Any]) -> None:
-        super().__init__(record.get("reason"))
-        self.status_code = status_code
-        self.record = record
+    max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
+    upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
 
 
 class MergeService:
@@ -80,6 +81,15 @@ class MergeService:
         self.metrics = ServerMetrics()
         self.queue = WorkQueue(settings.queue_size)
         self.spool = Spool(state / SPOOL_DIR)
+        self.uploads = Uploads(
+            settings,
+            self.spool,
+            self.queue,
+            self.journal,
+            self.board,
+            self.metrics,
+            self.retry_after,
+        )
         self.writer = Writer(
             self.merger, self.queue, self.journal, self.board, self.metrics, state / EMIT_DIR
         )
@@ -90,6 +100,7 @@ class MergeService:
                 self._submit_inbox,
                 settings.poll_interval,
                 self.merger.strategy.needs_extras,
+                settings.max_header_bytes,
             )
         self._add_gauges()
         self._recover()
@@ -112,6 +123,16 @@ class MergeService:
             "contmerge_writer_busy", "1 while a fold runs.", lambda: self.board.current is not None
         )
         gauge("contmerge_start_time_seconds", "Unix time the server started.", lambda: self.started)
+        gauge(
+            "contmerge_stalled_arrivals",
+            "Arrivals held up while a fold is retried: the retried one and those behind it.",
+            lambda: len(self.queue) if self.board.retrying else 0,
+        )
+        gauge(
+            "contmerge_uploads_in_progress",
+            "Uploads whose body is still arriving or being checked.",
+            self.uploads.in_flight.__len__,
+        )
 
     # --- recovery ---------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -141,20 +162,13 @@ class MergeService:
             if last is not None and last.get("event") in FINAL_EVENTS:
                 self.spool.discard(spooled_item.path)  # journaled, then killed before clearing
                 continue
+            path = spooled_item.path
+            sha256 = None if last is None else last.get("sha256")
+            arrival = Arrival.upload(spooled_item.id, spooled_item.name, sha256)
             if last is None:  # renamed into the spool, then killed before the journal line
-                self._journal(
-                    {
-                        "event": "accepted",
-                        "id": spooled_item.id,
-                        "origin": "http",
-                        "name": spooled_item.name,
-                        "label": upload_label(spooled_item.id, spooled_item.name),
-                        "bytes": spooled_item.path.stat().st_size,
-                        "recovered": True,
-                    }
-                )
-            extra = {"sha256": last["sha256"]} if last and "sha256" in last else {}
-            self.queue.put_recovered(self._upload_item(spooled_item, extra))
+                size = spooled_bytes(path)
+                self._journal(JournalRecord("accepted", arrival, bytes=size, recovered=True))
+            self.queue.put_recovered(self.uploads.work_item(arrival, path))
         if spooled:
             log.info("re-queued %d upload(s) from the spool", len(self.queue))
 
@@ -180,87 +194,24 @@ class MergeService:
         self.journal.close()
 
     # --- arrivals -----------------------------------------------------------------------------
-    def _journal(self, record: dict[str, Any]) -> dict[str, Any]:
-        written = self.journal.append(record)
+    def _journal(self, entry: JournalRecord) -> dict[str, Any]:
+        written = self.journal.append(entry)
         self.board.record(written)
         return written
 
-    def _upload_item(self, spooled: Spooled, extra: dict[str, Any]) -> WorkItem:
-        return WorkItem(
-            id=spooled.id,
-            name=spooled.name,
-            origin="http",
-            path=spooled.path,
-            label=upload_label(spooled.id, spooled.name),
-            finish=lambda _event, _reason: self.spool.discard(spooled.path),
-            extra=extra,
-        )
-
-    def reserve_upload(self) -> bool:
-        """Hold a queue slot for an upload about to stream in; False (and counted) when full."""
-        if self.queue.reserve():
-            return True
-        self.metrics.busy.inc()
-        return False
-
-    def reject_upload(
-        self, status_code: int, checkpoint_id: str, name: str, reason: str, **fields: Any
-    ) -> UploadRejected:
-        record = self._journal(
-            {
-                "event": "rejected",
-                "id": checkpoint_id,
-                "origin": "http",
-                "name": name[:200],
-                "reason": reason,
-                **fields,
-            }
-        )
-        self.metrics.rejected.inc(1, "http")
-        return UploadRejected(status_code, record)
-
-    def accept_upload(
+    def begin_upload(
         self,
-        temp: Path,
-        handle: IO[bytes],
-        checkpoint_id: str,
         name: str,
-        size: int,
-        sha256: str,
-        client: str | None,
-    ) -> dict[str, Any]:
-        """Validate, make durable, journal and queue an upload whose slot is reserved.
+        content_type: str = "",
+        format_param: str | None = None,
+        declared: int | None = None,
+    ) -> Upload:
+        """Take an upload whose body is about to stream in (blocking: a refusal is journaled).
 
-        Blocking (fsync): call it from a worker thread. Raises UploadRejected (422) for a body
-        that is not a readable safetensors file; the caller releases the slot on any error.
+        Raises :class:`~.bodycheck.Refusal` at once for what can be refused before the body: a bad
+        name, a declared size over the limit, an unknown format, a full server (503).
         """
-        handle.flush()
-        try:
-            SafetensorsReader(temp).close()  # the header: truncation, garbage, pickles
-        except CheckpointError as exc:
-            handle.close()
-            self.spool.discard(temp)
-            raise self.reject_upload(
-                422, checkpoint_id, name, exc.reason, bytes=size, sha256=sha256
-            ) from exc
-        path = self.spool.commit(temp, handle, checkpoint_id, name)
-        extra = {"sha256": sha256}
-        record = self._journal(
-            {
-                "event": "accepted",
-                "id": checkpoint_id,
-                "origin": "http",
-                "name": name,
-                "label": upload_label(checkpoint_id, name),
-                "bytes": size,
-                "client": client,
-                **extra,
-            }
-        )
-        self.metrics.accepted.inc(1, "http")
-        self.metrics.upload_bytes.inc(size)
-        self.queue.put_reserved(self._upload_item(Spooled(checkpoint_id, name, path), extra))
-        return record
+        return self.uploads.begin(name, content_type, format_param, declared)
 
     def _submit_inbox(self, entry: InboxEntry) -> bool:
         """Called by the inbox watcher for a complete entry; False when the queue is full."""
@@ -273,40 +224,50 @@ class MergeService:
             # journaled before a crash, not moved yet
             inbox.settle(entry, memory["id"], memory["event"], memory.get("reason"))
             return True
+        if entry.refused is not None:  # rejected as it is: nothing to fold, no slot needed
+            checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
+            arrival = Arrival.inbox(checkpoint_id, entry.name, entry.signature)
+            self._journal(JournalRecord("rejected", arrival, reason=entry.refused))
+            self.metrics.rejected.inc(1, "inbox")
+            inbox.settle(entry, checkpoint_id, "rejected", entry.refused)
+            return True
         if not self.queue.reserve():
             if memory is not None:
                 self._inbox_memory[entry.name] = memory
             return False
         checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
-        extra = {"signature": entry.signature}
+        arrival = Arrival.inbox(checkpoint_id, entry.name, entry.signature)
         if memory is None:
-            self._journal(
-                {
-                    "event": "accepted",
-                    "id": checkpoint_id,
-                    "origin": "inbox",
-                    "name": entry.name,
-                    "label": inbox_label(checkpoint_id, entry.name),
-                    **extra,
-                }
-            )
+            self._journal(JournalRecord("accepted", arrival))
             self.metrics.accepted.inc(1, "inbox")
         self.queue.put_reserved(
             WorkItem(
-                id=checkpoint_id,
-                name=entry.name,
-                origin="inbox",
-                path=entry.path,
-                label=inbox_label(checkpoint_id, entry.name),
+                arrival,
+                entry.path,
                 finish=lambda event, reason: inbox.settle(entry, checkpoint_id, event, reason),
-                extra=extra,
             )
         )
         return True
 
     # --- reading ------------------------------------------------------------------------------
-    def lookup(self, checkpoint_id: str) -> dict[str, Any] | None:
-        return self.board.lookup(checkpoint_id)
+    @property
+    def count(self) -> int:
+        """Checkpoints folded into the state."""
+        return int(self.writer.manifest["globals"]["count"])
+
+    @property
+    def pending(self) -> int:
+        """Checkpoints waiting for the writer."""
+        return len(self.queue)
+
+    def upload_status(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """An arrival's last journal line with its ``status`` (see :data:`~.status.UploadStatus`),
+        or None when the server does not know the id (any more)."""
+        return self.board.upload_status(checkpoint_id)
+
+    def metrics_text(self) -> str:
+        """The metrics in Prometheus' text format."""
+        return self.metrics.render()
 
     def manifest(self) -> dict[str, Any]:
         return self.writer.manifest
@@ -339,6 +300,11 @@ class MergeService:
                 "depth": len(self.queue),
                 "capacity": self.queue.capacity,
                 "folding": self.board.current,
+                "retrying": self.board.retrying,
+            },
+            "uploads": {
+                "in_progress": len(self.uploads.in_flight),
+                "max_concurrent": self.uploads.in_flight.limit,
             },
             "totals": {  # since this process started; the journal has the whole history
                 "accepted": int(metrics.accepted.total()),
@@ -357,14 +323,12 @@ class MergeService:
                 "scans": inbox.scans,
                 "waiting": inbox.waiting,
             },
-            "limits": {"max_upload_bytes": self.settings.max_upload_bytes},
+            "limits": {
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "max_header_bytes": self.settings.max_header_bytes,
+                "max_tar_members": self.settings.max_tar_members,
+                "upload_idle_timeout": self.settings.upload_idle_timeout,
+                "upload_min_rate": self.settings.upload_min_rate,
+            },
             "uptime_seconds": round(time.time() - self.started, 3),
         }
-
-
-def upload_label(checkpoint_id: str, name: str) -> str:
-    return f"upload/{checkpoint_id}/{name}"
-
-
-def inbox_label(checkpoint_id: str, name: str) -> str:
-    return f"inbox/{checkpoint_id}/{name}"

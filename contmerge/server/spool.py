@@ -1,10 +1,11 @@
 """The upload spool: where an upload becomes durable before the client is told it was accepted.
 
 An upload streams into ``spool/.<id>.tmp``; once complete it is fsync'd and renamed to
-``spool/<id>__<name>.safetensors`` (then the directory is fsync'd). Only a file with its final
-name counts as accepted; ids start with a zero-padded sequence number, so sorting the names
-gives the arrival order back after a restart. The writer removes a file once it is folded or
-rejected.
+``spool/<id>__<name>.safetensors`` (then the directory is fsync'd). A directory sent as a tar
+is unpacked into ``spool/.<id>.unpack/`` (every file fsync'd) and renamed to
+``spool/<id>__<name>.dir``. Only an entry with its final name counts as accepted; ids start
+with a zero-padded sequence number, so sorting the names gives the arrival order back after a
+restart. The writer removes an entry once it is folded or rejected.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,17 @@ from ..atomic import fsync_dir
 
 SPOOL_DIR = "spool"
 SUFFIX = ".safetensors"
+DIR_SUFFIX = ".dir"
 MAX_NAME = 128
 # a plain file name: no separators, no leading dot, no "..", nothing a shell or a log mangles
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{MAX_NAME - 1}}}")
-_SPOOLED = re.compile(r"(?P<id>\d{8,}-[0-9a-f]{6})__(?P<name>.+)" + re.escape(SUFFIX))
+_SPOOLED = re.compile(
+    r"(?P<id>\d{8,}-[0-9a-f]{6})__(?P<name>.+)(?P<suffix>"
+    + re.escape(SUFFIX)
+    + "|"
+    + re.escape(DIR_SUFFIX)
+    + ")"
+)
 
 
 class BadName(ValueError):
@@ -63,10 +72,10 @@ class Spool:
     def __init__(self, directory: Path, first_sequence: int = 1) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        # temp files of uploads cut short by a crash were never acknowledged: drop them
+        # temp files and unpacking of uploads cut short by a crash were never acknowledged
         for entry in directory.iterdir():
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                entry.unlink()
+            if entry.name.startswith(".") and entry.name.endswith((".tmp", ".unpack")):
+                self.discard(entry)
         self._lock = threading.Lock()
         pending = self.pending()
         self._next = max([first_sequence, *(id_sequence(s.id) + 1 for s in pending)])
@@ -95,7 +104,22 @@ class Spool:
         fsync_dir(self.directory)
         return final
 
+    def unpack_dir(self, checkpoint_id: str) -> Path:
+        """Where a tar upload is unpacked before it counts as accepted (must not exist yet)."""
+        return self.directory / f".{checkpoint_id}.unpack"
+
+    def commit_dir(self, root: Path, checkpoint_id: str, name: str) -> Path:
+        """Make an unpacked directory (its files already fsync'd) the accepted upload."""
+        final = self.directory / f"{checkpoint_id}__{name}{DIR_SUFFIX}"
+        os.replace(root, final)
+        fsync_dir(self.directory)
+        self.discard(self.unpack_dir(checkpoint_id))  # what is left when root was a subfolder
+        return final
+
     def discard(self, path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            return
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -104,6 +128,13 @@ class Spool:
         found = []
         for entry in self.directory.iterdir():
             match = _SPOOLED.fullmatch(entry.name)
-            if match and entry.is_file():
+            if match and (entry.is_dir() if match["suffix"] == DIR_SUFFIX else entry.is_file()):
                 found.append(Spooled(match["id"], match["name"], entry))
         return sorted(found, key=lambda s: (id_sequence(s.id), s.id))
+
+
+def spooled_bytes(path: Path) -> int:
+    """The size of a spooled upload: a file, or the files of an unpacked directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size

@@ -7,9 +7,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, Literal
 
 from .journal import FINAL_EVENTS
+
+#: what ``GET /uploads/<id>`` says of an arrival: its final event, or where it waits
+UploadStatus = Literal["queued", "folding", "retrying", "folded", "duplicate", "rejected"]
 
 
 class StatusBoard:
@@ -19,6 +22,7 @@ class StatusBoard:
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self._remember = remember
         self._current: dict[str, Any] | None = None
+        self._retrying: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
 
     def record(self, record: dict[str, Any]) -> None:
@@ -50,6 +54,40 @@ class StatusBoard:
     def current(self) -> dict[str, Any] | None:
         with self._lock:
             return dict(self._current) if self._current else None
+
+    def retry(self, info: dict[str, Any] | None) -> None:
+        """The arrival waiting to be folded again (``next_attempt`` in Unix time), or None."""
+        with self._lock:
+            self._retrying = dict(info) if info else None
+
+    @property
+    def retrying(self) -> dict[str, Any] | None:
+        """The arrival being retried, with ``next_attempt_in`` seconds and a one-line message."""
+        with self._lock:
+            if self._retrying is None:
+                return None
+            info = dict(self._retrying)
+        wait = max(0, round(info.pop("next_attempt") - time.time()))
+        info["next_attempt_in"] = wait
+        info["message"] = f"retrying: {info['reason']}, next attempt in {wait} s"
+        return info
+
+    def upload_status(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """The arrival's last record with its ``status`` (an :data:`UploadStatus`; ``retry``
+        too while it is retried), or None for an id not remembered."""
+        record = self.lookup(checkpoint_id)
+        if record is None:
+            return None
+        if record.get("event") != "accepted":
+            return {**record, "status": record.get("event")}  # a final event
+        status: UploadStatus = "queued"
+        extra = {}
+        current, retrying = self.current, self.retrying
+        if current and current["id"] == checkpoint_id:
+            status = "folding"
+        elif retrying and retrying["id"] == checkpoint_id:
+            status, extra = "retrying", {"retry": retrying}
+        return {**record, **extra, "status": status}
 
     def recent(self) -> list[dict[str, Any]]:
         with self._lock:

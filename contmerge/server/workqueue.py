@@ -1,8 +1,11 @@
 """The bounded queue between arrivals (HTTP, inbox) and the single writer thread.
 
-An upload reserves its slot *before* its body is read, so a full queue is refused at once
-(503) instead of after the client sent gigabytes. Besides checkpoints, the writer takes calls
-(emit the merged model) that jump the queue: a download waits for at most one fold.
+Only complete arrivals hold a slot: an upload takes its slot once its body is in, so slow
+clients cannot fill the queue (the server bounds uploads in flight separately); a full queue
+is still refused at once, before any body is read. Besides checkpoints, the writer takes calls
+(emit the merged model) that jump the queue: a download waits for at most one fold. An arrival
+whose fold failed for a reason of the server's (a full disk) goes back to the head of the
+queue, not to be handed out again before its ``not_before`` time.
 """
 
 from __future__ import annotations
@@ -16,20 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .journal import Arrival, Event
+
 # what to do with an arrival once the writer is done with it: (event, reason) -> None
-Finisher = Callable[[str, str | None], None]
+Finisher = Callable[[Event, str | None], None]
 
 
 @dataclass
 class WorkItem:
-    id: str
-    name: str
-    origin: str  # "http" or "inbox"
+    arrival: Arrival  # its label is its source in the manifest: unique per arrival
     path: Path
-    label: str  # recorded as the arrival's source in the manifest; unique per arrival
     finish: Finisher
-    extra: dict[str, Any] = field(default_factory=dict)  # copied into journal records
     enqueued: float = field(default_factory=time.time)
+    attempts: int = 0  # folds tried and failed for a reason that was not the checkpoint's
+    not_before: float = 0.0  # time.monotonic() before which it is not handed out again
 
 
 @dataclass
@@ -53,8 +56,12 @@ class WorkQueue:
         with self._cond:
             return len(self._items)
 
+    def full(self) -> bool:
+        with self._cond:
+            return len(self._items) + self._reserved >= self.capacity
+
     def reserve(self) -> bool:
-        """Hold a slot for an upload whose body is still arriving; False when full."""
+        """Hold a slot for an arrival about to be queued; False when full."""
         with self._cond:
             if len(self._items) + self._reserved >= self.capacity:
                 return False
@@ -79,6 +86,14 @@ class WorkQueue:
             self._cond.notify_all()
             return True
 
+    def put_back(self, item: WorkItem, delay: float) -> None:
+        """Return an arrival to the head of the queue, to be retried in ``delay`` seconds (the
+        arrivals behind it wait: folding them first would change the arrival order)."""
+        item.not_before = time.monotonic() + delay
+        with self._cond:
+            self._items.appendleft(item)
+            self._cond.notify_all()
+
     def put_recovered(self, item: WorkItem) -> None:
         """Re-queue work accepted before a restart: it was promised, so it ignores the bound."""
         with self._cond:
@@ -99,16 +114,20 @@ class WorkQueue:
     def get(self, timeout: float) -> WorkItem | Call | None:
         with self._cond:
             deadline = time.monotonic() + timeout
-            while not (self._calls or self._items or self._closed):
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while True:
+                if self._calls:
+                    return self._calls.popleft()
+                if self._closed:
                     return None
-                self._cond.wait(left)
-            if self._calls:
-                return self._calls.popleft()
-            if self._items and not self._closed:
-                return self._items.popleft()
-            return None
+                now = time.monotonic()
+                wake = deadline
+                if self._items:
+                    if self._items[0].not_before <= now:
+                        return self._items.popleft()
+                    wake = min(deadline, self._items[0].not_before)
+                if deadline <= now:
+                    return None
+                self._cond.wait(wake - now)
 
     def close(self) -> None:
         """Stop handing out work; pending calls fail, pending checkpoints stay on disk."""

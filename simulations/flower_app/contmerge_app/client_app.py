@@ -4,6 +4,6 @@ A SuperNode names its part with ``--node-config "partition-id=0 num-partitions=2
 simulation engine sets both for every virtual node.
 """
 
-from contmerge.flower.client import make_client_app
+from contmerge.simulations.federated.client import make_client_app
 
 app = make_client_app()

@@ -19,8 +19,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from contmerge.flower import ContmergeStrategy, from_array_record, to_array_record
 from contmerge.flower.arrays import record_digest
-from contmerge.flower.client import HEADS_KEY, SCENARIO_KEY
-from contmerge.flower.scenario import DEFAULT_CACHE, Scenario, heads_to_bytes, prepare
+from contmerge.simulations.federated.client import HEADS_KEY, SCENARIO_KEY
+from contmerge.simulations.federated.scenario import (
+    DEFAULT_CACHE,
+    Scenario,
+    heads_to_bytes,
+    prepare,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -1,17 +1,21 @@
 """``contmerge simulate federated``: a contmerge strategy vs FedAvg on Flower's simulation engine.
 
-Wired in by ``contmerge.simulations.cli.add_simulate_parser`` calling
-:func:`add_federated_parser` with its sub-parsers. Flower is imported only when the command runs.
+``contmerge.simulations.cli`` builds the command from :func:`add_federated_arguments` and
+:func:`main_federated` (:func:`add_federated_parser` does both for a caller with its own
+sub-parsers). Importing this module imports Flower: without it the command shows as unavailable
+and names the extra to install.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from .partition import PARTITION_HELP, parse_partition
+from .report import markdown, write_report
+from .run import FederatedRun, run_federated
+from .scenario import DEFAULT_CACHE, Scenario
 
 DESCRIPTION = (
     "Federated rounds on the real offline tasks (Fashion-MNIST and digits domains) with "
@@ -59,8 +63,8 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drop-in",
         action="store_true",
-        help="run the contmerge strategy through Flower's strategy.start (replies gathered "
-        "first) instead of the streaming push/pull/fold loop",
+        help="run the contmerge strategy through Flower's strategy.start (each round's replies "
+        "gathered, then folded) instead of start_streaming (folded as they are pulled)",
     )
     parser.add_argument("--no-fedavg", action="store_true", help="skip the FedAvg baseline")
     parser.add_argument("--out", help="output directory (default results/federated-…)")
@@ -77,12 +81,6 @@ def _partition(text: str) -> str:
 
 def main_federated(args: argparse.Namespace) -> int:
     """Run ``simulate federated`` with parsed arguments; prints the table, writes the files."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from .report import markdown, write_report
-    from .scenario import DEFAULT_CACHE, Scenario
-    from .simulate import FederatedRun, run_federated
-
     scenario = Scenario(
         partition=args.partition,
         tasks=tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None,
@@ -118,11 +116,3 @@ def main_federated(args: argparse.Namespace) -> int:
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m contmerge.flower federated ...``: the same command without the CLI group."""
-    parser = argparse.ArgumentParser(prog="python -m contmerge.flower")
-    add_federated_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)

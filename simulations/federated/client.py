@@ -3,7 +3,7 @@
 The node's part comes from its node config (``partition-id``, ``num-partitions``), which the
 simulation engine sets for every virtual SuperNode and a real SuperNode gets from
 ``flower-supernode --node-config "partition-id=0 num-partitions=2"``. Everything else arrives in
-the train message (see :mod:`contmerge.flower.scenario`).
+the train message (see :mod:`.scenario`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .arrays import from_array_record, record_digest, to_array_record
+from contmerge.flower.arrays import from_array_record, record_digest, to_array_record
+
 from .scenario import Scenario, heads_from_bytes, local_train
 
 #: keys of the train message's ConfigRecord

@@ -1,10 +1,10 @@
 """The federated task scenario on real offline data: what the server prepares, what clients train.
 
-Built on ``contmerge.simulations`` (Fashion-MNIST and scikit-learn digits tasks, the MLP
-backbone, probe heads): the server holds the pretrained backbone θ0 and one frozen linear head
-per task, and evaluates the global backbone on every task's test set with that task's head.
-Clients train the backbone on their partition (mixing tasks, each sample through its task's
-head) and never see the test sets.
+Built on the rest of ``contmerge.simulations`` (Fashion-MNIST and scikit-learn digits tasks, the
+MLP backbone, fixed class-mean cosine heads): the server holds the pretrained backbone θ0 and one
+frozen head per task, and evaluates the global backbone on every task's test set with that
+task's head. Clients train the backbone on their partition (mixing tasks, each sample through
+its task's head) and never see the test sets.
 
 Clients are stateless: the train message carries the :class:`Scenario` (JSON) and the heads
 (safetensors bytes) in its ConfigRecord, next to the backbone, so the same ClientApp serves the
@@ -19,16 +19,19 @@ import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
 
+from ..data import DataConfig, TaskSuite
+from ..data import load_suite as load_task_suite
+from ..evaluate import Evaluator
+from ..models import Backbone, ModelConfig, StateDict, head_from_state
+from ..train import CheckpointCache, TrainConfig
 from .partition import Part, parse_partition, partition
 
 DEFAULT_CACHE = Path(os.environ.get("CONTMERGE_CACHE", Path.home() / ".cache" / "contmerge"))
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -57,24 +60,19 @@ class Scenario:
             data["tasks"] = tuple(data["tasks"])
         return Scenario(**data)
 
-    def data_config(self) -> Any:
-        from contmerge.simulations.data import DataConfig
-
+    def data_config(self) -> DataConfig:
         return DataConfig(seed=self.seed, n_train=self.n_train, n_test=self.n_test,
                           tasks=self.tasks)  # fmt: skip
 
 
-def load_suite(scenario: Scenario) -> Any:
+def load_suite(scenario: Scenario) -> TaskSuite:
     """The task suite (cached per process: Ray actors reuse it across rounds)."""
-    return _load_suite(scenario.seed, scenario.n_train, scenario.n_test, scenario.tasks)
+    return _load_suite(scenario.data_config())
 
 
 @lru_cache(maxsize=2)
-def _load_suite(seed: int, n_train: int, n_test: int, tasks: tuple[str, ...] | None) -> Any:
-    from contmerge.simulations.data import DataConfig
-    from contmerge.simulations.data import load_suite as _load
-
-    return _load(DataConfig(seed=seed, n_train=n_train, n_test=n_test, tasks=tasks))
+def _load_suite(config: DataConfig) -> TaskSuite:
+    return load_task_suite(config)
 
 
 def client_part(scenario: Scenario, partition_id: int, num_partitions: int) -> Part:
@@ -92,7 +90,7 @@ class Prepared:
     base: StateDict
     heads: dict[str, StateDict]
     task_names: list[str]
-    evaluator: Any
+    evaluator: Evaluator
     sources: str
 
     def accuracy(self, backbone: StateDict) -> dict[str, float]:
@@ -105,11 +103,7 @@ class Prepared:
 def prepare(
     scenario: Scenario, cache_dir: str | Path = DEFAULT_CACHE, progress: bool = False
 ) -> Prepared:
-    """Pretrain θ0 and fit the probe heads (or load them from the cache)."""
-    from contmerge.simulations.evaluate import Evaluator
-    from contmerge.simulations.models import ModelConfig
-    from contmerge.simulations.train import CheckpointCache, TrainConfig
-
+    """Pretrain θ0 and build the fixed heads (or load them from the cache)."""
     suite = load_suite(scenario)
     cache = CheckpointCache(suite, scenario.data_config(), ModelConfig(), TrainConfig(),
                             Path(cache_dir) / "simulations", progress=progress)  # fmt: skip
@@ -146,8 +140,6 @@ def local_train(
     Returns the new backbone (in the dtypes it came in), the number of samples and the mean
     training loss. Computation is float32 whatever the transport dtype.
     """
-    from contmerge.simulations.models import Backbone, ModelConfig, head_from_state
-
     torch.set_num_threads(1)  # one simulated client per core
     suite = load_suite(scenario)
     part = client_part(scenario, partition_id, num_partitions)
