@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..dtypes import parse_out_dtype
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
 from .headercheck import DEFAULT_MAX_HEADER_BYTES
 from .inbox import InboxEntry, InboxWatcher, is_ignored
@@ -53,12 +54,15 @@ class ServeSettings:
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
+    #: dtype of the merged float tensors served (None: the base's; ``contmerge.dtypes``)
+    out_dtype: str | None = None
 
 
 class MergeService:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.started = time.time()
+        self.out_dtype = parse_out_dtype(settings.out_dtype)  # refused before the state is opened
         # opening the Merger takes the state's lock: a second server on this state fails here
         self.merger = Merger(
             settings.base,
@@ -91,7 +95,13 @@ class MergeService:
             self.retry_after,
         )
         self.writer = Writer(
-            self.merger, self.queue, self.journal, self.board, self.metrics, state / EMIT_DIR
+            self.merger,
+            self.queue,
+            self.journal,
+            self.board,
+            self.metrics,
+            state / EMIT_DIR,
+            self.out_dtype,
         )
         self.inbox: InboxWatcher | None = None
         if settings.inbox is not None:
