@@ -17,13 +17,15 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from safetensors.torch import load, save
+from safetensors.torch import load, save, save_file
 from server_helpers import (
+    STRATEGY,
     TOKEN,
     Served,
     assert_same_model,
     final_events,
     finetune,
+    make_base,
     sequential_fold,
     wait_for,
 )
@@ -294,6 +296,56 @@ def test_a_huge_header_is_refused_at_once_and_health_stays_responsive(tmp_path: 
     finally:
         uploading.clear()
         server.close()
+
+
+def test_a_header_within_a_raised_max_header_bytes_is_checked_and_folded(tmp_path: Path) -> None:
+    """--max-header-bytes reaches every reader of the upload: its check before the 202 and the
+    writer's fold, not only the first 8 bytes (a 20 MiB header is over the 16 MiB default)."""
+    server = Served(tmp_path, "--max-header-bytes", str(32 << 20))
+    try:
+        tensors = finetune(server.base_tensors, 5)
+        body = save(tensors, metadata={"pad": "x" * (20 << 20)})
+        assert struct.unpack("<Q", body[:8])[0] > 16 << 20
+        answer = server.client.http.post(
+            "/checkpoints", params={"name": "big-header"}, content=body
+        )
+        assert answer.status_code == 202, answer.text
+        checkpoint_id = answer.json()["id"]
+        [record] = wait_for(lambda: final_events(server.state, checkpoint_id), what="the fold")
+        assert record["event"] == "folded", record
+        want = sequential_fold(server.base, STRATEGY, [server.checkpoint(5)])
+        assert_same_model(load(server.client.http.get("/model").content), want)
+    finally:
+        server.close()
+
+
+def test_the_services_max_header_bytes_reaches_its_upload_check_and_fold(tmp_path: Path) -> None:
+    """The same through MergeService from Python (no CLI, whose option also sets the limit of
+    the thread it runs in): the setting alone must bound every reader."""
+    from contmerge.server.service import MergeService, ServeSettings
+
+    base_tensors = make_base()
+    save_file(base_tensors, tmp_path / "base.safetensors")
+    settings = ServeSettings(
+        tmp_path / "state", str(tmp_path / "base.safetensors"), STRATEGY,
+        max_header_bytes=32 << 20,
+    )  # fmt: skip
+    service = MergeService(settings)
+    service.start()
+    try:
+        body = save(finetune(base_tensors, 6), metadata={"pad": "x" * (20 << 20)})
+        upload = service.begin_upload("big-header", declared=len(body))
+        upload.check(body)
+        upload.write(body)
+        accepted = upload.finish(None)  # a Refusal (422) when the check ignores the setting
+        status = wait_for(
+            lambda: (s := service.upload_status(accepted.id))["event"] != "accepted" and s,
+            what="the fold",
+        )
+        assert status["event"] == "folded", status
+    finally:
+        service.stop()
+        service.close()
 
 
 def test_a_journal_line_cut_short_by_a_full_disk_is_not_left_behind(small_disk: Path) -> None:

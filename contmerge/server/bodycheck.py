@@ -87,10 +87,10 @@ def check_prefix(prefix: bytes, size: int | None, max_header_bytes: int) -> None
         raise Refusal(status, f"{reason}; {HOW_TO_SEND}" if status == 422 else reason)
 
 
-def check_file(path: Path) -> None:
+def check_file(path: Path, max_header_bytes: int) -> None:
     """Refusal (422) unless ``path`` is a safetensors file a fold can read."""
     try:
-        reader = SafetensorsReader(path)  # truncation, garbage, pickles
+        reader = SafetensorsReader(path, max_header_bytes)  # truncation, garbage, pickles
     except CheckpointError as exc:
         raise Refusal(422, f"{exc.reason}; {HOW_TO_SEND}") from exc
     with reader:
@@ -101,7 +101,7 @@ def check_file(path: Path) -> None:
 def check_unpacked(root: Path, max_header_bytes: int) -> None:
     """Refusal (422) unless the unpacked tar at ``root`` is a complete checkpoint directory."""
     try:
-        signature, why = inspect_entry(root, root)
+        signature, why = inspect_entry(root, root, max_header_bytes)
     except Refused as exc:
         raise Refusal(422, str(exc)) from exc
     if signature is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
-from .headercheck import DEFAULT_MAX_HEADER_BYTES
+from ..tensorfile import header_limit, using_header_limit
 from .inbox import InboxEntry, InboxWatcher, is_ignored
 from .journal import FINAL_EVENTS, JOURNAL_FILE, Arrival, Journal, JournalRecord
 from .metrics import ServerMetrics
@@ -51,7 +51,8 @@ class ServeSettings:
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    # $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB, as for the CLI
+    max_header_bytes: int = field(default_factory=header_limit)
     max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
 
 
@@ -60,14 +61,15 @@ class MergeService:
         self.settings = settings
         self.started = time.time()
         # opening the Merger takes the state's lock: a second server on this state fails here
-        self.merger = Merger(
-            settings.base,
-            settings.strategy,
-            settings.state,
-            linear=settings.linear,
-            max_relative_delta=settings.max_relative_delta,
-            **settings.hparams,
-        )
+        with using_header_limit(settings.max_header_bytes):  # the base's header too
+            self.merger = Merger(
+                settings.base,
+                settings.strategy,
+                settings.state,
+                linear=settings.linear,
+                max_relative_delta=settings.max_relative_delta,
+                **settings.hparams,
+            )
         try:
             self._setup(settings)
         except BaseException:
@@ -91,7 +93,13 @@ class MergeService:
             self.retry_after,
         )
         self.writer = Writer(
-            self.merger, self.queue, self.journal, self.board, self.metrics, state / EMIT_DIR
+            self.merger,
+            self.queue,
+            self.journal,
+            self.board,
+            self.metrics,
+            state / EMIT_DIR,
+            settings.max_header_bytes,
         )
         self.inbox: InboxWatcher | None = None
         if settings.inbox is not None:
