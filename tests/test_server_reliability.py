@@ -123,10 +123,18 @@ def test_an_upload_to_a_full_disk_gets_507_with_a_reason(tmp_path: Path, small_d
         assert "no space left on device" in response.json()["reason"]
         assert int(response.headers["Retry-After"]) >= 1
         assert not list((server.state / "spool").iterdir())  # no half upload left behind
+        # the merged model cannot be emitted either: the same answer, not a bare 500
+        model = server.client.http.get("/model")
+        assert model.status_code == 507, model.text
+        assert "no space left on device" in model.json()["reason"], model.text
+        assert str(server.state) not in model.text  # no server paths for clients
+        assert int(model.headers["Retry-After"]) >= 1
+        assert not list((server.state / "server-cache").iterdir())  # no partial emit
 
         ballast.unlink()
         receipt = server.client.upload(body, "room-again.safetensors")
         assert server.client.wait([receipt["id"]])[receipt["id"]]["status"] == "folded"
+        assert server.client.http.get("/model").status_code == 200
     finally:
         server.close()
 

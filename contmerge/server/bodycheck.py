@@ -57,15 +57,14 @@ class Refusal(Exception):
         return "rejected" if self.journal else "busy"
 
 
-def storage_refusal(exc: OSError) -> Refusal:
-    """The server's own disk failed while taking an upload: 507 when it is full, else 500."""
+def storage_refusal(exc: OSError, what: str = "this upload") -> Refusal:
+    """The server's own disk failed while writing ``what``: 507 when it is full, else 500.
+    The reason names no path (the server's own, for clients)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return Refusal(
-            507,
-            "no space left on device on the server for this upload; retry later",
-            retry_after=60,
+            507, f"no space left on device on the server for {what}; retry later", retry_after=60
         )
-    return Refusal(500, f"the server could not store the upload: {exc.strerror or exc}")
+    return Refusal(500, f"the server could not write {what}: {exc.strerror or type(exc).__name__}")
 
 
 def body_kind(content_type: str, format_param: str | None, name: str) -> BodyKind:
