@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import inspect
 import json
 import sys
 import warnings
@@ -288,7 +287,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     selected = argv[0] if argv else None
     for name, (module, function, help_text) in EXTERNAL_COMMANDS.items():
         if name == selected:
-            _add_external(sub, name, module, function, argv[1:])
+            _add_external(sub, name, module, function)
         else:
             sub.add_parser(name, help=help_text)  # a placeholder for the listing only
     return parser
@@ -311,19 +310,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_external(
-    sub: argparse._SubParsersAction, name: str, module: str, function: str, rest: Sequence[str]
-) -> None:
+def _add_external(sub: argparse._SubParsersAction, name: str, module: str, function: str) -> None:
     try:
         adder: Callable[..., None] = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as exc:
         missing = sub.add_parser(name, help=f"(unavailable: {exc})")
         missing.set_defaults(func=lambda _args, exc=exc: missing_extra(name, exc), unavailable=True)
         return
-    if "rest" in inspect.signature(adder).parameters:
-        adder(sub, rest=rest)
-    else:
-        adder(sub)
+    adder(sub)
 
 
 #: the extra of pyproject.toml that installs each optional top-level module
