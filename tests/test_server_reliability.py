@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import torch
 from safetensors.torch import load, save, save_file
 from server_helpers import (
     STRATEGY,
@@ -27,8 +28,12 @@ from server_helpers import (
     finetune,
     make_base,
     sequential_fold,
+    serve_args,
     wait_for,
 )
+
+from contmerge.server.client import MergeClient
+from contmerge.server.launcher import ServerProcess
 
 
 # --- a real full disk -------------------------------------------------------------------------
@@ -137,6 +142,34 @@ def test_an_upload_to_a_full_disk_gets_507_with_a_reason(tmp_path: Path, small_d
         assert server.client.http.get("/model").status_code == 200
     finally:
         server.close()
+
+
+def test_a_merged_model_that_cannot_be_emitted_is_a_reason_not_a_bare_500(tmp_path: Path) -> None:
+    """The fold is fine in the float32 state, but the float16 model would overflow: GET /model
+    says so, without the server's paths, and the state is untouched."""
+    base = {"w": torch.full((4,), 60000.0, dtype=torch.float16)}
+    save_file(base, tmp_path / "base.safetensors")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    args = serve_args(tmp_path / "state", tmp_path / "base.safetensors", tmp_path / "token")
+    args[args.index("--strategy") + 1] = "task_arithmetic"
+    process = ServerProcess([*args, "--set", "scaling_factor=1.0"], tmp_path / "log").start()
+    client = MergeClient(process.url, TOKEN)
+    try:
+        receipts = [
+            client.upload(save({"w": torch.full((4,), value, dtype=torch.float16)}), f"ft-{i}")
+            for i, value in enumerate((65000.0, 64000.0))
+        ]  # 60000 + 5000 + 4000 does not fit in float16 (max 65504)
+        outcomes = client.wait([r["id"] for r in receipts])
+        assert {o["status"] for o in outcomes.values()} == {"folded"}, outcomes
+        model = client.http.get("/model")
+        assert model.status_code == 500, model.text
+        reason = model.json()["reason"]
+        assert "'w' is Inf or NaN in F16" in reason and "nothing was written" in reason, reason
+        assert str(tmp_path) not in reason
+        assert client.manifest()["globals"]["count"] == 2
+    finally:
+        client.close()
+        process.stop()
 
 
 # --- slow clients -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from ..errors import ContmergeError
 from .auth import bearer_check
 from .bodycheck import Refusal, storage_refusal
 from .metrics import CONTENT_TYPE
@@ -165,6 +166,9 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
             refusal = storage_refusal(exc, "the merged model")
             log.warning("GET /model: %s (%s)", refusal.reason, exc)
             return _refused(refusal, "error")
+        except ContmergeError as exc:  # e.g. the merge exceeds the base's dtype: nothing written
+            log.warning("GET /model: %s", exc)
+            return JSONResponse({"status": "error", "reason": str(exc)}, status_code=500)
         size = os.fstat(handle.fileno()).st_size
 
         def blocks() -> Iterator[bytes]:

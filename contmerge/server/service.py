@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import ContmergeError
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
 from ..tensorfile import header_limit, using_header_limit
 from .inbox import InboxEntry, InboxWatcher, is_ignored
@@ -281,8 +282,13 @@ class MergeService:
         return self.writer.manifest
 
     def open_merged(self, timeout: float = 3600.0) -> tuple[IO[bytes], dict[str, int]]:
-        """The current merged model, emitted by the writer between two folds."""
-        return self.queue.call(self.writer.open_merged).result(timeout)
+        """The current merged model, emitted by the writer between two folds. OSError when
+        there is no room to emit it; ContmergeError, without the server's paths, when the state
+        cannot be emitted (a merge over the base's dtype, a checksum mismatch)."""
+        try:
+            return self.queue.call(self.writer.open_merged).result(timeout)
+        except ContmergeError as exc:  # said to clients
+            raise ContmergeError(str(exc).replace(str(self.settings.state), "<state>")) from exc
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about one fold, at least 1, at most 60."""
