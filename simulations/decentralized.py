@@ -44,6 +44,7 @@ from contmerge.strategies.dimat import (
 
 from .cnn import CNNConfig, SmallResNet, resnet_spec
 from .data import DataConfig, Task, load_suite
+from .options import add_no_progress, add_output_dir, positive_int
 
 StateDict = dict[str, torch.Tensor]
 METHODS = ("dimat", "wa", "wa_bn")
@@ -499,28 +500,42 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> None:
 
 def add_decentralized_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = DecentralizedConfig()
-    parser.add_argument("--topology", choices=TOPOLOGIES, default=d.topology)
+    parser.add_argument("--topology", choices=TOPOLOGIES, default=d.topology,
+                        help=f"who merges with whom (default {d.topology})")  # fmt: skip
     parser.add_argument(
         "--pi-file",
         default=None,
         help="JSON file with a row-stochastic mixing matrix (list of rows, or "
         "an object with a 'pi' key); overrides --topology/--agents",
     )
-    parser.add_argument("--agents", type=int, default=d.agents)
-    parser.add_argument("--rounds", type=int, default=None, help=f"default {d.rounds}")
-    parser.add_argument("--partition", choices=("iid", "non-iid"), default=d.partition)
-    parser.add_argument("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
+    parser.add_argument("--agents", type=positive_int, default=d.agents,
+                        help=f"number of agents (default {d.agents})")  # fmt: skip
+    parser.add_argument("--rounds", type=positive_int, default=None, help=f"default {d.rounds}")
     parser.add_argument(
-        "--pretrain-epochs", type=int, default=None, help=f"default {d.pretrain_epochs}"
+        "--partition",
+        choices=("iid", "non-iid"),
+        default=d.partition,
+        help=f"how the training images are split (default {d.partition})",
     )
-    parser.add_argument("--dataset", choices=("fashion", "digits"), default=d.dataset)
+    parser.add_argument(
+        "--local-epochs", type=positive_int, default=None, help=f"default {d.local_epochs}"
+    )
+    parser.add_argument(
+        "--pretrain-epochs", type=positive_int, default=None, help=f"default {d.pretrain_epochs}"
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=("fashion", "digits"),
+        default=d.dataset,
+        help=f"Fashion-MNIST or scikit-learn's digits (default {d.dataset})",
+    )
     parser.add_argument(
         "--n-train",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"training images split among agents (default {d.n_train})",
     )
-    parser.add_argument("--n-test", type=int, default=None, help=f"default {d.n_test}")
+    parser.add_argument("--n-test", type=positive_int, default=None, help=f"default {d.n_test}")
     parser.add_argument(
         "--calibration",
         choices=tuple(CALIBRATION_NOTES),
@@ -530,11 +545,13 @@ def add_decentralized_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     )
     parser.add_argument(
         "--calib-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="calibration images per agent (default: all of its calibration set)",
     )
-    parser.add_argument("--width", type=int, default=None, help=f"CNN width (default {d.width})")
+    parser.add_argument(
+        "--width", type=positive_int, default=None, help=f"CNN width (default {d.width})"
+    )
     parser.add_argument(
         "--methods",
         default=",".join(d.methods),
@@ -545,11 +562,13 @@ def add_decentralized_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
         action="store_true",
         help="FC only: merge for agent 0 and copy it to every agent, as the authors' code",
     )
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--output-dir", default=d.output_dir)
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (1 or 2)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="data split and training seed")
+    add_output_dir(parser, d.output_dir)
+    parser.add_argument(
+        "--threads", type=positive_int, default=d.threads, help="torch threads (1 or 2)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run (< 1 min), for tests")
-    parser.add_argument("--quiet", action="store_true", help="no per-round log")
+    add_no_progress(parser, "the per-round log")
     return parser
 
 
@@ -582,9 +601,9 @@ def config_from_args(args: argparse.Namespace) -> DecentralizedConfig:
         seed=args.seed,
         pi=pi,
         fc_shortcut=args.fc_shortcut,
-        output_dir=args.output_dir,
+        output_dir=args.output_dir or base.output_dir,
         threads=args.threads,
-        progress=not args.quiet,
+        progress=not args.no_progress,
     )
 
 

@@ -38,6 +38,7 @@ from .continual import ContinualConfig, default_cache_dir
 from .data import FASHION_DIR, Task, load_suite
 from .evaluate import Evaluator
 from .models import Backbone, ModelConfig, StateDict, head_from_state
+from .options import add_no_progress, add_output_dir, check_names, names_list
 from .train import (
     CheckpointCache,
     finetune_backbone,
@@ -261,9 +262,7 @@ def run_fw_pool(config: FwPoolConfig) -> dict[str, Any]:
         suite = load_suite(replace(data_cfg, tasks=None))
         by_name = {t.name: t for t in suite.tasks}
         target_names = list(config.targets or suite.names[:4])
-        missing = [n for n in target_names if n not in by_name]
-        if missing:
-            raise ValueError(f"unknown target task(s) {missing}; available: {suite.names}")
+        check_names(target_names, suite.names, "--targets")
         targets = [by_name[n] for n in target_names]
         others = [t for t in suite.tasks if t.name not in target_names]
         cache = CheckpointCache(
@@ -484,7 +483,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_fw_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``contmerge simulate fw``."""
-    parser.add_argument("--output-dir", default=None, help="default: contmerge-runs/fw[-quick]")
+    add_output_dir(parser, "contmerge-runs/fw, with --quick contmerge-runs/fw-quick")
     parser.add_argument(
         "--cache-dir", default=None, help=f"checkpoint cache (default: {default_cache_dir()})"
     )
@@ -519,11 +518,13 @@ def add_fw_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default="train",
         help="inputs of the soft variant's entropy (authors: test)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="data split and training seed")
     parser.add_argument("--quick", action="store_true", help="small, fast setting (tests)")
-    parser.add_argument("--digits-only", action="store_true")
-    parser.add_argument("--fashion-dir", default=str(FASHION_DIR))
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--digits-only", action="store_true",
+                        help="ignore Fashion-MNIST even if installed")  # fmt: skip
+    parser.add_argument("--fashion-dir", default=str(FASHION_DIR),
+                        help="where Debian's dataset-fashion-mnist put its files")  # fmt: skip
+    add_no_progress(parser)
     return parser
 
 
@@ -532,7 +533,7 @@ def config_from_args(args: argparse.Namespace) -> FwPoolConfig:
         output_dir=args.output_dir
         or ("contmerge-runs/fw-quick" if args.quick else "contmerge-runs/fw"),
         cache_dir=args.cache_dir,
-        targets=tuple(x.strip() for x in args.targets.split(",")) if args.targets else None,
+        targets=names_list(args.targets),
         irrelevant=args.irrelevant,
         relevant=tuple(args.relevant),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .heads import CLIP_LOGIT_SCALE, class_mean_heads, cosine_logits
 from .models import StateDict
+from .options import check_names
 from .real_models import BUILDERS, SplitModel
 from .task_split import LabelledTask
 from .train import load_safetensors, save_safetensors
@@ -104,14 +105,18 @@ class RealConfig:
         return out
 
 
-def load_tasks(config: RealConfig) -> list[LabelledTask]:
+def task_registry(config: RealConfig) -> dict[str, Callable[[int, int, int], LabelledTask]]:
+    """The tasks of the model's domain, checked against the ones the config names."""
     from .text_tasks import TEXT_TASKS
     from .vision_tasks import VISION_TASKS
 
     registry = TEXT_TASKS if MODEL_DEFAULTS[config.model]["domain"] == "text" else VISION_TASKS
-    unknown = [n for n in config.task_names() if n not in registry]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown} for {config.model}; known: {sorted(registry)}")
+    check_names(config.task_names(), registry, "--tasks", f"for --model {config.model}")
+    return registry
+
+
+def load_tasks(config: RealConfig) -> list[LabelledTask]:
+    registry = task_registry(config)
     return [registry[n](config.n_train, config.n_test, config.seed) for n in config.task_names()]
 
 
@@ -201,6 +206,7 @@ class RealScenario:
 
     def __init__(self, config: RealConfig, cache_dir: str | Path, *, progress: bool = True
                  ) -> None:  # fmt: skip
+        task_registry(config)  # a misspelt task is refused before the model loads
         self.config = config
         self.progress = progress
         kwargs = {"trained_blocks": config.blocks(), **dict(config.builder_kwargs)}

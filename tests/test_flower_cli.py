@@ -54,7 +54,7 @@ def test_average_strategy_matches_fedavg_in_one_simulation(tmp_path: Path) -> No
         # 3 local epochs: with one, 5 Adam steps from θ0 lower accuracy before it rises again
         "--local-epochs",
         "3",
-        "--out",
+        "--output-dir",
         str(out),
     ]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}

@@ -9,9 +9,11 @@ and names the extra to install.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
+from ..data import DIGITS_TASKS, FASHION_TASKS
+from ..options import add_no_progress, add_output_dir, names_list, positive_int
 from .partition import PARTITION_HELP, parse_partition
 from .report import markdown, write_report
 from .run import FederatedRun, run_federated
@@ -49,16 +51,24 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
         help="round: fold each round's task vectors relative to the broadcast model; "
         "continual: one merge over all rounds relative to θ0 (default round)",
     )
-    parser.add_argument("--clients", type=int, default=4, help="number of clients (default 4)")
-    parser.add_argument("--rounds", type=int, default=5, help="number of rounds (default 5)")
+    parser.add_argument("--clients", type=positive_int, default=4,
+                        help="number of clients (default 4)")  # fmt: skip
+    parser.add_argument("--rounds", type=positive_int, default=5,
+                        help="number of rounds (default 5)")  # fmt: skip
     parser.add_argument("--partition", type=_partition, default="iid", help=PARTITION_HELP)
-    parser.add_argument("--tasks", help="comma-separated task names (default: the suite's 8)")
-    parser.add_argument("--n-train", type=int, default=1000, help="training samples per task")
-    parser.add_argument("--n-test", type=int, default=500, help="test samples per task")
-    parser.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--tasks", help=f"comma-separated task names (default: the suite's 8): "
+                        f"{', '.join(t.name for t in FASHION_TASKS)}; without Fashion-MNIST: "
+                        f"{', '.join(t.name for t in DIGITS_TASKS)}")  # fmt: skip
+    parser.add_argument("--n-train", type=positive_int, default=1000,
+                        help="training samples per task")  # fmt: skip
+    parser.add_argument("--n-test", type=positive_int, default=500,
+                        help="test samples per task")  # fmt: skip
+    parser.add_argument("--local-epochs", type=positive_int, default=1,
+                        help="local epochs per round")  # fmt: skip
     parser.add_argument("--lr", type=float, default=5e-4, help="client Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="client mini-batch size (default 64)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="data split and training seed")
     parser.add_argument("--timeout", type=float, default=900, help="per-round reply timeout (s)")
     parser.add_argument(
         "--drop-in",
@@ -67,7 +77,8 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
         "gathered, then folded) instead of start_streaming (folded as they are pulled)",
     )
     parser.add_argument("--no-fedavg", action="store_true", help="skip the FedAvg baseline")
-    parser.add_argument("--out", help="output directory (default results/federated-…)")
+    add_output_dir(parser, "results/federated-…")
+    add_no_progress(parser, "Flower's per-round log (warnings and errors still show)")
     parser.add_argument("--cache-dir", help="where pretrained θ0 and heads are cached")
 
 
@@ -81,9 +92,11 @@ def _partition(text: str) -> str:
 
 def main_federated(args: argparse.Namespace) -> int:
     """Run ``simulate federated`` with parsed arguments; prints the table, writes the files."""
+    if args.no_progress:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     scenario = Scenario(
         partition=args.partition,
-        tasks=tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None,
+        tasks=names_list(args.tasks),
         n_train=args.n_train,
         n_test=args.n_test,
         seed=args.seed,
@@ -102,12 +115,9 @@ def main_federated(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         cache_dir=args.cache_dir or str(DEFAULT_CACHE),
     )
-    if args.clients < 1 or args.rounds < 1:
-        print("--clients and --rounds must be at least 1", file=sys.stderr)
-        return 2
     results = run_federated(run)
     slug = f"{args.strategy}-{args.merge}-{args.partition}-{args.clients}c".replace(":", "")
-    out = Path(args.out or Path("results") / f"federated-{_safe(slug)}")
+    out = Path(args.output_dir or Path("results") / f"federated-{_safe(slug)}")
     paths = write_report(results, out)
     print(markdown(results))
     print("written: " + ", ".join(str(p) for p in paths.values()))
