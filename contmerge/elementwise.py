@@ -59,6 +59,7 @@ class _Fused:
 @dataclass(slots=True)
 class _Tensor:
     info: TensorInfo
+    arrival_dtype: torch.dtype  # any float dtype the compute dtype holds (``contmerge.dtypes``)
     read: ChunkReader  # the arrival's bytes, chunk by chunk
     chunk: int  # entries per chunk
     base: torch.Tensor  # flat view, the base's dtype
@@ -91,13 +92,15 @@ class ElementwiseBatch:
     def add(
         self,
         info: TensorInfo,
+        arrival_dtype: torch.dtype,
         read: ChunkReader,
         base: tuple[torch.Tensor, np.ndarray | None],
         old: State,
         target: State,
     ) -> None:
-        """``base`` is the base's tensor flattened, and the same as numpy when it is already
-        in the compute dtype (see ``flat_base``)."""
+        """``read`` gives the arrival's entries in ``arrival_dtype``, which may differ from the
+        base's; ``base`` is the base's tensor flattened, and the same as numpy when it is
+        already in the compute dtype (see ``flat_base``)."""
         flat, base_array = base
         entry = self.strategy.entry_fold(info, self.ctx)
         if entry is None:
@@ -110,8 +113,10 @@ class ElementwiseBatch:
         self.tensors.append(
             _Tensor(
                 info,
+                arrival_dtype,
                 read,
-                CHUNK_BYTES // info.meta.dtype.itemsize,
+                # whole hash leaves of the arrival's own bytes, whatever the base's dtype
+                CHUNK_BYTES // arrival_dtype.itemsize,
                 flat,
                 base_array,
                 old_arrays,
@@ -120,7 +125,7 @@ class ElementwiseBatch:
                 fused,
             )
         )
-        self.nbytes += info.meta.nbytes
+        self.nbytes += info.meta.numel * arrival_dtype.itemsize
 
     def _fused(self, info: TensorInfo, entry: EntryFold, old: State, target: State) -> _Fused:
         if len(target) != 1:
@@ -170,10 +175,7 @@ class ElementwiseBatch:
         t = self.tensors[k]
         raw = t.read(start, stop, self.runner.scratch("arrival", CHUNK_BYTES))
         leaves = [leaf_digest(raw[i : i + LEAF_BYTES]) for i in range(0, raw.size, LEAF_BYTES)]
-        if t.base_array is not None:
-            arrival, base = raw.view(t.base_array.dtype), t.base_array[start:stop]
-        else:
-            arrival, base = self._widened(t, raw, start, stop)
+        arrival, base = self._in_compute_dtype(t, raw, start, stop)
         fused = t.fused
         if fused is not None:
             old, out = fused.old[start:stop], fused.out[start:stop]
@@ -190,14 +192,20 @@ class ElementwiseBatch:
             sq = float("nan")
         return leaves, sq
 
-    def _widened(
+    def _in_compute_dtype(
         self, t: _Tensor, raw: np.ndarray, start: int, stop: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Half precision: arrival and base widened to the compute dtype, in cache."""
+        """The chunk's arrival and base entries in the compute dtype: views where they already
+        are, else widened (half precision, 8-bit floats) into this thread's buffers, in cache."""
         compute, n = t.info.compute_dtype, stop - start
-        arrival = self._buffer("wide arrival", n, compute)
+        if t.arrival_dtype == compute:
+            arrival = raw.view(numpy_dtype(compute))
+        else:
+            arrival = self._buffer("wide arrival", n, compute)
+            torch.from_numpy(arrival).copy_(torch.from_numpy(raw).view(t.arrival_dtype))
+        if t.base_array is not None:
+            return arrival, t.base_array[start:stop]
         base = self._buffer("wide base", n, compute)
-        torch.from_numpy(arrival).copy_(torch.from_numpy(raw).view(t.info.meta.dtype))
         torch.from_numpy(base).copy_(t.base[start:stop])
         return arrival, base
 

@@ -31,20 +31,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open, writing
+from .atomic import atomic_write_bytes, fsync_dir, writing
 from .chunks import ChunkRunner
 from .dirlock import DirectoryLock
+from .dtypes import arrival_dtype_problem, dtype_summary, parse_out_dtype
 from .elementwise import ElementwiseBatch, flat_base
-from .errors import CheckpointError, StateError
+from .emitting import (
+    MODEL_CARD,
+    check_out,
+    model_card,
+    out_metas,
+    plan_shards,
+    set_config_dtype,
+    write_model,
+)
+from .errors import CheckpointError, Notice, SettingError, StateError
 from .hashing import ContentHash, tensor_leaves
 from .kernels import all_finite, sum_sq
 from .layout import tensor_infos
-from .manifest import FORMAT, MANIFEST
+from .manifest import FORMAT, MANIFEST, read_manifest
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import DiskStore, MemoryStore, slot_key
 from .strategy import FoldContext, State, Strategy, TensorInfo
-from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
+from .tensorfile import CODE_BY_DTYPE, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
 #: what the content hash takes of one tensor: dtype, shape and its leaves' digests
@@ -110,6 +120,8 @@ class Merger:
         **hparams: Any,
     ) -> None:
         self.base = open_checkpoint(base)
+        # a path is recorded absolute: the state may be emitted from any directory
+        self._base_source = os.path.abspath(base) if isinstance(base, (str, Path)) else None
         self._runner = ChunkRunner(workers)
         if keep_base_mapped is None:
             keep_base_mapped = sum(m.nbytes for m in self.base.meta.values()) <= MAPPED_BASE_LIMIT
@@ -135,6 +147,13 @@ class Merger:
         # a writer locks the directory before looking for a manifest: finding none and creating
         # the state must be one step, or two processes could each create it over the other
         lock = None if read_only else DirectoryLock.exclusive(directory)
+        if lock is not None and strategy is not None:
+            try:
+                self._take_over_if_empty(directory, strategy, hparams, linear)
+            except BaseException:
+                lock.close()
+                self._runner.close()
+                raise
         if lock is not None and not os.path.lexists(directory / MANIFEST):
             try:
                 self.strategy = self._new_strategy(strategy, hparams)
@@ -166,6 +185,31 @@ class Merger:
             raise
 
     # --- setup ----------------------------------------------------------------------------
+    def _take_over_if_empty(
+        self, directory: Path, strategy: str | Strategy, hparams: dict[str, Any], linear: str | None
+    ) -> None:
+        """A state that has folded nothing (its first fold failed) is no one's yet: asked for
+        with another strategy or linear pattern, it is removed so that a new one is created.
+        Called with the directory's writer lock held."""
+        if not os.path.lexists(directory / MANIFEST):
+            return
+        manifest = read_manifest(directory)[0]
+        if manifest["globals"]["count"] != 0 or manifest["generation"] != 0:
+            return
+        wanted = parse_strategy(strategy, **hparams).spec()
+        if wanted == manifest["strategy"] and linear == manifest.get("linear_pattern"):
+            return
+        # the manifest goes first: its generation-0 file is then a leftover the creation clears
+        with writing(directory / MANIFEST):
+            os.unlink(directory / MANIFEST)
+            fsync_dir(directory)
+        warnings.warn(
+            f"{directory}: the state had folded nothing yet ({manifest['strategy']}); "
+            f"starting it anew with {wanted}",
+            Notice,
+            stacklevel=3,
+        )
+
     def _new_strategy(self, strategy: str | Strategy | None, hparams: dict[str, Any]) -> Strategy:
         if strategy is None:
             raise StateError("a strategy is needed to start a new merge state")
@@ -177,7 +221,7 @@ class Merger:
             "strategy": self.strategy.spec(),
             "linear_pattern": linear,
             "base": {
-                "source": self.base.source,
+                "source": self._base_source or self.base.source,
                 "fingerprint": self._fingerprint_base(),
                 "tensors": len(self.infos),
                 "linear_weights": sum(i.is_linear for i in self.infos.values()),
@@ -201,10 +245,14 @@ class Merger:
                 )
         if linear != manifest.get("linear_pattern"):
             self.infos = tensor_infos(self.base, manifest.get("linear_pattern"))
-        if self._fingerprint_base() != manifest["base"]["fingerprint"]:
+        recorded = manifest["base"]
+        fingerprint = self._fingerprint_base()
+        if fingerprint != recorded["fingerprint"]:
             raise StateError(
                 f"{self.store.path}: base {self.base.source} is not the base this state was "
-                f"started from ({manifest['base']['source']})"
+                f"started from ({recorded['source']}): its fingerprint is {fingerprint[:16]}…, "
+                f"the state's {recorded['fingerprint'][:16]}… (give --base the base it was "
+                "started from)"
             )
         assert isinstance(self.store, DiskStore)
         if self.store.slot_metas != self._slot_metas(saved):
@@ -255,10 +303,15 @@ class Merger:
         *,
         extras: Mapping[str, Source] | None = None,
         name: str | None = None,
+        weight: float | None = None,
     ) -> FoldResult:
-        """Fold one checkpoint. Raises CheckpointError (state untouched) if it does not fit."""
+        """Fold one checkpoint. Raises CheckpointError (state untouched) if it does not fit.
+
+        ``weight`` (finite, > 0; rules with ``takes_weight``: average, task_arithmetic) weighs
+        this arrival against the others; it is recorded in the manifest."""
         if self.read_only:
             raise StateError(f"{self.store.path}: opened read-only; cannot fold")
+        self._check_weight(weight)
         started = time.perf_counter()
         identity = _file_identity(source) if self.dedupe else None
         if identity is not None:
@@ -273,7 +326,11 @@ class Merger:
                     )
         arrival = open_checkpoint(source, self.base.meta)
         label = name or arrival.source
-        opened_extras = self._open_extras(source, extras)
+        try:
+            opened_extras = self._open_extras(source, extras, label)
+        except BaseException:
+            arrival.close()
+            raise
         try:
             self._check_layout(arrival)
             ctx = FoldContext(
@@ -284,12 +341,13 @@ class Merger:
                 float64=any(
                     self.infos[n].compute_dtype == torch.float64 for n in self._float_names
                 ),
+                weight=1.0 if weight is None else float(weight),
             )
             for sweep in self.strategy.passes(ctx):
                 for info, delta, _, _ in self._deltas(arrival, "pass"):
                     sweep.update(info, delta, self.store.read(info.name), ctx)
                 sweep.finish(ctx)
-            return self._fold_pass(arrival, ctx, label, identity, started)
+            return self._fold_pass(arrival, ctx, label, identity, started, weight)
         finally:
             arrival.close()
             for extra in opened_extras.values():
@@ -302,6 +360,7 @@ class Merger:
         label: str,
         identity: str | None,
         started: float,
+        weight: float | None,
     ) -> FoldResult:
         staging = self.store.begin(self._slot_metas())
         ignored: list[str] = []
@@ -349,6 +408,8 @@ class Merger:
                 "file": identity,
                 "relative_delta": round(relative, 6),
                 "median_matrix_delta": round(moved, 6),
+                "dtype": dtype_summary(arrival.meta.values()),
+                **({} if weight is None else {"weight": float(weight)}),
             }
             self.store.commit(
                 staging, self._next_manifest(ctx, record, time.perf_counter() - started)
@@ -390,6 +451,7 @@ class Merger:
                 elif self._chunkable(arrival, info.name):
                     batch.add(
                         info,
+                        arrival.meta[info.name].dtype,
                         arrival.chunks(info.name),
                         self._base_view(info),
                         self.store.view(info.name),
@@ -443,12 +505,9 @@ class Merger:
                     f"shape {list(meta.shape)}, the base has {list(want.shape)}",
                     name,
                 )
-            if meta.dtype != want.dtype:
-                raise CheckpointError(
-                    arrival.source,
-                    f"dtype {CODE_BY_DTYPE[meta.dtype]}, the base has {CODE_BY_DTYPE[want.dtype]}",
-                    name,
-                )
+            problem = arrival_dtype_problem(meta.dtype, want.dtype, self.infos[name].compute_dtype)
+            if problem:
+                raise CheckpointError(arrival.source, problem, name)
 
     def _chunkable(self, arrival: Checkpoint, name: str) -> bool:
         return (
@@ -483,7 +542,7 @@ class Merger:
             if not math.isfinite(one.sum_sq):
                 why = self._why_not_finite(arrival, name, one.target)
                 raise CheckpointError(arrival.source, why, name)
-            hashed[name] = (one.info.meta.dtype, one.info.shape, one.leaves)
+            hashed[name] = (arrival.meta[name].dtype, one.info.shape, one.leaves)
             sums[name] = one.sum_sq
             staging.write(name, one.target)
         bar.update(len(folded))
@@ -559,40 +618,64 @@ class Merger:
             return STATE_OVERFLOW
         return "differs from the base by more than the float range (δ overflows)"
 
+    def _check_weight(self, weight: float | None) -> None:
+        if weight is None:
+            return
+        if not self.strategy.takes_weight:
+            raise SettingError(
+                f"{self.strategy.spec()} takes no per-arrival weight (average and "
+                "task_arithmetic do); fold without one"
+            )
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise SettingError(f"weight {weight!r} must be a finite number > 0")
+
     def _open_extras(
-        self, source: Source, extras: Mapping[str, Source] | None
+        self, source: Source, extras: Mapping[str, Source] | None, label: str
     ) -> dict[str, Checkpoint]:
+        """The arrival's statistics by kind: given, or its sidecar file. Missing ones are
+        refused here, before anything is read or the state touched."""
         opened: dict[str, Checkpoint] = {}
-        for kind in self.strategy.needs_extras:
-            given = (extras or {}).get(kind)
-            if given is None and isinstance(source, (str, Path)):
-                sidecar = _sidecar(Path(source), kind)
-                given = sidecar if sidecar.exists() else None
-            if given is not None:
+        try:
+            for kind in self.strategy.needs_extras:
+                given = (extras or {}).get(kind)
+                sidecar = _sidecar(Path(source), kind) if isinstance(source, (str, Path)) else None
+                if given is None and sidecar is not None and sidecar.exists():
+                    given = sidecar
+                if given is None:
+                    raise CheckpointError(label, _no_statistics(self.strategy, kind, sidecar))
                 opened[kind] = open_checkpoint(given)
+        except BaseException:
+            for checkpoint in opened.values():
+                checkpoint.close()
+            raise
         return opened
 
     # --- emitting -------------------------------------------------------------------------
-    def iter_merged(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The merged model, one tensor at a time, in the base's order and dtypes. Raises
+    def iter_merged(
+        self, out_dtype: str | torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged model, one tensor at a time, in the base's order, its float tensors in
+        ``out_dtype`` (default: the base's dtypes; see ``contmerge.dtypes``). Raises
         StateError, after the last tensor at the latest, if a merged tensor is not finite or
         the state read does not match its checksum (``emit`` then writes nothing)."""
+        dtype = parse_out_dtype(out_dtype)
         globals_ = self.manifest["globals"]
         self.store.begin_check()
         for name, info in self.infos.items():
             base = self.base.read(name)
+            wanted = info.meta.dtype if dtype is None or not info.meta.is_float else dtype
             if not info.meta.is_float or self.count == 0:
-                yield name, base
+                yield name, base.to(wanted)
                 continue
             state = self.store.read(name)
             merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
             if self.store.holds(name, merged):
                 merged = merged.clone()  # the store reuses state buffers: hand out a copy
-            merged = merged.to(info.meta.dtype)
+            merged = merged.to(wanted)
             if not _all_finite({"merged": merged}):
                 raise StateError(
                     f"{self._where()}: merged tensor {name!r} is Inf or NaN in "
-                    f"{CODE_BY_DTYPE[info.meta.dtype]} (the merge exceeds its range); "
+                    f"{CODE_BY_DTYPE[wanted]} (the merge exceeds its range); "
                     "nothing was written"
                 )
             yield name, merged
@@ -601,36 +684,55 @@ class Merger:
     def _where(self) -> str:
         return str(self.store.path) if self.store.path is not None else "merged state"
 
-    def emit_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.iter_merged())
+    def emit_state_dict(
+        self, out_dtype: str | torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        return dict(self.iter_merged(out_dtype))
 
-    def emit(self, out: str | Path) -> Path:
-        """Write the merged model: a ``.safetensors`` file, or a model directory (with the
-        base's config and tokenizer files) when ``out`` has no suffix and the base was one."""
+    def emit(
+        self,
+        out: str | Path,
+        *,
+        out_dtype: str | torch.dtype | None = None,
+        shard_size: int | None = None,
+    ) -> Path:
+        """Write the merged model: a ``.safetensors`` file, or a model directory when ``out``
+        has no ``.safetensors`` suffix: sharded like the base (or in files of at most
+        ``shard_size`` bytes, with ``model.safetensors.index.json``), with the base's config
+        and tokenizer files when the base was a model directory, and a model card
+        ``README.md``. Float tensors are written in ``out_dtype``, default the base's."""
         out = Path(out)
+        dtype = parse_out_dtype(out_dtype)
+        check_out(out, shard_size)
         as_directory = out.suffix != ".safetensors"
         made = as_directory and not out.exists()
-        target = out / "model.safetensors" if as_directory else out
-        metas = {name: info.meta for name, info in self.infos.items()}
+        metas = out_metas({name: info.meta for name, info in self.infos.items()}, dtype)
         metadata = {
             "format": "pt",
             "contmerge_strategy": self.strategy.spec(),
             "contmerge_count": str(self.count),
         }
         try:
-            with atomic_open(target) as handle:
-                writer = SafetensorsWriter(handle, metas, metadata)
-                for name, tensor in self.iter_merged():
-                    writer.write(name, tensor.contiguous())
-                writer.finish()
+            if as_directory:
+                plan = plan_shards(metas, self.base.shard_names, shard_size)
+                write_model(out, self.iter_merged(dtype), metas, plan, metadata)
+            else:
+                plan = {out.name: list(metas)}
+                tensors = self.iter_merged(dtype)
+                write_model(out.parent, tensors, metas, plan, metadata, model_directory=False)
         except BaseException:
             if made:  # leave no empty directory behind
                 with contextlib.suppress(OSError):
                     out.rmdir()
             raise
-        if as_directory and self.base.config_dir is not None:
+        if as_directory:
             with writing(out):
-                _copy_config(self.base.config_dir, out)
+                if self.base.config_dir is not None:
+                    _copy_config(self.base.config_dir, out)
+                    if dtype is not None:
+                        set_config_dtype(out, dtype)
+                card = model_card(self.manifest, _version(), dtype)
+                atomic_write_bytes(out / MODEL_CARD, card.encode())
         return out
 
     def close(self) -> None:
@@ -712,6 +814,19 @@ def _sidecar(path: Path, kind: str) -> Path:
     return path.with_name(f"{stem}.{kind}.safetensors")
 
 
+def _no_statistics(strategy: Strategy, kind: str, sidecar: Path | None) -> str:
+    looked = (
+        f"looked for its sidecar {sidecar} (none there)"
+        if sidecar is not None
+        else "an in-memory arrival has no sidecar file"
+    )
+    return (
+        f"{strategy.spec()} needs {kind!r} statistics with each arrival; none were given and "
+        f"{looked}: save them as <checkpoint>.{kind}.safetensors beside it (same tensor names "
+        f"and shapes), or pass extras={{{kind!r}: ...}}"
+    )
+
+
 def _copy_config(source: Path, out: Path) -> None:
     for entry in source.iterdir():
         if entry.name in CONFIG_FILES_TO_SKIP or entry.suffix in (".safetensors", ".bin"):
@@ -720,6 +835,12 @@ def _copy_config(source: Path, out: Path) -> None:
             shutil.copytree(entry, out / entry.name, dirs_exist_ok=True)
         else:
             shutil.copy2(entry, out / entry.name)
+
+
+def _version() -> str:
+    from . import __version__  # the package's, set after this module is imported
+
+    return __version__
 
 
 def _now() -> str:

@@ -43,6 +43,8 @@ class Checkpoint:
     linear_names: frozenset[str] | None = None
     #: ``read`` returns a new tensor nobody else holds, so the engine may compute in it in place
     fresh_reads: bool = False
+    #: tensor name -> the file of a sharded checkpoint holding it (an emit shards alike)
+    shard_names: dict[str, str] | None = None
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -232,6 +234,7 @@ class ShardedCheckpoint(Checkpoint):
                     )
                 self.meta[name] = reader.meta[name]
                 self._shard_of[name] = shard_path
+            self.shard_names = {name: path.name for name, path in self._shard_of.items()}
         except BaseException:
             self.close()
             raise

@@ -169,7 +169,7 @@ BAD_INPUTS = {
     "torch-pickle": (_torch_pickle, 422, "pickle"),
     "empty": (lambda base: b"", 422, "too short"),
     "wrong-shape": (_changed(_set("layers.0.weight", lambda t: t[:, :40].clone())), 202, "shape"),
-    "wrong-dtype": (_changed(_set("layers.1.weight", lambda t: t.half())), 202, "dtype F16"),
+    "wrong-dtype": (_changed(_set("layers.1.weight", lambda t: t.double())), 202, "dtype F64"),
     "nan": (_changed(_set("layers.0.weight", _with_nan)), 202, "NaN or Inf"),
     "inf": (_changed(_set("layers.1.bias", _with_inf)), 202, "NaN or Inf"),
     "missing-tensor": (_changed(lambda t: t.pop("head.weight")), 202, "missing"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..dtypes import parse_out_dtype
 from ..errors import ContmergeError
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
 from ..tensorfile import header_limit, using_header_limit
@@ -55,12 +56,15 @@ class ServeSettings:
     # $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB, as for the CLI
     max_header_bytes: int = field(default_factory=header_limit)
     max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
+    #: dtype of the merged float tensors served (None: the base's; ``contmerge.dtypes``)
+    out_dtype: str | None = None
 
 
 class MergeService:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.started = time.time()
+        self.out_dtype = parse_out_dtype(settings.out_dtype)  # refused before the state is opened
         # opening the Merger takes the state's lock: a second server on this state fails here
         with using_header_limit(settings.max_header_bytes):  # the base's header too
             self.merger = Merger(
@@ -100,6 +104,7 @@ class MergeService:
             self.board,
             self.metrics,
             state / EMIT_DIR,
+            self.out_dtype,
             settings.max_header_bytes,
         )
         self.inbox: InboxWatcher | None = None

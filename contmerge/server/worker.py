@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from ..errors import CheckpointError, ContmergeError, StateError
 from ..merger import Merger
-from ..tensorfile import header_limit, using_header_limit
+from ..tensorfile import CODE_BY_DTYPE, header_limit, using_header_limit
 from .journal import FinalEvent, Journal, JournalRecord
 from .metrics import ServerMetrics
 from .status import StatusBoard
@@ -104,9 +106,11 @@ class Writer(threading.Thread):
         board: StatusBoard,
         metrics: ServerMetrics,
         emit_dir: Path,
+        out_dtype: torch.dtype | None = None,
         max_header_bytes: int | None = None,
     ) -> None:
         super().__init__(name="contmerge-writer", daemon=True)
+        self.out_dtype = out_dtype
         self.merger = merger
         self.queue = queue
         self.journal = journal
@@ -251,9 +255,11 @@ class Writer(threading.Thread):
         """The merged model of the current generation as an open file (emitted once per
         generation; the handle stays readable after a newer generation replaces the file)."""
         generation = int(self.merger.manifest["generation"])
-        path = self.emit_dir / f"{MERGED_PREFIX}{generation:08d}.safetensors"
+        # the dtype is in the name: a restart with another --out-dtype must not serve the old
+        dtype = "base" if self.out_dtype is None else CODE_BY_DTYPE[self.out_dtype].lower()
+        path = self.emit_dir / f"{MERGED_PREFIX}{generation:08d}-{dtype}.safetensors"
         if not path.exists():
-            self.merger.emit(path)
+            self.merger.emit(path, out_dtype=self.out_dtype)
             for old in self.emit_dir.glob(f"{MERGED_PREFIX}*.safetensors"):
                 if old != path:
                     with contextlib.suppress(FileNotFoundError):
