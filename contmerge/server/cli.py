@@ -109,8 +109,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "--max-header-bytes",
         type=positive(int),
         default=None,
-        help="largest safetensors header read, in bytes (default 16 MiB); a larger one gets 413 "
-        "as soon as its first 8 bytes arrive",
+        help="largest safetensors header or shard index read, in bytes, by the upload checks, "
+        "the inbox and the folds (default $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB); a larger "
+        "header gets 413 as soon as its first 8 bytes arrive",
     )
     serve.add_argument(
         "--max-tar-members",

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CheckpointError, ContmergeError, StateError
 from ..merger import Merger
-from ..tensorfile import CODE_BY_DTYPE
+from ..tensorfile import CODE_BY_DTYPE, header_limit, using_header_limit
 from .journal import FinalEvent, Journal, JournalRecord
 from .metrics import ServerMetrics
 from .status import StatusBoard
@@ -107,6 +107,7 @@ class Writer(threading.Thread):
         metrics: ServerMetrics,
         emit_dir: Path,
         out_dtype: torch.dtype | None = None,
+        max_header_bytes: int | None = None,
     ) -> None:
         super().__init__(name="contmerge-writer", daemon=True)
         self.out_dtype = out_dtype
@@ -116,6 +117,7 @@ class Writer(threading.Thread):
         self.board = board
         self.metrics = metrics
         self.emit_dir = emit_dir
+        self.max_header_bytes = header_limit(max_header_bytes)
         emit_dir.mkdir(parents=True, exist_ok=True)
         for leftover in emit_dir.glob(".*.tmp"):  # an emit cut short by a crash
             leftover.unlink()
@@ -128,15 +130,17 @@ class Writer(threading.Thread):
         self.queue.close()
 
     def run(self) -> None:
-        while not self._stopping.is_set():
-            task = self.queue.get(timeout=0.5)
-            try:
-                if isinstance(task, Call):
-                    self._run_call(task)
-                elif isinstance(task, WorkItem):
-                    self._process(task)
-            except Exception:  # keep serving; the failure is logged and shown in status
-                log.exception("writer: unexpected failure")
+        # a thread starts with no context: the bound the folds and emits read under is set here
+        with using_header_limit(self.max_header_bytes):
+            while not self._stopping.is_set():
+                task = self.queue.get(timeout=0.5)
+                try:
+                    if isinstance(task, Call):
+                        self._run_call(task)
+                    elif isinstance(task, WorkItem):
+                        self._process(task)
+                except Exception:  # keep serving; the failure is logged and shown in status
+                    log.exception("writer: unexpected failure")
 
     def _run_call(self, call: Call) -> None:
         try:
