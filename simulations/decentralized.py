@@ -55,7 +55,7 @@ from contmerge.strategies.dimat import (
 
 from .cnn import AGENT_MODELS, agent_model
 from .data import DataConfig, Task, load_suite
-from .options import add_no_progress, add_output_dir, positive_int
+from .options import add_no_progress, add_output_dir, names_list, positive_int
 from .train import _threads as torch_threads  # 1 thread: small models crawl with 2 when busy
 
 StateDict = dict[str, torch.Tensor]
@@ -795,7 +795,7 @@ def config_from_args(args: argparse.Namespace) -> DecentralizedConfig:
         dataset=args.dataset,
         calibration=args.calibration,
         calib_size=args.calib_size,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=names_list(args.methods),
         seed=args.seed,
         pi=pi,
         model=args.model,

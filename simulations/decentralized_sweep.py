@@ -28,6 +28,7 @@ import numpy as np
 from contmerge.strategies.dimat import TOPOLOGIES, make_topology
 
 from . import decentralized as dz
+from .options import names_list
 
 #: fraction of the better method's final accuracy that "reaching the target" means
 TARGET_FRACTION = 0.95
@@ -316,18 +317,14 @@ def _ranges(rounds: Sequence[int]) -> str:
 # CLI
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = dz.add_decentralized_arguments(
         argparse.ArgumentParser(description=__doc__.splitlines()[0])
     )
-    parser.add_argument("--topologies", type=_names, default=("fc", "ring", "bipartite"))
-    parser.add_argument("--partitions", type=_names, default=("iid", "non-iid"))
+    parser.add_argument("--topologies", type=names_list, default=("fc", "ring", "bipartite"))
+    parser.add_argument("--partitions", type=names_list, default=("iid", "non-iid"))
     parser.add_argument(
-        "--seeds", type=lambda t: tuple(int(x) for x in _names(t)), default=(0, 1, 2)
+        "--seeds", type=lambda t: tuple(int(x) for x in names_list(t)), default=(0, 1, 2)
     )
     parser.set_defaults(output_dir="contmerge-runs/decentralized-sweep")
     args = parser.parse_args(argv)

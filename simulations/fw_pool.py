@@ -673,7 +673,7 @@ def config_from_args(args: argparse.Namespace) -> FwPoolConfig:
         targets=names_list(args.targets),
         irrelevant=args.irrelevant,
         relevant=tuple(args.relevant),
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=names_list(args.methods),
         n_labelled=args.n_labelled,
         max_iters=args.max_iters,
         ada_iters=args.ada_iters,
