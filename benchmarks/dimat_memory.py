@@ -22,26 +22,11 @@ from pathlib import Path
 MODES = ("pairwise", "all-at-once")
 
 
-def _factory(model: str, width: int):
-    from torch import nn
+def _model(model: str, width: int):
+    """(factory, spec) of the decentralized scenario's MLP (784-w-w-10, BatchNorm) or CNN."""
+    from contmerge.simulations.cnn import agent_model
 
-    if model == "cnn":
-        from contmerge.simulations.cnn import CNNConfig, SmallResNet
-
-        return lambda: SmallResNet(CNNConfig(width=width))
-
-    def make() -> nn.Module:
-        return nn.Sequential(
-            nn.Linear(784, width),
-            nn.BatchNorm1d(width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.BatchNorm1d(width),
-            nn.ReLU(),
-            nn.Linear(width, 10),
-        )
-
-    return make
+    return agent_model(model, width, 10)
 
 
 def _status_kb(field: str) -> int:
@@ -55,24 +40,13 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- current RSS
 
 
-def _spec(model: str, width: int):
-    from contmerge.strategies.dimat import sequential_spec
-
-    if model == "cnn":
-        from contmerge.simulations.cnn import CNNConfig, resnet_spec
-
-        return resnet_spec(CNNConfig(width=width))
-    return sequential_spec(_factory(model, width)())
-
-
 def worker(directory: Path, k: int, mode: str, model: str, width: int) -> dict:
     import torch
 
     from contmerge.strategies.dimat import DimatFold, load_source
 
     torch.set_num_threads(1)
-    factory = _factory(model, width)
-    spec = _spec(model, width)
+    factory, spec = _model(model, width)
     n_calib = 64 if model == "cnn" else 512  # the CNN's forward passes are the slow part
     gen = torch.Generator().manual_seed(0)
     calibration = list(torch.rand(n_calib, 784, generator=gen).split(64))
@@ -101,7 +75,7 @@ def prepare(directory: Path, k: int, model: str, width: int) -> int:
     import safetensors.torch
     import torch
 
-    factory = _factory(model, width)
+    factory, _ = _model(model, width)
     size = 0
     for j, name in enumerate(["anchor"] + [f"neighbour{i}" for i in range(k)]):
         torch.manual_seed(j)
@@ -145,7 +119,8 @@ def run(counts: list[int], modes: list[str], model: str, width: int) -> dict:
 
 
 def _point_sizes(model: str, width: int) -> list[int]:
-    return list(_spec(model, width).sizes(_factory(model, width)().state_dict()).values())
+    factory, spec = _model(model, width)
+    return list(spec.sizes(factory().state_dict()).values())
 
 
 def report(result: dict) -> str:

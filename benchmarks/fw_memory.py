@@ -6,8 +6,11 @@ builds a ``FrankWolfeMerger`` over the first N files, runs a few iterations and 
 RSS (VmHWM from /proc/self/status). The objective is cross-entropy on 100 random labelled samples
 for each of 4 tasks, with one random head per task, so the gradient really flows through autograd.
 
-    python benchmarks/fw_memory.py                    # hard (task, layer) and soft, 4 vs 20
+    python benchmarks/fw_memory.py                    # hard (task, layer), soft, AdaMerging start
     python benchmarks/fw_memory.py --hidden 1024      # a smaller model
+
+``adamerging:layer`` is FW-hard from the AdaMerging start (the paper's vision headline): the start
+streams the pool twice per Adam step (``--ada-iters`` steps), then the FW iterations run.
 """
 
 from __future__ import annotations
@@ -85,12 +88,15 @@ def child(args: argparse.Namespace) -> None:
     objective = ClassifierObjective(model, heads, labelled, unlabelled)
     paths = sorted(directory.glob("cand-*.safetensors"))[: args.pool]
     with tempfile.TemporaryDirectory() as work:
+        adamerging = args.variant == "adamerging"
         fw = FrankWolfeMerger(
             directory / "base.safetensors",
             paths,
             objective,
-            args.variant,
+            "hard" if adamerging else args.variant,
             args.granularity,
+            init="adamerging" if adamerging else None,
+            adamerging_iters=args.ada_iters,
             ada_iters=args.ada_iters,
             work_dir=work,
         )
@@ -150,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pools", default="4,20", help="pool sizes to compare, first vs last")
     parser.add_argument(
-        "--variants", default="hard:task,hard:layer,soft:task", help="variant:granularity list"
+        "--variants",
+        default="hard:task,hard:layer,soft:task,adamerging:layer",
+        help="variant:granularity list (adamerging: FW-hard from the AdaMerging start)",
     )
     parser.add_argument("--iters", type=int, default=2, help="FW iterations per measurement")
     parser.add_argument(
-        "--ada-iters", type=int, default=3, help="soft: Adam steps (memory does not depend on it)"
+        "--ada-iters",
+        type=int,
+        default=3,
+        help="soft / AdaMerging start: Adam steps (memory does not depend on it)",
     )
     parser.add_argument("--dir", default=None, help="pool directory (default: a temp dir)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from .errors import (
     CheckpointError,
@@ -27,9 +27,12 @@ from .errors import (
 from .limits import DEFAULT_MAX_RELATIVE_DELTA, MAX_HEADER_ENV, parse_size, using_header_limit
 from .manifest import read_manifest
 from .noop import already_folded
+from .recorded_base import base_for, missing_base, recorded_base
 
 if TYPE_CHECKING:
     from .merger import FoldResult
+
+T = TypeVar("T")
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -76,6 +79,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .merger import Merger
 
     settings = _parse_settings(args.set)
+    weights = _weights(args.weight, args.checkpoints)
+    if args.out:
+        from .emitting import check_out
+
+        check_out(Path(args.out), args.out_shard_size)
+    elif args.out_dtype is not None or args.out_shard_size is not None:
+        raise SettingError("--out-dtype and --out-shard-size say how to write --out: give --out")
     with Merger(
         args.base,
         args.strategy,
@@ -92,17 +102,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         failures = 0
         # several arrivals: one pass over the state and one commit, when the rule allows it
         grouped = None
-        if len(args.checkpoints) > 1:
+        if len(args.checkpoints) > 1 and not args.weight:
             with warnings.catch_warnings():  # printed from the results, once
                 warnings.simplefilter("ignore", IgnoredTensorWarning)
                 grouped = merger.fold_group(args.checkpoints)
         for checkpoint, result in zip(args.checkpoints, grouped or ()):
             _print_result(checkpoint, result)
-        for checkpoint in args.checkpoints if grouped is None else ():
+        for checkpoint, weight in zip(args.checkpoints, weights) if grouped is None else ():
             try:
                 with warnings.catch_warnings():  # printed from the result, once
                     warnings.simplefilter("ignore", IgnoredTensorWarning)
-                    result = merger.fold(checkpoint)
+                    result = merger.fold(checkpoint, weight=weight)
             except ContmergeError as exc:
                 failures += 1
                 print(_rejection(checkpoint, exc), file=sys.stderr)
@@ -111,7 +121,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 continue
             _print_result(checkpoint, result)
         if args.out:
-            print(f"merged model written to {merger.emit(args.out)}")
+            path = merger.emit(args.out, out_dtype=args.out_dtype, shard_size=args.out_shard_size)
+            print(f"merged model written to {path}")
     return 1 if failures else 0
 
 
@@ -120,6 +131,18 @@ def _print_result(checkpoint: str, result: FoldResult) -> None:
         print(f"warning: {note}", file=sys.stderr)
     what = "already folded as" if result.status == "duplicate" else "folded as"
     print(f"{what} #{result.index}: {checkpoint} ({result.seconds:.2f} s)")
+
+
+def _weights(given: Sequence[float], checkpoints: Sequence[str]) -> list[float | None]:
+    """One ``--weight`` per checkpoint, in order, or none at all."""
+    if not given:
+        return [None] * len(checkpoints)
+    if len(given) != len(checkpoints):
+        raise SettingError(
+            f"{len(given)} --weight value(s) for {len(checkpoints)} checkpoint(s): give one "
+            "per checkpoint, in the same order (or none)"
+        )
+    return list(given)
 
 
 def _rejection(checkpoint: str, exc: ContmergeError) -> str:
@@ -133,15 +156,11 @@ def _rejection(checkpoint: str, exc: ContmergeError) -> str:
 def cmd_emit(args: argparse.Namespace) -> int:
     from .merger import Merger
 
-    base = args.base or _base_of(args.state)
+    base = base_for(args.state, args.base)
     with Merger(base, state_dir=args.state, read_only=True, verify_base=args.verify_base) as merger:
-        path = merger.emit(args.out)
+        path = merger.emit(args.out, out_dtype=args.out_dtype, shard_size=args.out_shard_size)
         print(f"merged model of {merger.count} checkpoint(s) written to {path}")
     return 0
-
-
-def _base_of(state: str) -> str:
-    return str(read_manifest(state)[0]["base"]["source"])
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -149,11 +168,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .state import DiskStore
 
     state = Path(args.state)
-    base = args.base or _base_of(args.state)
-    if args.base is None and not Path(base).exists():
+    base, exists = (args.base, True) if args.base else recorded_base(state)
+    if not exists:
         with DiskStore.open(state, read_only=True) as store:
             print(store.verify())
-        print(f"base: not checked ({base} is not there; give --base)")
+        print(f"base: not checked ({missing_base(state, base).split(': ', 1)[1]})")
         return 0
     with Merger(base, state_dir=state, read_only=True, verify_base=True) as merger:
         assert isinstance(merger.store, DiskStore)
@@ -190,6 +209,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"  #{record['index']:<4} {record['folded_at']}  {record['hash'][:12]}  "
             f"Δ/θ0={record['relative_delta']:.4f} "
             f"(matrices {record.get('median_matrix_delta', 0):.4f})  {record['source']}"
+            + (f"  {record['dtype']}" if "dtype" in record else "")
+            + (f"  weight {record['weight']}" if "weight" in record else "")
         )
     return 0
 
@@ -215,7 +236,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="fold checkpoints into a merge state (creates or resumes)",
         description="Fold checkpoints, in the order given, into the state "
         "directory; creates it on first use and resumes it afterwards. A "
-        "checkpoint folded before is skipped.",
+        "checkpoint folded before is skipped. A checkpoint may come in any float dtype the "
+        "merge holds (a bf16 or fp16 save of an fp32 base, an fp32 one of a bf16 base); a "
+        "float64 one of a float32 base, or integers for floats, are refused. fisher and "
+        "regmean read each CKPT's statistics from CKPT's sidecar, e.g. ft.fisher.safetensors "
+        "beside ft.safetensors.",
     )
     merge.add_argument(
         "--base",
@@ -266,8 +291,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     merge.add_argument(
         "--keep-going", action="store_true", help="report a bad checkpoint and go on with the next"
     )
+    merge.add_argument(
+        "--weight",
+        type=float,
+        action="append",
+        default=[],
+        metavar="W",
+        help="weight of each checkpoint, one per CKPT in the same order (average and "
+        "task_arithmetic only; recorded in the state), e.g. --weight 2 --weight 1 a/ b/",
+    )
     merge.add_argument("--out", help="also write the merged model here after folding")
     _add_verify_base(merge)
+    _add_out_options(merge)
     _add_max_header_bytes(merge)
     merge.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
                        help="hide progress bars")  # fmt: skip
@@ -277,7 +312,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     emit = sub.add_parser(
         "emit",
         help="write the current merged model",
-        description="Write the merged model of a state directory.",
+        description="Write the merged model of a state directory: a .safetensors file, or a "
+        "model directory sharded like the base (or by --out-shard-size) with the base's config "
+        "files and a model card README.md. The base is read from the path the state recorded "
+        "(or --base), its fingerprint checked. Example: contmerge emit --state run/ --out merged/",
     )
     emit.add_argument("--state", required=True, help="state directory")
     emit.add_argument(
@@ -286,7 +324,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="a .safetensors file, or a directory "
         "(gets the base's config files when the base was a model directory)",
     )
-    emit.add_argument("--base", help="base model, if it moved since the state was created")
+    _add_out_options(emit)
+    emit.add_argument(
+        "--base",
+        help="base model, if it moved since the state was created (default: the path the state "
+        "recorded; its fingerprint is checked either way)",
+    )
     _add_verify_base(emit)
     _add_max_header_bytes(emit)
     emit.set_defaults(func=cmd_emit)
@@ -343,6 +386,23 @@ def _add_verify_base(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_out_options(parser: argparse.ArgumentParser) -> None:
+    """The options of what an emit writes (``merge --out`` and ``emit``)."""
+    dtype_help = (
+        "dtype of the merged float tensors: base (the default: the base's dtype), float32, "
+        "bfloat16, float16 or float64"
+    )
+    shard_help = (
+        "shards of at most SIZE bytes, e.g. 2G, with model.safetensors.index.json (directory "
+        "--out only; default: sharded as the base is)"
+    )
+    for flag, kind, metavar, text in (
+        ("--out-dtype", _out_dtype, "DTYPE", dtype_help),
+        ("--out-shard-size", _size, "SIZE", shard_help),
+    ):
+        parser.add_argument(flag, type=kind, metavar=metavar, help=text)
+
+
 def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-header-bytes",
@@ -353,11 +413,28 @@ def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SettingError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _option_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse type: its SettingError becomes argparse's one-line usage error."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+_size = _option_type(parse_size)
+
+
+def _parse_out_dtype(text: str) -> object:
+    from .dtypes import parse_out_dtype  # imports torch: only when the option is given
+
+    return parse_out_dtype(text)
+
+
+_out_dtype = _option_type(_parse_out_dtype)
 
 
 def _add_external(sub: argparse._SubParsersAction, name: str, module: str, function: str) -> None:

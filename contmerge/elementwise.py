@@ -59,6 +59,7 @@ class _Fused:
 @dataclass(slots=True)
 class _Tensor:
     info: TensorInfo
+    arrival_dtype: torch.dtype  # any float dtype the compute dtype holds (``contmerge.dtypes``)
     read: ChunkReader  # the arrival's bytes, chunk by chunk
     chunk: int  # entries per chunk
     base: torch.Tensor  # flat view, the base's dtype
@@ -111,13 +112,15 @@ class ElementwiseBatch(_Gathered):
     def add(
         self,
         info: TensorInfo,
+        arrival_dtype: torch.dtype,
         read: ChunkReader,
         base: tuple[torch.Tensor, np.ndarray | None],
         old: State,
         target: State,
     ) -> None:
-        """``base`` is the base's tensor flattened, and the same as numpy when it is already
-        in the compute dtype (see ``flat_base``)."""
+        """``read`` gives the arrival's entries in ``arrival_dtype``, which may differ from the
+        base's; ``base`` is the base's tensor flattened, and the same as numpy when it is
+        already in the compute dtype (see ``flat_base``)."""
         flat, base_array = base
         entry = self.strategy.entry_fold(info, self.ctx)
         if entry is None:
@@ -130,8 +133,10 @@ class ElementwiseBatch(_Gathered):
         self.tensors.append(
             _Tensor(
                 info,
+                arrival_dtype,
                 read,
-                CHUNK_BYTES // info.meta.dtype.itemsize,
+                # whole hash leaves of the arrival's own bytes, whatever the base's dtype
+                CHUNK_BYTES // arrival_dtype.itemsize,
                 flat,
                 base_array,
                 old_arrays,
@@ -140,7 +145,7 @@ class ElementwiseBatch(_Gathered):
                 fused,
             )
         )
-        self.nbytes += info.meta.nbytes
+        self.nbytes += info.meta.numel * arrival_dtype.itemsize
 
     def _fused(self, info: TensorInfo, entry: EntryFold, old: State, target: State) -> _Fused:
         if len(target) != 1:
@@ -182,10 +187,15 @@ class ElementwiseBatch(_Gathered):
         t = self.tensors[k]
         raw = t.read(start, stop, self.runner.scratch("arrival", CHUNK_BYTES))
         leaves = [leaf_digest(raw[i : i + LEAF_BYTES]) for i in range(0, raw.size, LEAF_BYTES)]
-        if t.base_array is not None:
-            arrival, base = raw.view(t.base_array.dtype), t.base_array[start:stop]
-        else:
-            arrival, base = self._widened(t, raw, start, stop)
+        arrival, base = _in_compute_dtype(
+            self.runner,
+            t.info.compute_dtype,
+            t.arrival_dtype,
+            raw,
+            (t.base, t.base_array),
+            start,
+            stop,
+        )
         fused = t.fused
         if fused is not None:
             old, out = fused.old[start:stop], fused.out[start:stop]
@@ -202,26 +212,29 @@ class ElementwiseBatch(_Gathered):
             sq = float("nan")
         return leaves, sq
 
-    def _widened(
-        self, t: _Tensor, raw: np.ndarray, start: int, stop: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return _widened(self.runner, t.info, raw, t.base, start, stop)
 
-
-def _widened(
+def _in_compute_dtype(
     runner: ChunkRunner,
-    info: TensorInfo,
+    compute: torch.dtype,
+    arrival_dtype: torch.dtype,
     raw: np.ndarray,
-    base: torch.Tensor,
+    base: tuple[torch.Tensor, np.ndarray | None],
     start: int,
     stop: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Half precision: arrival and base widened to the compute dtype, in cache."""
-    compute, n = info.compute_dtype, stop - start
-    arrival = _buffer(runner, "wide arrival", n, compute)
+    """The chunk's arrival and base entries in the compute dtype: views where they already are,
+    else widened (half precision, 8-bit floats) into this thread's buffers, in cache."""
+    flat, base_array = base
+    n = stop - start
+    if arrival_dtype == compute:
+        arrival = raw.view(numpy_dtype(compute))
+    else:
+        arrival = _buffer(runner, "wide arrival", n, compute)
+        torch.from_numpy(arrival).copy_(torch.from_numpy(raw).view(arrival_dtype))
+    if base_array is not None:
+        return arrival, base_array[start:stop]
     wide_base = _buffer(runner, "wide base", n, compute)
-    torch.from_numpy(arrival).copy_(torch.from_numpy(raw).view(info.meta.dtype))
-    torch.from_numpy(wide_base).copy_(base[start:stop])
+    torch.from_numpy(wide_base).copy_(flat[start:stop])
     return arrival, wide_base
 
 
@@ -234,6 +247,7 @@ def _buffer(runner: ChunkRunner, key: str, numel: int, dtype: torch.dtype) -> np
 @dataclass(slots=True)
 class _Swept:
     info: TensorInfo
+    arrival_dtype: torch.dtype
     read: ChunkReader
     chunk: int
     base: torch.Tensor
@@ -253,15 +267,16 @@ class ElementwiseSweep(_Gathered):
     def add(
         self,
         info: TensorInfo,
+        arrival_dtype: torch.dtype,
         read: ChunkReader,
         base: tuple[torch.Tensor, np.ndarray | None],
         state: State,
     ) -> None:
         flat, base_array = base
-        chunk = CHUNK_BYTES // info.meta.dtype.itemsize
+        chunk = CHUNK_BYTES // arrival_dtype.itemsize
         views = {k: v.reshape(-1).numpy() for k, v in state.items()}
-        self.tensors.append(_Swept(info, read, chunk, flat, base_array, views))
-        self.nbytes += info.meta.nbytes
+        self.tensors.append(_Swept(info, arrival_dtype, read, chunk, flat, base_array, views))
+        self.nbytes += info.meta.numel * arrival_dtype.itemsize
 
     def run(self) -> list[str]:
         """Sweep every chunk; the names of the tensors swept (to release)."""
@@ -275,10 +290,15 @@ class ElementwiseSweep(_Gathered):
         k, start, stop = item
         t = self.tensors[k]
         raw = t.read(start, stop, self.runner.scratch("arrival", CHUNK_BYTES))
-        if t.base_array is not None:
-            arrival, base = raw.view(t.base_array.dtype), t.base_array[start:stop]
-        else:
-            arrival, base = _widened(self.runner, t.info, raw, t.base, start, stop)
+        arrival, base = _in_compute_dtype(
+            self.runner,
+            t.info.compute_dtype,
+            t.arrival_dtype,
+            raw,
+            (t.base, t.base_array),
+            start,
+            stop,
+        )
         step = self.sweep.sample or 1  # a sample: every step-th entry, only those differenced
         arrival, base = arrival[::step], base[::step]
         delta = _buffer(self.runner, "delta", arrival.size, t.info.compute_dtype)

@@ -32,23 +32,40 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open, writing
+from .atomic import atomic_write_bytes, fsync_dir, writing
 from .chunks import ChunkRunner
 from .dirlock import DirectoryLock
+from .dtypes import arrival_dtype_problem, dtype_summary, parse_out_dtype
 from .elementwise import ElementwiseBatch, ElementwiseSweep, flat_base
-from .errors import CheckpointError, ContmergeError, IgnoredTensorWarning, StateError
+from .emitting import (
+    MODEL_CARD,
+    check_out,
+    model_card,
+    out_metas,
+    plan_shards,
+    set_config_dtype,
+    write_model,
+)
+from .errors import (
+    CheckpointError,
+    ContmergeError,
+    IgnoredTensorWarning,
+    Notice,
+    SettingError,
+    StateError,
+)
 from .hashing import ContentHash, tensor_leaves
 from .identity import base_identity, file_identity
 from .kernels import all_finite, sum_sq
 from .layout import tensor_infos
 from .limits import DEFAULT_MAX_RELATIVE_DELTA
-from .manifest import FORMAT, MANIFEST
+from .manifest import FORMAT, MANIFEST, read_manifest
 from .parallel_folds import ParallelFolds
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import DiskStore, MemoryStore, slot_key
-from .strategy import Chain, FoldContext, Pass, State, Strategy, TensorInfo
-from .tensorfile import CODE_BY_DTYPE, SafetensorsWriter, TensorMeta
+from .strategy import FoldContext, Pass, State, Strategy, TensorInfo
+from .tensorfile import CODE_BY_DTYPE, TensorMeta
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
 #: what the content hash takes of one tensor: dtype, shape and its leaves' digests
@@ -114,6 +131,8 @@ class Merger:
     ) -> None:
         self.device = _compute_device(device)
         self.base = open_checkpoint(base)
+        # a path is recorded absolute: the state may be emitted from any directory
+        self._base_source = os.path.abspath(base) if isinstance(base, (str, Path)) else None
         self._runner = ChunkRunner(workers)
         if keep_base_mapped is None:
             keep_base_mapped = sum(m.nbytes for m in self.base.meta.values()) <= MAPPED_BASE_LIMIT
@@ -141,6 +160,13 @@ class Merger:
         # a writer locks the directory before looking for a manifest: finding none and creating
         # the state must be one step, or two processes could each create it over the other
         lock = None if read_only else DirectoryLock.exclusive(directory)
+        if lock is not None and strategy is not None:
+            try:
+                self._take_over_if_empty(directory, strategy, hparams, linear)
+            except BaseException:
+                lock.close()
+                self._runner.close()
+                raise
         if lock is not None and not os.path.lexists(directory / MANIFEST):
             try:
                 # the layout of a resumed state comes from its record of the base (_resume)
@@ -174,6 +200,31 @@ class Merger:
             raise
 
     # --- setup ----------------------------------------------------------------------------
+    def _take_over_if_empty(
+        self, directory: Path, strategy: str | Strategy, hparams: dict[str, Any], linear: str | None
+    ) -> None:
+        """A state that has folded nothing (its first fold failed) is no one's yet: asked for
+        with another strategy or linear pattern, it is removed so that a new one is created.
+        Called with the directory's writer lock held."""
+        if not os.path.lexists(directory / MANIFEST):
+            return
+        manifest = read_manifest(directory)[0]
+        if manifest["globals"]["count"] != 0 or manifest["generation"] != 0:
+            return
+        wanted = parse_strategy(strategy, **hparams).spec()
+        if wanted == manifest["strategy"] and linear == manifest.get("linear_pattern"):
+            return
+        # the manifest goes first: its generation-0 file is then a leftover the creation clears
+        with writing(directory / MANIFEST):
+            os.unlink(directory / MANIFEST)
+            fsync_dir(directory)
+        warnings.warn(
+            f"{directory}: the state had folded nothing yet ({manifest['strategy']}); "
+            f"starting it anew with {wanted}",
+            Notice,
+            stacklevel=3,
+        )
+
     def _new_strategy(self, strategy: str | Strategy | None, hparams: dict[str, Any]) -> Strategy:
         if strategy is None:
             raise StateError("a strategy is needed to start a new merge state")
@@ -186,7 +237,7 @@ class Merger:
             "strategy": self.strategy.spec(),
             "linear_pattern": linear,
             "base": {
-                "source": self.base.source,
+                "source": self._base_source or self.base.source,
                 "fingerprint": fingerprint,
                 "tensors": len(self.infos),
                 "linear_weights": sum(i.is_linear for i in self.infos.values()),
@@ -210,19 +261,23 @@ class Merger:
                     f"{self.store.path}: state was made with {saved.spec()}, not {wanted.spec()}"
                 )
         pattern = manifest.get("linear_pattern")
-        record = None if self.verify_base else self._recorded_base(manifest["base"])
+        recorded = manifest["base"]
+        record = None if self.verify_base else self._recorded_base(recorded)
         if record is not None:  # the very base the state last read, unchanged
             self.infos = tensor_infos(self.base, pattern, record["linear"])
             self._base_sq = dict(record["sum_sq"])
         else:
             self.infos = tensor_infos(self.base, pattern)
-            if self._fingerprint_base() != manifest["base"]["fingerprint"]:
+            fingerprint = self._fingerprint_base()
+            if fingerprint != recorded["fingerprint"]:
                 raise StateError(
                     f"{self.store.path}: base {self.base.source} is not the base this state was "
-                    f"started from ({manifest['base']['source']})"
+                    f"started from ({recorded['source']}): its fingerprint is {fingerprint[:16]}…, "
+                    f"the state's {recorded['fingerprint'][:16]}… (give --base the base it was "
+                    "started from)"
                 )
             if not self.read_only:  # recorded by the next commit
-                manifest["base"] = {**manifest["base"], **self._base_record()}
+                manifest["base"] = {**recorded, **self._base_record()}
         assert isinstance(self.store, DiskStore)
         if self.store.slot_metas != self._slot_metas(saved):
             raise StateError(
@@ -300,10 +355,15 @@ class Merger:
         *,
         extras: Mapping[str, Source] | None = None,
         name: str | None = None,
+        weight: float | None = None,
     ) -> FoldResult:
-        """Fold one checkpoint. Raises CheckpointError (state untouched) if it does not fit."""
+        """Fold one checkpoint. Raises CheckpointError (state untouched) if it does not fit.
+
+        ``weight`` (finite, > 0; rules with ``takes_weight``: average, task_arithmetic) weighs
+        this arrival against the others; it is recorded in the manifest."""
         if self.read_only:
             raise StateError(f"{self.store.path}: opened read-only; cannot fold")
+        self._check_weight(weight)
         started = time.perf_counter()
         identity = file_identity(source) if self.dedupe else None
         known = self._known_file(identity, name or str(source), started)
@@ -311,10 +371,14 @@ class Merger:
             return known
         arrival = open_checkpoint(source, self.base.meta)
         label = name or arrival.source
-        opened_extras = self._open_extras(source, extras)
+        try:
+            opened_extras = self._open_extras(source, extras, label)
+        except BaseException:
+            arrival.close()
+            raise
         try:
             self._check_layout(arrival)
-            ctx = self._context(self.count + 1, opened_extras)
+            ctx = self._context(self.count + 1, opened_extras, weight)
             for sweep in self.strategy.passes(ctx):
                 if sweep.elementwise:
                     self._sweep_chunks(arrival, sweep, ctx)
@@ -322,7 +386,7 @@ class Merger:
                     for info, delta, _, _ in self._deltas(arrival, "pass"):
                         sweep.update(info, delta, self.store.read(info.name), ctx)
                 sweep.finish(ctx)
-            return self._fold_pass(arrival, ctx, label, identity, started)
+            return self._fold_pass(arrival, ctx, label, identity, started, weight)
         finally:
             arrival.close()
             for extra in opened_extras.values():
@@ -336,13 +400,19 @@ class Merger:
                 return FoldResult("duplicate", record["index"], record["hash"], label, seconds)
         return None
 
-    def _context(self, index: int, extras: dict[str, Checkpoint] | None = None) -> FoldContext:
+    def _context(
+        self,
+        index: int,
+        extras: dict[str, Checkpoint] | None = None,
+        weight: float | None = None,
+    ) -> FoldContext:
         return FoldContext(
             index=index,
             globals=dict(self.manifest["globals"]),
             extras=extras or {},
             numel=sum(self.infos[n].meta.numel for n in self._float_names),
             float64=any(self.infos[n].compute_dtype == torch.float64 for n in self._float_names),
+            weight=1.0 if weight is None else float(weight),
             device=self.device,
         )
 
@@ -359,7 +429,13 @@ class Merger:
         for name in self._float_names:
             info = self.infos[name]
             if self._chunkable(arrival, name):
-                batch.add(info, arrival.chunks(name), self._base_view(info), self.store.view(name))
+                batch.add(
+                    info,
+                    arrival.meta[name].dtype,
+                    arrival.chunks(name),
+                    self._base_view(info),
+                    self.store.view(name),
+                )
                 if batch.full:
                     run()
             else:  # e.g. an adapter's δ, computed whole
@@ -374,12 +450,15 @@ class Merger:
         label: str,
         identity: str | None,
         started: float,
+        weight: float | None,
     ) -> FoldResult:
         staging = self.store.begin(self._slot_metas())
         ignored: list[str] = []
         try:
             hashed, sums = self._fold_tensors(arrival, ctx, staging, label, ignored)
-            record = self._record(arrival, label, identity, hashed, sums, self.manifest["arrivals"])
+            record = self._record(
+                arrival, label, identity, hashed, sums, self.manifest["arrivals"], weight
+            )
             if isinstance(record, FoldResult):
                 staging.abort()
                 return dataclasses.replace(record, seconds=time.perf_counter() - started)
@@ -398,6 +477,7 @@ class Merger:
         hashed: dict[str, _Hashed],
         sums: dict[str, float],
         earlier: list[dict[str, Any]],
+        weight: float | None = None,
     ) -> dict[str, Any] | FoldResult:
         """The manifest's record of a folded arrival; a duplicate's result when one of the
         ``earlier`` records has its content hash; CheckpointError if it moved too far."""
@@ -436,6 +516,8 @@ class Merger:
             "file": identity,
             "relative_delta": round(relative, 6),
             "median_matrix_delta": round(moved, 6),
+            "dtype": dtype_summary(arrival.meta.values()),
+            **({} if weight is None else {"weight": float(weight)}),
         }
 
     def _folded(
@@ -492,6 +574,7 @@ class Merger:
                         whole.drain()  # keep order
                     batch.add(
                         info,
+                        arrival.meta[info.name].dtype,
                         arrival.chunks(info.name),
                         self._base_view(info),
                         self.store.view(info.name),
@@ -529,10 +612,9 @@ class Merger:
         """Fold several checkpoints in one pass over the state and commit once, with the
         outcome of folding them one by one in that order: each is recorded with its own index,
         hash and file, a file folded before is skipped, and a crash leaves the last committed
-        generation. Elementwise rules without passes or whole-model values, full checkpoints
-        only. None, with nothing changed, when the group does not qualify or any arrival would
-        be refused or skipped as a duplicate of content: ``fold`` them one at a time then (it
-        says why)."""
+        generation. Elementwise rules without passes, full checkpoints only. None, with nothing
+        changed, when the group does not qualify or any arrival would be refused or skipped as a
+        duplicate of content: ``fold`` them one at a time then (it says why)."""
         if self.read_only:
             raise StateError(f"{self.store.path}: opened read-only; cannot fold")
         started = time.perf_counter()
@@ -567,12 +649,10 @@ class Merger:
         return [results[p] for p in range(len(sources))]
 
     def _groupable(self, arrivals: int) -> bool:
-        rule = self.strategy.rule if isinstance(self.strategy, Chain) else self.strategy
         indices = range(self.count + 1, self.count + 1 + arrivals)
         return (
             self.strategy.elementwise
             and not self.strategy.needs_extras
-            and type(rule).end_fold is Strategy.end_fold  # no whole-model values to chain
             and not any(any(True for _ in self.strategy.passes(self._context(i))) for i in indices)
         )
 
@@ -580,9 +660,15 @@ class Merger:
         self, arrivals: list[Checkpoint], identities: list[str | None]
     ) -> list[tuple[int, dict[str, Any], list[str]]] | None:
         started = time.perf_counter()
-        ctxs = [self._context(self.count + 1 + j) for j in range(len(arrivals))]
-        for ctx in ctxs:
-            ctx.globals["count"] = ctx.index - 1  # as each would see it folded alone
+        ctxs = []
+        globals_ = dict(self.manifest["globals"])
+        for j in range(len(arrivals)):  # each sees the globals as if folded alone, in order
+            ctx = self._context(self.count + 1 + j)
+            ctx.globals = {**globals_, "count": ctx.index - 1}
+            # an elementwise rule's end_fold reads no statistics of the fold (its threads
+            # gather none), so the globals can be chained before the tensors are folded
+            globals_ = self.strategy.end_fold(ctx.globals, ctx)
+            ctxs.append(ctx)
         staging = self.store.begin(self._slot_metas())
         try:
             folded = self._fold_group_tensors(arrivals, ctxs, staging)
@@ -629,7 +715,7 @@ class Merger:
                     name = one.info.name
                     if not math.isfinite(one.sum_sq):  # one by one, fold names the reason
                         raise CheckpointError(arrival.source, "not finite", name)
-                    out[j][0][name] = (one.info.meta.dtype, one.info.shape, one.leaves)
+                    out[j][0][name] = (arrival.meta[name].dtype, one.info.shape, one.leaves)
                     out[j][1][name] = one.sum_sq
                     if j == last:
                         staging.write(name, one.target)
@@ -647,7 +733,8 @@ class Merger:
             old = self.store.view(info.name)
             for j, (batch, arrival) in enumerate(zip(batches, arrivals)):
                 new = target if j == last else spares[j % 2]
-                batch.add(info, arrival.chunks(info.name), self._base_view(info), old, new)
+                dtype = arrival.meta[info.name].dtype
+                batch.add(info, dtype, arrival.chunks(info.name), self._base_view(info), old, new)
                 old = new
             if batches[0].full:
                 run()
@@ -694,12 +781,9 @@ class Merger:
                     f"shape {list(meta.shape)}, the base has {list(want.shape)}",
                     name,
                 )
-            if meta.dtype != want.dtype:
-                raise CheckpointError(
-                    arrival.source,
-                    f"dtype {CODE_BY_DTYPE[meta.dtype]}, the base has {CODE_BY_DTYPE[want.dtype]}",
-                    name,
-                )
+            problem = arrival_dtype_problem(meta.dtype, want.dtype, self.infos[name].compute_dtype)
+            if problem:
+                raise CheckpointError(arrival.source, problem, name)
 
     def _chunkable(self, arrival: Checkpoint, name: str) -> bool:
         return (
@@ -734,7 +818,7 @@ class Merger:
             if not math.isfinite(one.sum_sq):
                 why = self._why_not_finite(arrival, name, one.target)
                 raise CheckpointError(arrival.source, why, name)
-            hashed[name] = (one.info.meta.dtype, one.info.shape, one.leaves)
+            hashed[name] = (arrival.meta[name].dtype, one.info.shape, one.leaves)
             sums[name] = one.sum_sq
             staging.write(name, one.target)
         bar.update(len(folded))
@@ -810,40 +894,64 @@ class Merger:
             return STATE_OVERFLOW
         return "differs from the base by more than the float range (δ overflows)"
 
+    def _check_weight(self, weight: float | None) -> None:
+        if weight is None:
+            return
+        if not self.strategy.takes_weight:
+            raise SettingError(
+                f"{self.strategy.spec()} takes no per-arrival weight (average and "
+                "task_arithmetic do); fold without one"
+            )
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise SettingError(f"weight {weight!r} must be a finite number > 0")
+
     def _open_extras(
-        self, source: Source, extras: Mapping[str, Source] | None
+        self, source: Source, extras: Mapping[str, Source] | None, label: str
     ) -> dict[str, Checkpoint]:
+        """The arrival's statistics by kind: given, or its sidecar file. Missing ones are
+        refused here, before anything is read or the state touched."""
         opened: dict[str, Checkpoint] = {}
-        for kind in self.strategy.needs_extras:
-            given = (extras or {}).get(kind)
-            if given is None and isinstance(source, (str, Path)):
-                sidecar = _sidecar(Path(source), kind)
-                given = sidecar if sidecar.exists() else None
-            if given is not None:
+        try:
+            for kind in self.strategy.needs_extras:
+                given = (extras or {}).get(kind)
+                sidecar = _sidecar(Path(source), kind) if isinstance(source, (str, Path)) else None
+                if given is None and sidecar is not None and sidecar.exists():
+                    given = sidecar
+                if given is None:
+                    raise CheckpointError(label, _no_statistics(self.strategy, kind, sidecar))
                 opened[kind] = open_checkpoint(given)
+        except BaseException:
+            for checkpoint in opened.values():
+                checkpoint.close()
+            raise
         return opened
 
     # --- emitting -------------------------------------------------------------------------
-    def iter_merged(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The merged model, one tensor at a time, in the base's order and dtypes. Raises
+    def iter_merged(
+        self, out_dtype: str | torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged model, one tensor at a time, in the base's order, its float tensors in
+        ``out_dtype`` (default: the base's dtypes; see ``contmerge.dtypes``). Raises
         StateError, after the last tensor at the latest, if a merged tensor is not finite or
         the state read does not match its checksum (``emit`` then writes nothing)."""
+        dtype = parse_out_dtype(out_dtype)
         globals_ = self.manifest["globals"]
         self.store.begin_check()
         for name, info in self.infos.items():
             base = self.base.read(name)
+            wanted = info.meta.dtype if dtype is None or not info.meta.is_float else dtype
             if not info.meta.is_float or self.count == 0:
-                yield name, base
+                yield name, base.to(wanted)
                 continue
             state = self.store.read(name)
             merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
             if self.store.holds(name, merged):
                 merged = merged.clone()  # the store reuses state buffers: hand out a copy
-            merged = merged.to(info.meta.dtype)
+            merged = merged.to(wanted)
             if not _all_finite({"merged": merged}):
                 raise StateError(
                     f"{self._where()}: merged tensor {name!r} is Inf or NaN in "
-                    f"{CODE_BY_DTYPE[info.meta.dtype]} (the merge exceeds its range); "
+                    f"{CODE_BY_DTYPE[wanted]} (the merge exceeds its range); "
                     "nothing was written"
                 )
             yield name, merged
@@ -852,36 +960,55 @@ class Merger:
     def _where(self) -> str:
         return str(self.store.path) if self.store.path is not None else "merged state"
 
-    def emit_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.iter_merged())
+    def emit_state_dict(
+        self, out_dtype: str | torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        return dict(self.iter_merged(out_dtype))
 
-    def emit(self, out: str | Path) -> Path:
-        """Write the merged model: a ``.safetensors`` file, or a model directory (with the
-        base's config and tokenizer files) when ``out`` has no suffix and the base was one."""
+    def emit(
+        self,
+        out: str | Path,
+        *,
+        out_dtype: str | torch.dtype | None = None,
+        shard_size: int | None = None,
+    ) -> Path:
+        """Write the merged model: a ``.safetensors`` file, or a model directory when ``out``
+        has no ``.safetensors`` suffix: sharded like the base (or in files of at most
+        ``shard_size`` bytes, with ``model.safetensors.index.json``), with the base's config
+        and tokenizer files when the base was a model directory, and a model card
+        ``README.md``. Float tensors are written in ``out_dtype``, default the base's."""
         out = Path(out)
+        dtype = parse_out_dtype(out_dtype)
+        check_out(out, shard_size)
         as_directory = out.suffix != ".safetensors"
         made = as_directory and not out.exists()
-        target = out / "model.safetensors" if as_directory else out
-        metas = {name: info.meta for name, info in self.infos.items()}
+        metas = out_metas({name: info.meta for name, info in self.infos.items()}, dtype)
         metadata = {
             "format": "pt",
             "contmerge_strategy": self.strategy.spec(),
             "contmerge_count": str(self.count),
         }
         try:
-            with atomic_open(target) as handle:
-                writer = SafetensorsWriter(handle, metas, metadata)
-                for name, tensor in self.iter_merged():
-                    writer.write(name, tensor.contiguous())
-                writer.finish()
+            if as_directory:
+                plan = plan_shards(metas, self.base.shard_names, shard_size)
+                write_model(out, self.iter_merged(dtype), metas, plan, metadata)
+            else:
+                plan = {out.name: list(metas)}
+                tensors = self.iter_merged(dtype)
+                write_model(out.parent, tensors, metas, plan, metadata, model_directory=False)
         except BaseException:
             if made:  # leave no empty directory behind
                 with contextlib.suppress(OSError):
                     out.rmdir()
             raise
-        if as_directory and self.base.config_dir is not None:
+        if as_directory:
             with writing(out):
-                _copy_config(self.base.config_dir, out)
+                if self.base.config_dir is not None:
+                    _copy_config(self.base.config_dir, out)
+                    if dtype is not None:
+                        set_config_dtype(out, dtype)
+                card = model_card(self.manifest, _version(), dtype)
+                atomic_write_bytes(out / MODEL_CARD, card.encode())
         return out
 
     def close(self) -> None:
@@ -963,6 +1090,19 @@ def _sidecar(path: Path, kind: str) -> Path:
     return path.with_name(f"{stem}.{kind}.safetensors")
 
 
+def _no_statistics(strategy: Strategy, kind: str, sidecar: Path | None) -> str:
+    looked = (
+        f"looked for its sidecar {sidecar} (none there)"
+        if sidecar is not None
+        else "an in-memory arrival has no sidecar file"
+    )
+    return (
+        f"{strategy.spec()} needs {kind!r} statistics with each arrival; none were given and "
+        f"{looked}: save them as <checkpoint>.{kind}.safetensors beside it (same tensor names "
+        f"and shapes), or pass extras={{{kind!r}: ...}}"
+    )
+
+
 def _copy_config(source: Path, out: Path) -> None:
     for entry in source.iterdir():
         if entry.name in CONFIG_FILES_TO_SKIP or entry.suffix in (".safetensors", ".bin"):
@@ -971,6 +1111,12 @@ def _copy_config(source: Path, out: Path) -> None:
             shutil.copytree(entry, out / entry.name, dirs_exist_ok=True)
         else:
             shutil.copy2(entry, out / entry.name)
+
+
+def _version() -> str:
+    from . import __version__  # the package's, set after this module is imported
+
+    return __version__
 
 
 def _now() -> str:

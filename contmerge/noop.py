@@ -25,7 +25,7 @@ def already_folded(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]
     must decide.
     ``merge`` is a writer even when it writes nothing: it takes the directory's lock as the
     Merger would (StateError, as there, when it cannot)."""
-    if args.out or args.set or args.device or getattr(args, "verify_base", False):
+    if args.out or args.set or args.device or args.weight or args.verify_base:
         return None
     if not os.path.isfile(Path(args.state) / MANIFEST):
         return None  # a new state, or something the Merger names

@@ -41,6 +41,8 @@ class Checkpoint:
     config_dir: Path | None = None
     #: ``read`` returns a new tensor nobody else holds, so the engine may compute in it in place
     fresh_reads: bool = False
+    #: tensor name -> the file of a sharded checkpoint holding it (an emit shards alike)
+    shard_names: dict[str, str] | None = None
 
     _linear_names: frozenset[str] | None = None
     _linear_names_known = False
@@ -195,9 +197,14 @@ def shard_files(index_path: str | Path, max_bytes: int | None = None) -> list[Pa
     return sorted(set(read_shard_index(index_path, max_bytes).values()))
 
 
+class ShardPathError(CheckpointError):
+    """A shard index naming a file that can never be read as its shard: outside its directory,
+    or a path that does not resolve. Waiting for it would not help (the server's inbox)."""
+
+
 def _shard_path(index_path: Path, directory: Path, shard: str) -> Path:
     def refuse(why: str) -> CheckpointError:
-        return CheckpointError(
+        return ShardPathError(
             str(index_path), f"shard {clip(shard, 80)!r} {why}: shards must lie in its directory"
         )
 
@@ -211,8 +218,9 @@ def _shard_path(index_path: Path, directory: Path, shard: str) -> Path:
     path = directory / relative
     try:
         root, resolved = directory.resolve(), path.resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
-        raise refuse(f"cannot be resolved ({exc})") from None
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        # no exception text: it holds the full path, and a reason may reach an HTTP client
+        raise refuse("cannot be resolved (a symlink loop?)") from None
     if resolved == root or not resolved.is_relative_to(root):
         raise refuse("is a symlink leading out of the directory")
     return path
@@ -243,6 +251,7 @@ class ShardedCheckpoint(Checkpoint):
                     )
                 self.meta[name] = reader.meta[name]
                 self._shard_of[name] = shard_path
+            self.shard_names = {name: path.name for name, path in self._shard_of.items()}
         except BaseException:
             self.close()
             raise

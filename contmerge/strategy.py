@@ -176,6 +176,8 @@ class FoldContext:
     #: number of float entries in the whole model, and whether any is computed in float64
     numel: int = 0
     float64: bool = False
+    #: this arrival's weight (rules with ``takes_weight``; 1 unless the user gave one)
+    weight: float = 1.0
     #: where a rule's heavy per-tensor work runs (``Merger(device=...)``); None: where the
     #: tensors are (the CPU). State, inputs and results stay on the CPU
     device: torch.device | None = None
@@ -244,6 +246,8 @@ class Strategy:
     name: ClassVar[str] = ""
     #: kinds of per-arrival statistics the rule needs (e.g. ("fisher",))
     needs_extras: ClassVar[tuple[str, ...]] = ()
+    #: the rule weighs each arrival by ``ctx.weight`` (``Merger.fold(..., weight=)``)
+    takes_weight: ClassVar[bool] = False
 
     # --- per-tensor functions -------------------------------------------------------------
     def slots(self, info: TensorInfo) -> dict[str, TensorMeta]:
@@ -382,6 +386,7 @@ class Chain(Strategy):
         self.pre: tuple[Preprocessor, ...] = tuple(parts[:-1])  # type: ignore[assignment]
         self.rule: Strategy = parts[-1]  # type: ignore[assignment]
         self.needs_extras = self.rule.needs_extras  # type: ignore[misc]
+        self.takes_weight = self.rule.takes_weight  # type: ignore[misc]
         self.elementwise = self.rule.elementwise and all(  # type: ignore[misc]
             p.elementwise for p in self.pre
         )

@@ -1,5 +1,9 @@
-"""A small residual CNN with BatchNorm for the decentralized (DIMAT) scenario, and its
-permutation spec.
+"""The decentralized (DIMAT) scenario's models and their permutation specs: an MLP with
+BatchNorm (the default: wide enough that a one-shot merge keeps the agents' accuracy) and a small
+residual CNN with BatchNorm.
+
+MLP: ``784 -> h -> ... -> h -> classes``, each hidden layer Linear + BatchNorm1d + ReLU; its spec
+is :func:`~contmerge.strategies.dimat.sequential_spec` (one alignment point per hidden layer).
 
 Layout (ResNet-20 style, shrunk for 2 CPU cores; the input is a flattened 28x28 image):
 
@@ -16,14 +20,27 @@ or input of the pool). Every block adding into a stream shares that stream's per
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from contmerge.strategies.dimat import AlignmentPoint, PermutationSpec
+from contmerge.strategies.dimat import AlignmentPoint, PermutationSpec, sequential_spec
 
 IMAGE_SIDE = 28
+AGENT_MODELS = ("mlp", "cnn")
+
+
+def bn_mlp(hidden: int, depth: int = 2, num_classes: int = 10, inputs: int = 784) -> nn.Sequential:
+    """``depth`` hidden layers of ``hidden`` units, each Linear + BatchNorm1d + ReLU."""
+    layers: list[nn.Module] = []
+    width = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
 
 
 @dataclass(frozen=True)
@@ -116,3 +133,18 @@ def resnet_spec(cfg: CNNConfig | None = None) -> PermutationSpec:
             axes = (*_out(f"{blk}.conv1", f"{blk}.bn1"), (f"{blk}.conv2.weight", 1))
             points.append(AlignmentPoint(f"{blk}.hidden", f"{blk}.conv2", axes))
     return PermutationSpec(tuple(points))
+
+
+def agent_model(
+    kind: str, size: int, num_classes: int
+) -> tuple[Callable[[], nn.Module], PermutationSpec]:
+    """(factory, permutation spec) of the scenario's model: ``mlp`` (``size`` = hidden units)
+    or ``cnn`` (``size`` = width of the first stage)."""
+    if kind == "mlp":
+        return (lambda: bn_mlp(size, num_classes=num_classes)), sequential_spec(
+            bn_mlp(size, num_classes=num_classes)
+        )
+    if kind == "cnn":
+        cfg = CNNConfig(width=size, num_classes=num_classes)
+        return (lambda: SmallResNet(cfg)), resnet_spec(cfg)
+    raise ValueError(f"unknown model {kind!r}; known: {', '.join(AGENT_MODELS)}")

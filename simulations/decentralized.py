@@ -1,16 +1,25 @@
 """Decentralized scenario: DIMAT vs plain π-averaging (WA) on a topology of agents.
 
 N agents hold shards of one 10-class task (Fashion-MNIST, or scikit-learn digits), IID or
-non-IID (whole classes per agent, class c -> agent c mod N, as DIMAT's ``dataloader.py``). Each
-starts from its OWN random init and pretrains briefly on its shard. Then, every round and for
-each method on identical models, data and seeds: all agents merge their neighbourhood
-synchronously (round-start models), the merged models are evaluated on the full test set,
-every agent trains ``local_epochs`` on its own shard (fresh Adam, lr 1e-3, batch 100), and
-they are evaluated again. The merge's calibration data is each agent's own shard (unlabeled),
-or, for comparison with the authors' code, the global training set (``--calibration global``).
+non-IID (whole classes per agent, class c -> agent c mod N, as DIMAT's ``dataloader.py``; 5
+agents get 2 classes each). Each starts from its OWN random init and pretrains on its shard
+(``pretrain_epochs``, default 100 as the authors). Before any round an **alignability check**
+merges the pretrained agents once (DIMAT vs WA vs the endpoints' own accuracy): DIMAT can only
+help where a one-shot merge keeps the endpoints' accuracy. Then, every round and for each method
+on identical models, data and seeds: all agents merge their neighbourhood synchronously
+(round-start models), the merged models are evaluated on the full test set, every agent trains
+``local_epochs`` on its own shard (fresh Adam, lr 1e-3, batch 100), and they are evaluated again.
 
-``run_decentralized(config)`` is the entry point; ``add_decentralized_arguments`` /
-``main_decentralized`` are the CLI halves for ``contmerge simulate decentralized``.
+Defaults are the authors' where they differ from ours (``main.sh``/``main.py`` of nsaadati/DIMAT):
+fully connected topology with their shortcut (agent 0 merges, everyone gets its model),
+BatchNorm momentum left at None after DIMAT's reset (``bn_momentum="cumulative"``), 100 rounds
+of 2 local epochs. The model is an MLP 784-h-h-10 with BatchNorm (``--model cnn``: a small
+ResNet). The merge's calibration data is each agent's own shard (unlabeled), or, as the
+authors' code, the global training set (``--calibration global``).
+
+``run_decentralized(config)`` is the entry point (``prepare_agents`` + ``run_methods``, so a
+sweep can reuse pretrained agents); ``add_decentralized_arguments`` / ``main_decentralized``
+are the CLI halves for ``contmerge simulate decentralized``.
 """
 
 from __future__ import annotations
@@ -32,9 +41,11 @@ from torch import nn
 from contmerge.strategies.dimat import (
     TOPOLOGIES,
     DimatFold,
+    MatchDiagnostics,
     PermutationSpec,
     Source,
     Topology,
+    cumulative_bn,
     make_topology,
     neighbourhood,
     reset_bn,
@@ -42,12 +53,16 @@ from contmerge.strategies.dimat import (
     weighted_average,
 )
 
-from .cnn import CNNConfig, SmallResNet, resnet_spec
+from .cnn import AGENT_MODELS, agent_model
 from .data import DataConfig, Task, load_suite
-from .options import add_no_progress, add_output_dir, positive_int
+from .options import add_no_progress, add_output_dir, names_list, positive_int
+from .train import _threads as torch_threads  # 1 thread: small models crawl with 2 when busy
 
 StateDict = dict[str, torch.Tensor]
 METHODS = ("dimat", "wa", "wa_bn")
+#: after a merge that reset BatchNorm: "cumulative" keeps momentum None for the next local
+#: training (the authors' code), "restore" puts the module's momentum (0.1) back
+BN_MOMENTUM = ("cumulative", "restore")
 DATASET_LABELS = {"fashion": "Fashion-MNIST", "digits": "digits"}
 METHOD_LABELS = {"dimat": "DIMAT", "wa": "WA", "wa_bn": "WA + BN reset"}
 CALIBRATION_NOTES = {
@@ -65,12 +80,12 @@ CALIBRATION_NOTES = {
 
 @dataclass(frozen=True)
 class DecentralizedConfig:
-    topology: str = "ring"  # fc | ring | bipartite | disconnected (ignored when pi is given)
+    topology: str = "fc"  # fc | ring | bipartite | disconnected (ignored when pi is given)
     agents: int = 5
-    rounds: int = 10
+    rounds: int = 100  # the authors' merg_itr
     partition: str = "non-iid"  # iid | non-iid
     local_epochs: int = 2
-    pretrain_epochs: int = 2
+    pretrain_epochs: int = 100  # the authors' checkpoints: 100 epochs from different inits
     dataset: str = "fashion"  # fashion | digits
     n_train: int = 5000  # training images split among the agents (digits: at most ~1250)
     n_test: int = 2000
@@ -78,13 +93,16 @@ class DecentralizedConfig:
     calib_size: int | None = None  # calibration images per agent (None: the whole set)
     batch_size: int = 100
     lr: float = 1e-3
-    width: int = 16
+    model: str = "mlp"  # mlp: 784-w-w-10 with BatchNorm | cnn: small ResNet of first width w
+    width: int = 128
     seed: int = 0
     methods: tuple[str, ...] = ("dimat", "wa")
     pi: tuple[tuple[float, ...], ...] | None = None  # a custom mixing matrix
-    fc_shortcut: bool = False  # FC: agent 0's merge copied to all (the reference's shortcut)
+    fc_shortcut: bool = True  # FC: agent 0's merge copied to all (the reference's shortcut)
+    bn_momentum: str = "cumulative"  # see BN_MOMENTUM
+    alignability: bool = True  # one-shot merge of the pretrained agents before the rounds
     output_dir: str | None = "contmerge-runs/decentralized"
-    threads: int = 1  # small convs gain little from 2; 2 threads crawl on a busy machine
+    threads: int = 1  # small models gain little from 2; 2 threads crawl on a busy machine
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,6 +221,8 @@ def state_bytes(state: StateDict) -> int:
 
 
 Factory = Callable[[], nn.Module]
+#: per DIMAT fold: alignment point -> how far its assignment is from the identity
+Diagnostics = list[dict[str, MatchDiagnostics]]
 
 
 def merge_agent(
@@ -213,14 +233,21 @@ def merge_agent(
     factory: Factory,
     spec: PermutationSpec,
     calibration: Sequence[torch.Tensor],
+    diagnostics: Diagnostics | None = None,
 ) -> StateDict:
-    """One agent's merge of its neighbourhood: DIMAT, WA, or WA followed by a BatchNorm reset."""
+    """One agent's merge of its neighbourhood: DIMAT, WA, or WA followed by a BatchNorm reset.
+
+    Everything it needs is an argument (models as state dicts, files or loaders), so any process
+    can run it. ``diagnostics`` (DIMAT only) is extended with one entry per folded neighbour.
+    """
     if method == "dimat":
         fold = DimatFold(
             own, self_weight, model_factory=factory, spec=spec, calibration=calibration
         )
         for weight, source in neighbours:
             fold.add(source, weight)
+        if diagnostics is not None:
+            diagnostics.extend(fold.diagnostics)
         return fold.finish()
     if method in ("wa", "wa_bn"):
         merged = weighted_average([(self_weight, own), *neighbours])
@@ -232,6 +259,13 @@ def merge_agent(
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
+def uses_shortcut(topology: Topology, fc_shortcut: bool) -> bool:
+    """The reference's FC shortcut applies when asked for, to FC (or a custom π whose rows are
+    all the same); a ring of 3 has FC's π, but the reference only takes the shortcut for FC."""
+    same_rows = bool(np.allclose(topology.pi, topology.pi[0]))
+    return fc_shortcut and topology.n > 1 and same_rows and topology.name in ("fc", "custom")
+
+
 def merge_round(
     method: str,
     states: Sequence[StateDict],
@@ -241,6 +275,7 @@ def merge_round(
     spec: PermutationSpec,
     *,
     fc_shortcut: bool = False,
+    diagnostics: Diagnostics | None = None,
 ) -> list[StateDict]:
     """Every agent merges its neighbourhood from the round-start models (synchronous).
 
@@ -248,14 +283,57 @@ def merge_round(
     everyone that model, as the reference code does (``exp == 1``).
     """
     out: list[StateDict] = []
+    shortcut = uses_shortcut(topology, fc_shortcut)
     for i in range(topology.n):
-        if fc_shortcut and i > 0 and np.allclose(topology.pi, topology.pi[0]):
+        if shortcut and i > 0:
             out.append({k: v.clone() for k, v in out[0].items()})
             continue
         self_w, nbrs = neighbourhood(topology, i)
         sources = [(w, states[j]) for j, w in nbrs]
-        out.append(merge_agent(method, states[i], self_w, sources, factory, spec, calibration[i]))
+        out.append(
+            merge_agent(
+                method, states[i], self_w, sources, factory, spec, calibration[i], diagnostics
+            )
+        )
     return out
+
+
+def round_bytes(topology: Topology, model_bytes: int, fc_shortcut: bool) -> int:
+    """Bytes of models sent per round: every agent receives each neighbour's model; with the
+    FC shortcut, N−1 models go to agent 0 and its merge goes back to the N−1 others."""
+    if uses_shortcut(topology, fc_shortcut):
+        return 2 * (topology.n - 1) * model_bytes
+    return sum(topology.degree(i) for i in range(topology.n)) * model_bytes
+
+
+def resets_bn(method: str) -> bool:
+    return method in ("dimat", "wa_bn")
+
+
+def trainable(
+    factory: Factory, state: StateDict, method: str | None, bn_momentum: str
+) -> nn.Module:
+    """A module holding ``state`` for local training. After a merge that reset BatchNorm, the
+    authors' code trains with momentum None (``bn_momentum="cumulative"``)."""
+    if bn_momentum not in BN_MOMENTUM:
+        raise ValueError(f"bn_momentum must be one of {', '.join(BN_MOMENTUM)}")
+    model = factory()
+    model.load_state_dict(state)
+    if method is not None and resets_bn(method) and bn_momentum == "cumulative":
+        cumulative_bn(model)
+    return model
+
+
+def summarise_diagnostics(diagnostics: Diagnostics) -> dict[str, float]:
+    """Means over folds and alignment points (empty dict when nothing was folded)."""
+    entries = [d for fold in diagnostics for d in fold.values()]
+    if not entries:
+        return {}
+    return {
+        "identity": float(np.mean([d.identity for d in entries])),
+        "matched_corr": float(np.mean([d.matched for d in entries])),
+        "diagonal_corr": float(np.mean([d.diagonal for d in entries])),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,24 +350,33 @@ def calibration_batches(
     return list(x[order].split(config.batch_size))
 
 
-def run_decentralized(config: DecentralizedConfig) -> dict[str, Any]:
-    """Pretrain N agents, run every method for ``rounds`` rounds, write the reports."""
+def check_config(config: DecentralizedConfig) -> Topology:
+    """Validate the choices; returns the topology."""
     if config.calibration not in CALIBRATION_NOTES:
         raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_NOTES)}")
+    if config.bn_momentum not in BN_MOMENTUM:
+        raise ValueError(f"bn_momentum must be one of {', '.join(BN_MOMENTUM)}")
+    if config.model not in AGENT_MODELS:
+        raise ValueError(f"model must be one of {', '.join(AGENT_MODELS)}")
     for m in config.methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
-    topology = (
+    return (
         topology_from_matrix(config.pi)
         if config.pi is not None
         else make_topology(config.topology, config.agents)
     )
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, config.threads)))
-    try:
-        return _run(config, topology)
-    finally:
-        torch.set_num_threads(prev_threads)
+
+
+def run_decentralized(config: DecentralizedConfig) -> dict[str, Any]:
+    """Pretrain N agents, check alignability, run every method for ``rounds`` rounds, write
+    the reports."""
+    topology = check_config(config)
+    with torch_threads(config.threads):
+        results = run_methods(config, topology, prepare_agents(config, topology.n))
+    if config.output_dir:
+        write_reports(results, Path(config.output_dir))
+    return results
 
 
 def _log(config: DecentralizedConfig, msg: str) -> None:
@@ -297,17 +384,39 @@ def _log(config: DecentralizedConfig, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _run(config: DecentralizedConfig, topology: Topology) -> dict[str, Any]:
+@dataclass
+class Agents:
+    """The pretrained agents of one (data, partition, model, seed): reusable across topologies
+    and methods."""
+
+    task: Task
+    shards: list[torch.Tensor]
+    xs: list[torch.Tensor]
+    ys: list[torch.Tensor]
+    calibration: list[list[torch.Tensor]]
+    factory: Factory
+    spec: PermutationSpec
+    pretrained: list[StateDict]
+    initial: list[float]
+    alignability: dict[str, Any] | None
+    seconds: float
+
+    def evaluate(self, states: Sequence[StateDict]) -> list[float]:
+        model = self.factory()
+        accs = []
+        for s in states:
+            model.load_state_dict(s)
+            accs.append(accuracy(model, self.task.x_test, self.task.y_test))
+        return accs
+
+
+def prepare_agents(config: DecentralizedConfig, n: int) -> Agents:
+    """Load the data, split it, pretrain every agent from its own init, run the alignability
+    check (when ``config.alignability``)."""
     t0 = time.perf_counter()
     task = load_task(config)
-    n = topology.n
     shards = partition(task.y_train, n, config.partition, config.seed)
-    cnn_cfg = CNNConfig(width=config.width, num_classes=task.num_classes)
-
-    def factory() -> SmallResNet:
-        return SmallResNet(cnn_cfg)
-
-    spec = resnet_spec(cnn_cfg)
+    factory, spec = agent_model(config.model, config.width, task.num_classes)
     xs = [task.x_train[s] for s in shards]
     ys = [task.y_train[s] for s in shards]
     calibration = [
@@ -317,12 +426,9 @@ def _run(config: DecentralizedConfig, topology: Topology) -> dict[str, Any]:
     _log(config, CALIBRATION_NOTES[config.calibration])
     _log(
         config,
-        f"topology {topology.name} (N={n}), partition {config.partition}: shard sizes "
-        f"{[len(s) for s in shards]}, classes per agent "
-        f"{[sorted(set(y.tolist())) for y in ys]}",
+        f"{n} agents, partition {config.partition}: shard sizes {[len(s) for s in shards]}, "
+        f"classes per agent {[sorted(set(y.tolist())) for y in ys]}",
     )
-
-    # Different random init per agent, brief local pretraining (shared by every method).
     pretrained: list[StateDict] = []
     for i in range(n):
         torch.manual_seed(_seed(config.seed, "init", i))
@@ -337,47 +443,113 @@ def _run(config: DecentralizedConfig, topology: Topology) -> dict[str, Any]:
             seed=_seed(config.seed, "pretrain", i),
         )
         pretrained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    eval_model = factory()
+    agents = Agents(task, shards, xs, ys, calibration, factory, spec, pretrained, [], None, 0.0)
+    agents.initial = agents.evaluate(pretrained)
+    _log(
+        config,
+        f"pretrained {config.pretrain_epochs} epochs: mean test acc {np.mean(agents.initial):.4f}",
+    )
+    if config.alignability and n >= 2:
+        agents.alignability = alignability_check(agents)
+        _log(config, alignability_text(agents.alignability))
+    agents.seconds = time.perf_counter() - t0
+    return agents
 
-    def evaluate(states: Sequence[StateDict]) -> list[float]:
-        accs = []
-        for s in states:
-            eval_model.load_state_dict(s)
-            accs.append(accuracy(eval_model, task.x_test, task.y_test))
-        return accs
 
-    initial = evaluate(pretrained)
-    model_bytes = state_bytes(pretrained[0])
-    bytes_per_round = sum(topology.degree(i) for i in range(n)) * model_bytes
-    _log(config, f"round 0 (pretrained): mean test acc {np.mean(initial):.4f}")
+def alignability_check(agents: Agents) -> dict[str, Any]:
+    """One-shot merges of the pretrained agents, anchored on agent 0 with its calibration data:
+    agents 0 and 1 (½ each) and all N (1/N each), DIMAT vs WA, against the endpoints' own
+    accuracies. DIMAT keeping the endpoints' accuracy where WA loses it is the regime where
+    the paper's claims can hold."""
+    states, calib = agents.pretrained, agents.calibration[0]
+    out: dict[str, Any] = {"endpoints": float(np.mean(agents.initial))}
+    for name, members in (("pair", states[:2]), ("all", states)):
+        w = 1.0 / len(members)
+        nbrs = [(w, s) for s in members[1:]]
+        diagnostics: Diagnostics = []
+        dimat = merge_agent(
+            "dimat", members[0], w, nbrs, agents.factory, agents.spec, calib, diagnostics
+        )
+        wa = merge_agent("wa", members[0], w, nbrs, agents.factory, agents.spec, calib)
+        dimat_acc, wa_acc = agents.evaluate([dimat, wa])
+        out[name] = {
+            "agents": len(members),
+            "endpoints": float(np.mean(agents.initial[: len(members)])),
+            "dimat": dimat_acc,
+            "wa": wa_acc,
+            **summarise_diagnostics(diagnostics),
+        }
+    return out
 
+
+def alignability_text(check: dict[str, Any]) -> str:
+    lines = ["alignability check (one-shot merge of the pretrained agents, before any round):"]
+    for name in ("pair", "all"):
+        c = check[name]
+        lines.append(
+            f"  {c['agents']} agents: endpoints {c['endpoints']:.4f}, DIMAT {c['dimat']:.4f}, "
+            f"WA {c['wa']:.4f}; matched correlation {c['matched_corr']:.3f} "
+            f"(same index {c['diagonal_corr']:.3f})"
+        )
+    pair = check["pair"]
+    if pair["dimat"] < pair["endpoints"] - 0.05:
+        lines.append(
+            "  WARNING: DIMAT's one-shot merge loses more than 5 points against the endpoints: "
+            "the models are not alignable here (wider model or longer pretraining needed)"
+        )
+    return "\n".join(lines)
+
+
+def run_methods(config: DecentralizedConfig, topology: Topology, agents: Agents) -> dict[str, Any]:
+    """Every method for ``config.rounds`` rounds from the same pretrained agents."""
+    t0 = time.perf_counter()
+    n = topology.n
+    if len(agents.pretrained) != n:
+        raise ValueError(f"{len(agents.pretrained)} pretrained agents for a topology of {n}")
+    model_bytes = state_bytes(agents.pretrained[0])
+    bytes_per_round = round_bytes(topology, model_bytes, config.fc_shortcut)
+    _log(
+        config,
+        f"topology {topology.name} (N={n}"
+        f"{', shortcut' if uses_shortcut(topology, config.fc_shortcut) else ''}): "
+        f"{bytes_per_round:,} bytes per round",
+    )
     runs: dict[str, dict[str, Any]] = {}
     for method in config.methods:
-        states = copy.deepcopy(pretrained)
+        states = copy.deepcopy(agents.pretrained)
         rec: dict[str, Any] = {
             "merged": [],
             "trained": [],
             "merged_per_agent": [],
             "trained_per_agent": [],
+            "matching": [],
             "merge_seconds": [],
             "train_seconds": [],
         }
         for r in range(1, config.rounds + 1):
             t = time.perf_counter()
+            diagnostics: Diagnostics = []
             states = merge_round(
-                method, states, topology, calibration, factory, spec, fc_shortcut=config.fc_shortcut
+                method,
+                states,
+                topology,
+                agents.calibration,
+                agents.factory,
+                agents.spec,
+                fc_shortcut=config.fc_shortcut,
+                diagnostics=diagnostics,
             )
             rec["merge_seconds"].append(time.perf_counter() - t)
-            merged_acc = evaluate(states)
+            rec["matching"].append(summarise_diagnostics(diagnostics))
+            merged_acc = agents.evaluate(states)
             t = time.perf_counter()
             trained = []
             for i in range(n):
-                model = factory()
-                model.load_state_dict(states[i])
+                model = trainable(agents.factory, states[i], method, config.bn_momentum)
                 train_local(
                     model,
-                    xs[i],
-                    ys[i],
+                    agents.xs[i],
+                    agents.ys[i],
                     epochs=config.local_epochs,
                     lr=config.lr,
                     batch_size=config.batch_size,
@@ -386,7 +558,7 @@ def _run(config: DecentralizedConfig, topology: Topology) -> dict[str, Any]:
                 trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             states = trained
             rec["train_seconds"].append(time.perf_counter() - t)
-            trained_acc = evaluate(states)
+            trained_acc = agents.evaluate(states)
             rec["merged"].append(float(np.mean(merged_acc)))
             rec["trained"].append(float(np.mean(trained_acc)))
             rec["merged_per_agent"].append(merged_acc)
@@ -398,25 +570,26 @@ def _run(config: DecentralizedConfig, topology: Topology) -> dict[str, Any]:
             )
         runs[method] = rec
 
-    results = {
+    task = agents.task
+    return {
         "config": config.to_dict(),
         "topology": {"name": topology.name, "pi": topology.pi.tolist()},
         "dataset": DATASET_LABELS[config.dataset],
         "num_classes": task.num_classes,
-        "shard_sizes": [len(s) for s in shards],
+        "shard_sizes": [len(s) for s in agents.shards],
         "calibration": CALIBRATION_NOTES[config.calibration],
-        "calibration_images_per_agent": [sum(len(b) for b in c) for c in calibration],
-        "model_parameters": sum(p.numel() for p in factory().parameters()),
+        "calibration_images_per_agent": [sum(len(b) for b in c) for c in agents.calibration],
+        "model_parameters": sum(p.numel() for p in agents.factory().parameters()),
         "model_bytes": model_bytes,
         "bytes_per_round": bytes_per_round,
-        "initial_accuracy": float(np.mean(initial)),
-        "initial_per_agent": initial,
+        "shortcut": uses_shortcut(topology, config.fc_shortcut),
+        "initial_accuracy": float(np.mean(agents.initial)),
+        "initial_per_agent": agents.initial,
+        "alignability": agents.alignability,
         "runs": runs,
-        "seconds": time.perf_counter() - t0,
+        "pretrain_seconds": agents.seconds,
+        "seconds": agents.seconds + time.perf_counter() - t0,
     }
-    if config.output_dir:
-        write_reports(results, Path(config.output_dir))
-    return results
 
 
 # ------------------------------------------------------------------------------------------
@@ -449,6 +622,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         )
         lines.append(f"| {r + 1} | {cells} | {results['bytes_per_round']:,} |")
     lines += ["", results["calibration"]]
+    if results.get("alignability"):
+        lines += ["", alignability_text(results["alignability"])]
     return "\n".join(lines) + "\n"
 
 
@@ -550,7 +725,28 @@ def add_decentralized_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
         help="calibration images per agent (default: all of its calibration set)",
     )
     parser.add_argument(
-        "--width", type=positive_int, default=None, help=f"CNN width (default {d.width})"
+        "--model",
+        choices=AGENT_MODELS,
+        default=d.model,
+        help="mlp: 784-w-w-10 with BatchNorm (default); cnn: a small ResNet of first width w",
+    )
+    parser.add_argument(
+        "--width",
+        type=positive_int,
+        default=None,
+        help=f"MLP hidden units or CNN first width (default {d.width})",
+    )
+    parser.add_argument(
+        "--bn-momentum",
+        choices=BN_MOMENTUM,
+        default=d.bn_momentum,
+        help="after DIMAT's BatchNorm reset: cumulative = momentum None for the next training "
+        "(the authors' code, default); restore = momentum 0.1",
+    )
+    parser.add_argument(
+        "--no-alignability",
+        action="store_true",
+        help="skip the one-shot merge of the pretrained agents before the rounds",
     )
     parser.add_argument(
         "--methods",
@@ -559,8 +755,10 @@ def add_decentralized_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     )
     parser.add_argument(
         "--fc-shortcut",
-        action="store_true",
-        help="FC only: merge for agent 0 and copy it to every agent, as the authors' code",
+        action=argparse.BooleanOptionalAction,
+        default=d.fc_shortcut,
+        help="FC only: merge for agent 0 and copy it to every agent, as the authors' code "
+        "(default on; --no-fc-shortcut: every agent merges with its own calibration data)",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="data split and training seed")
     add_output_dir(parser, d.output_dir)
@@ -597,9 +795,12 @@ def config_from_args(args: argparse.Namespace) -> DecentralizedConfig:
         dataset=args.dataset,
         calibration=args.calibration,
         calib_size=args.calib_size,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=names_list(args.methods),
         seed=args.seed,
         pi=pi,
+        model=args.model,
+        bn_momentum=args.bn_momentum,
+        alignability=not args.no_alignability,
         fc_shortcut=args.fc_shortcut,
         output_dir=args.output_dir or base.output_dir,
         threads=args.threads,

@@ -9,6 +9,9 @@ are those of :mod:`contmerge.simulations.decentralized`, so a Flower run reprodu
 
 The neighbours arrive in one message; the client converts each to tensors only when it is folded.
 Agent i is the i-th SuperNode in sorted node-id order; it rebuilds its shard from the config.
+With the authors' FC shortcut (the default for FC), a round has two phases: agent 0 alone merges
+its neighbourhood and replies with the merged model; then every agent receives that model, and
+evaluates and trains it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from contmerge.flower.arrays import from_array_record, to_array_record
 from contmerge.strategies.dimat import make_topology, topology_from_matrix
 
 from . import decentralized as dz
-from .cnn import CNNConfig, SmallResNet, resnet_spec
+from .cnn import agent_model
 
 StateDict = dict[str, torch.Tensor]
 
@@ -63,8 +66,8 @@ def _agent_data(cfg_json: str, agent: int) -> tuple[Any, ...]:
     x, y = task.x_train[shard], task.y_train[shard]
     calib_source = x if cfg.calibration == "own" else task.x_train
     calibration = dz.calibration_batches(calib_source, cfg, agent)
-    cnn = CNNConfig(width=cfg.width, num_classes=task.num_classes)
-    return x, y, calibration, task.x_test, task.y_test, cnn
+    factory, spec = agent_model(cfg.model, cfg.width, task.num_classes)
+    return x, y, calibration, task.x_test, task.y_test, factory, spec
 
 
 def _loader(record: ArrayRecord):
@@ -72,38 +75,43 @@ def _loader(record: ArrayRecord):
 
 
 def agent_step(msg: Message, context: Context) -> Message:
-    """Pretrain (round 0) or merge + evaluate + train (rounds ≥ 1), on this agent only."""
+    """On this agent only: pretrain (round 0); or, in a round, merge + evaluate + train
+    (phase "step"), merge only and reply with the merged model (phase "merge", agent 0 under
+    the FC shortcut), or evaluate + train a model merged elsewhere (phase "train")."""
     config = msg.content["config"]
     cfg_json = str(config["cfg"])
     cfg = config_from_json(cfg_json)
     agent, rnd = int(config["agent"]), int(config["round"])  # type: ignore[arg-type]
+    phase = str(config.get("phase", "step"))
     torch.set_num_threads(max(1, min(2, cfg.threads)))
-    x, y, calibration, x_test, y_test, cnn = _agent_data(cfg_json, agent)
-
-    def factory() -> SmallResNet:
-        return SmallResNet(cnn)
+    x, y, calibration, x_test, y_test, factory, spec = _agent_data(cfg_json, agent)
 
     metrics: dict[str, float] = {}
-    if rnd == 0:  # different random init per agent, brief local pretraining
+    if rnd == 0:  # different random init per agent, local pretraining
         torch.manual_seed(dz._seed(cfg.seed, "init", agent))
         model = factory()
         epochs, seed = cfg.pretrain_epochs, dz._seed(cfg.seed, "pretrain", agent)
     else:
-        weights = json.loads(str(config["weights"]))  # [[j, π_ij], ...]
-        own = from_array_record(msg.content["self"], "own model")  # type: ignore[arg-type]
-        # Each neighbour is converted from its ArrayRecord only when it is folded.
-        neighbours = [(float(w), _loader(msg.content[f"n{j}"])) for j, w in weights]
-        merged = dz.merge_agent(
-            str(config["method"]),
-            own,
-            float(config["self-weight"]),  # type: ignore[arg-type]
-            neighbours,
-            factory,
-            resnet_spec(cnn),
-            calibration,
-        )
-        model = factory()
-        model.load_state_dict(merged)
+        method = str(config["method"])
+        if phase == "train":
+            merged = from_array_record(msg.content["self"], "merged model")  # type: ignore[arg-type]
+        else:
+            weights = json.loads(str(config["weights"]))  # [[j, π_ij], ...]
+            own = from_array_record(msg.content["self"], "own model")  # type: ignore[arg-type]
+            # Each neighbour is converted from its ArrayRecord only when it is folded.
+            neighbours = [(float(w), _loader(msg.content[f"n{j}"])) for j, w in weights]
+            merged = dz.merge_agent(
+                method,
+                own,
+                float(config["self-weight"]),  # type: ignore[arg-type]
+                neighbours,
+                factory,
+                spec,
+                calibration,
+            )
+        if phase == "merge":
+            return Message(RecordDict({"arrays": to_array_record(merged)}), reply_to=msg)
+        model = dz.trainable(factory, merged, method, cfg.bn_momentum)
         metrics["merged-acc"] = dz.accuracy(model, x_test, y_test)
         epochs, seed = cfg.local_epochs, dz._seed(cfg.seed, "train", agent, rnd)
     dz.train_local(model, x, y, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed)
@@ -166,27 +174,34 @@ def server_app(
             np.mean([replies[nodes[i]]["metrics"]["trained-acc"] for i in range(topology.n)])
         )
         out["runs"] = {}
+        shortcut = dz.uses_shortcut(topology, cfg.fc_shortcut)
+
+        def neighbourhood(states: list, i: int, rnd: int, method: str, phase: str) -> Message:
+            nbrs = [(j, float(topology.pi[i, j])) for j in topology.neighbours(i)]
+            extra = {"self-weight": float(topology.pi[i, i]), "weights": json.dumps(nbrs)}
+            records: dict[str, Any] = {
+                "config": base(i, rnd, method=method, phase=phase, **extra),
+                "self": states[i],
+                **{f"n{j}": states[j] for j, _ in nbrs},
+            }
+            return msg(i, records)
+
         for method in cfg.methods:
             states = list(pretrained)  # ArrayRecords: relayed as received
             rec: dict[str, list[float]] = {"merged": [], "trained": []}
             for rnd in range(1, cfg.rounds + 1):
-                messages = []
-                for i in range(topology.n):
-                    nbrs = [(j, float(topology.pi[i, j])) for j in topology.neighbours(i)]
-                    records: dict[str, Any] = {
-                        "config": base(
-                            i,
-                            rnd,
-                            method=method,
-                            **{
-                                "self-weight": float(topology.pi[i, i]),
-                                "weights": json.dumps(nbrs),
-                            },
-                        ),
-                        "self": states[i],
-                        **{f"n{j}": states[j] for j, _ in nbrs},
-                    }
-                    messages.append(msg(i, records))
+                if shortcut:  # agent 0 merges; every agent trains its merge
+                    merged = _ask(grid, [neighbourhood(states, 0, rnd, method, "merge")], timeout)
+                    train = {"method": method, "phase": "train"}
+                    model = merged[nodes[0]]["arrays"]
+                    messages = [
+                        msg(i, {"config": base(i, rnd, **train), "self": model})
+                        for i in range(topology.n)
+                    ]
+                else:
+                    messages = [
+                        neighbourhood(states, i, rnd, method, "step") for i in range(topology.n)
+                    ]
                 replies = _ask(grid, messages, timeout)
                 states = [replies[nodes[i]]["arrays"] for i in range(topology.n)]
                 for key in ("merged", "trained"):

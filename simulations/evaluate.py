@@ -33,7 +33,7 @@ class Evaluator:
     def __init__(
         self,
         tasks: Sequence[Task],
-        heads: Mapping[str, StateDict],
+        heads: Mapping[str, StateDict | torch.nn.Module],
         model_cfg: ModelConfig | None = None,
         *,
         batch_size: int = 2048,
@@ -43,7 +43,11 @@ class Evaluator:
         missing = [n for n in self.tasks if n not in heads]
         if missing:
             raise KeyError(f"no head for task(s) {missing}")
-        self.heads = {n: head_from_state(heads[n], self.model_cfg) for n in self.tasks}
+        # a linear head's state dict, or any head module (e.g. fixed cosine heads)
+        self.heads = {
+            n: h if isinstance(h, torch.nn.Module) else head_from_state(h, self.model_cfg)
+            for n, h in ((n, heads[n]) for n in self.tasks)
+        }
         self.backbone = Backbone(self.model_cfg).eval()
         self.batch_size = batch_size
         self.calls = 0  # number of (state, task) evaluations, for tests and timing

@@ -1,4 +1,7 @@
-"""Running weight average: merged_t = ((t−1)·merged_{t−1} + θ_t) / t (OPCM's continual baseline)."""
+"""Running weight average: merged_t = ((t−1)·merged_{t−1} + θ_t) / t (OPCM's continual baseline).
+
+With per-arrival weights w_t (``--weight``), the weighted running mean Σ w_t θ_t / Σ w_t.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ from torch import Tensor
 from contmerge.kernels import kernel
 from contmerge.strategy import EntryFold, FoldContext, State, Strategy, TensorInfo
 
+#: Σ w of the arrivals folded so far, in the state's globals
+WEIGHT_SUM = "weight_sum"
+
 
 @dataclass
 class Average(Strategy):
@@ -18,22 +24,38 @@ class Average(Strategy):
 
     name = "average"
     elementwise = True
+    takes_weight = True
 
     def fold(
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
     ) -> State:
         # the running mean of task vectors; θ0 + mean(τ) is the mean of the models
         mean = state["value"]
-        return {"value": mean + (delta - mean) / ctx.index}
+        return {"value": mean + (delta - mean) / _divisor(ctx)}
 
     def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold:
         # divide in the tensor's own dtype, as torch does with a Python number
-        return EntryFold(_running_mean, (info.scalar(ctx.index),))
+        return EntryFold(_running_mean, (info.scalar(_divisor(ctx)),))
+
+    def end_fold(self, globals: Mapping[str, Any], ctx: FoldContext) -> dict[str, Any]:
+        return {**globals, WEIGHT_SUM: _weight_sum(ctx)}
 
     def emit(
         self, info: TensorInfo, state: State, base: Tensor, globals: Mapping[str, Any]
     ) -> Tensor:
         return base + state["value"]
+
+
+def _weight_sum(ctx: FoldContext) -> float:
+    """Σ w over the arrivals folded so far, this one included (states made before weights
+    existed folded every arrival at weight 1)."""
+    return float(ctx.globals.get(WEIGHT_SUM, ctx.index - 1)) + ctx.weight
+
+
+def _divisor(ctx: FoldContext) -> float:
+    """mean_t = mean + (w / Σw)(τ − mean); as one division, which is ``ctx.index`` exactly when
+    every weight is 1 (sums of ones are exact), so unweighted folds are as before."""
+    return _weight_sum(ctx) / ctx.weight
 
 
 @kernel

@@ -17,9 +17,11 @@ protocol:
   is the WA baseline (plain π-average).
 
 Differences from the reference code: float32 without autocast; exact permutations (the
-reference scales each by K/(K+1e-5) ≈ 1 − 2e-6); BatchNorm ``momentum`` is restored after a
-statistics reset (the reference leaves it at None, i.e. cumulative averaging, for the next
-training round); a negative variance from rounding is clamped to 0 before the square root.
+reference scales each by K/(K+1e-5) ≈ 1 − 2e-6); a negative variance from rounding is clamped to
+0 before the square root. BatchNorm ``momentum`` is a module attribute, not part of the merged
+state dict: the reference leaves it at None after its reset (cumulative averaging in the next
+training round, counted on from the reset's batches); :func:`cumulative_bn` does the same for a
+module that trains on a merged state (the decentralized scenario's default).
 """
 
 from __future__ import annotations
@@ -284,11 +286,15 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def reset_bn(module: nn.Module, calibration: Iterable[torch.Tensor]) -> nn.Module:
     """Recompute BatchNorm running statistics as a cumulative average over one calibration pass
     (momentum=None, train mode), then restore momentum and eval mode."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _batchnorms(module)
     if not norms:
         return module.eval()
     saved = [m.momentum for m in norms]
@@ -301,6 +307,14 @@ def reset_bn(module: nn.Module, calibration: Iterable[torch.Tensor]) -> nn.Modul
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     return module.eval()
+
+
+def cumulative_bn(module: nn.Module) -> nn.Module:
+    """BatchNorm momentum None, as the reference leaves it after its reset: training then keeps
+    a cumulative average of batch statistics, counted on from ``num_batches_tracked``."""
+    for m in _batchnorms(module):
+        m.momentum = None
+    return module
 
 
 class _Taps:
@@ -395,12 +409,37 @@ def assignment(corr: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def match_permutations(stats: dict[str, PairStats]) -> Permutations:
+@dataclass(frozen=True)
+class MatchDiagnostics:
+    """How far one point's assignment is from the identity.
+
+    ``identity``: fraction of anchor units matched with the neighbour unit of the same index;
+    ``matched``/``diagonal``: mean correlation of the assigned pairs / of the same-index pairs
+    (matched ≥ diagonal; equal when the assignment is the identity).
+    """
+
+    identity: float
+    matched: float
+    diagonal: float
+
+
+def match_permutations(
+    stats: dict[str, PairStats], diagnostics: dict[str, MatchDiagnostics] | None = None
+) -> Permutations:
     """Per point, the assignment on the anchor-vs-neighbour correlation; frees each point's
-    statistics as soon as its permutation is known."""
+    statistics as soon as its permutation is known. Fills ``diagnostics`` when given."""
     perms: Permutations = {}
     for name in list(stats):
-        perms[name] = assignment(stats.pop(name).correlation())
+        corr = stats.pop(name).correlation()
+        perm = assignment(corr)
+        perms[name] = perm
+        if diagnostics is not None:
+            units = torch.arange(len(perm))
+            diagnostics[name] = MatchDiagnostics(
+                identity=float((perm == units).double().mean()),
+                matched=float(corr[units, perm].mean()),
+                diagonal=float(corr.diagonal().mean()),
+            )
     return perms
 
 
@@ -440,13 +479,19 @@ class DimatFold:
             k: v * self_weight if v.is_floating_point() else v.clone() for k, v in state.items()
         }
         self.folded = 0
+        #: per folded neighbour, per alignment point: how far its assignment is from the identity
+        self.diagnostics: list[dict[str, MatchDiagnostics]] = []
 
     def add(self, neighbour: Source, weight: float) -> Permutations:
         """Fold one neighbour with mixing weight ``weight``; returns its permutations."""
         if self.acc is None:
             raise RuntimeError("this fold is finished")
         model = reset_bn(build_model(self.factory, neighbour), self.calibration)
-        perms = match_permutations(pair_statistics(self.anchor, model, self.spec, self.calibration))
+        diagnostics: dict[str, MatchDiagnostics] = {}
+        perms = match_permutations(
+            pair_statistics(self.anchor, model, self.spec, self.calibration), diagnostics
+        )
+        self.diagnostics.append(diagnostics)
         for name, perm in perms.items():
             if len(perm) != self.sizes[name]:
                 raise ValueError(

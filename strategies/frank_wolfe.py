@@ -11,14 +11,23 @@ autograd, asks a linear minimisation oracle (LMO) for the best vertex, and moves
   picked this iteration; then per-(candidate, tensor) coefficients w on δ_j = s_j − θ are learned
   by entropy minimisation (Adam) on unlabelled batches and θ ← θ + Σ_j w_j·δ_j. Start: the base.
 
-Layer-wise granularity takes the argmin per tensor, composing s from several candidates; a
-tensor whose best cosine is ≥ 0 (no candidate points downhill) is left as it is, where the
-authors' NLP code zeroes it.
+Layer-wise granularity takes the argmin per tensor, composing s from several candidates. A tensor
+whose best cosine is ≥ 0 (no candidate points downhill) still moves toward its argmin by default,
+as the authors' ViT code (``fw_hard.py``/``fw_soft.py``, where zeroing is commented out);
+``uphill_layers="zero"`` moves it toward zeros as their NLP code does, ``"skip"`` leaves it.
+
+Starts (``init``): task arithmetic over the pool (λ = 0.3; ``fw_hard.yaml``), the base (soft),
+any checkpoint, or ``"adamerging"``: AdaMerging's layer-wise coefficients over the whole pool
+(init 0.3, Adam lr 1e−3, no clamp) learned by entropy on the objective's unlabelled inputs; the
+paper's vision headline starts FW-hard there (README: 3 iterations, step 0.01, layer-wise).
+:data:`PRESETS` holds the YAML defaults and the README's headline settings side by side.
 
 Memory does not grow with the pool: the pool stays on disk and is streamed one tensor at a time
 each iteration. An LMO pass keeps only per-(candidate, tensor) scalars; the step then re-reads the
 chosen tensors. Hard holds θ and ∇ℓ(θ); soft holds θ, one task gradient at a time, and the k
-selected task vectors while it learns their coefficients.
+selected task vectors while it learns their coefficients. The AdaMerging start streams the pool
+twice per Adam step (θ from the coefficients; then ∂L/∂w_{m,l} = ⟨∂L/∂θ_l, τ_{m,l}⟩), holding θ,
+its gradient and the (candidates × tensors) coefficients.
 """
 
 from __future__ import annotations
@@ -47,9 +56,24 @@ from contmerge.tensorfile import write_safetensors
 Variant = Literal["hard", "soft"]
 Granularity = Literal["task", "layer"]
 Lmo = Literal["cosine", "inner_product"]
+Uphill = Literal["argmin", "skip", "zero"]
 PoolSource = str | Path | Mapping[str, Tensor]
 Params = dict[str, Tensor]
 INITIAL_LABEL = "initial"
+ZEROS_LABEL = "zeros"
+ZERO = -1  # a layer-wise choice: step toward zeros (the authors' NLP code for uphill tensors)
+
+#: The authors' settings side by side: their YAML defaults (``fw_hard.yaml``/``fw_soft.yaml``)
+#: and the vision headline runs of their README (hmarkc/fusion_bench @ 837742d).
+PRESETS: dict[str, dict[str, object]] = {
+    "hard": dict(variant="hard", init="task_arithmetic", max_iters=10, step_size=0.1,
+                 granularity="task"),
+    "hard-headline": dict(variant="hard", init="adamerging", max_iters=3, step_size=0.01,
+                          granularity="layer"),
+    "soft": dict(variant="soft", init="base", max_iters=10, ada_coeff=1e-8, granularity="task"),
+    "soft-headline": dict(variant="soft", init="base", max_iters=5, ada_coeff=1e-2,
+                          granularity="task"),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +228,7 @@ class FrankWolfeMerger:
         granularity: Granularity = "task",
         *,
         lmo: Lmo = "cosine",
+        uphill_layers: Uphill = "argmin",
         init: str | PoolSource | None = None,
         max_iters: int = 10,
         step_size: float = 0.1,
@@ -213,13 +238,24 @@ class FrankWolfeMerger:
         ada_lr: float = 1e-3,
         ada_init: float = 0.3,
         ada_coeff: float = 1e-8,
+        adamerging_iters: int = 1000,
+        adamerging_lr: float = 1e-3,
+        adamerging_init: float = 0.3,
         work_dir: str | Path | None = None,
         progress: bool = False,
     ) -> None:
         _check_choice("variant", variant, ("hard", "soft"))
         _check_choice("granularity", granularity, ("task", "layer"))
         _check_choice("lmo", lmo, ("cosine", "inner_product"))
+        _check_choice("uphill_layers", uphill_layers, ("argmin", "skip", "zero"))
+        if uphill_layers == "zero" and variant == "soft":
+            raise ValueError("uphill_layers='zero' is the authors' hard NLP rule; soft has none")
         self.variant, self.granularity, self.lmo = variant, granularity, lmo
+        self.uphill_layers = uphill_layers
+        self.adamerging_iters, self.adamerging_lr = adamerging_iters, adamerging_lr
+        self.adamerging_init = adamerging_init
+        #: what the start did (AdaMerging: its losses and coefficients), JSON-able
+        self.start_record: dict[str, object] = {}
         self.objective = objective
         self.init = (
             init if init is not None else ("task_arithmetic" if variant == "hard" else "base")
@@ -243,6 +279,20 @@ class FrankWolfeMerger:
         self.history: list[IterationRecord] = []
         for label, source in _pool_items(pool):
             self.add(source, label=label)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        base: PoolSource | Checkpoint,
+        pool: Sequence[PoolSource] | Mapping[str, PoolSource] | str | Path,
+        objective: Objective,
+        **overrides: object,
+    ) -> FrankWolfeMerger:
+        """A merger with the settings of :data:`PRESETS` ``[name]``, then ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(base, pool, objective, **{**PRESETS[name], **overrides})  # type: ignore[arg-type]
 
     # --- pool -----------------------------------------------------------------------------
     def add(
@@ -304,6 +354,8 @@ class FrankWolfeMerger:
             return self._theta
         if self.init == "task_arithmetic":
             theta = self._task_arithmetic_start()
+        elif self.init == "adamerging":
+            theta = self._adamerging_start()
         elif self.init == "base":
             # clone: an in-memory base would otherwise be updated in place with θ
             theta = {n: self._read(self.base, n).clone() for n in self.names}
@@ -325,10 +377,69 @@ class FrankWolfeMerger:
         for entry in self.pool:
             with self._open(entry) as ckpt:
                 for n in self.names:
-                    total[n] += self._read(ckpt, n) - self._read(self.base, n)
+                    total[n] += self._task_vector(ckpt, n)
         for n in self.names:
             total[n] = self._read(self.base, n) + total[n] * self.scaling_factor
         return total
+
+    def _task_vector(self, ckpt: Checkpoint, name: str) -> Tensor:
+        return self._read(ckpt, name) - self._read(self.base, name)
+
+    def _adamerging_start(self) -> Params:
+        """AdaMerging over the pool: θ = θ0 + Σ_m w_{m,l}·τ_{m,l}, w (candidates × tensors) from
+        ``adamerging_init``, Adam (lr ``adamerging_lr``) on Σ_k entropy of the objective's
+        unlabelled batches, no clamp (FusionBench's ``clip_layer_wise_adamerging``).
+
+        Streamed: each step builds θ in one pass over the pool, takes ∂L/∂θ by autograd, and
+        gets ∂L/∂w_{m,l} = ⟨∂L/∂θ_l, τ_{m,l}⟩ in a second pass; the same gradient autograd
+        would give through the merge, in memory independent of the pool size.
+        """
+        if not self.pool:
+            raise ValueError("the AdaMerging start needs a non-empty pool")
+        started = time.perf_counter()
+        weights = torch.full((len(self.pool), len(self.names)), float(self.adamerging_init))
+        weights.requires_grad_(True)
+        optimizer = torch.optim.Adam([weights], lr=self.adamerging_lr)
+        losses = []
+        for _ in range(self.adamerging_iters):
+            theta = self._weighted_pool(weights.detach())
+            params = {n: theta[n].requires_grad_(True) for n in self.names}
+            with torch.enable_grad():
+                loss = sum(
+                    self.objective.adaptation_loss(params, task, self._ada_step)
+                    for task in self.objective.tasks
+                )
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            self._ada_step += 1
+            losses.append(float(loss.detach()))
+            grad_w = torch.zeros_like(weights)
+            for i, entry in enumerate(self.pool):
+                with self._open(entry) as ckpt:
+                    for j, (n, g) in enumerate(zip(self.names, grads)):
+                        if g is not None:
+                            grad_w[i, j] = _dot(g, self._task_vector(ckpt, n))
+            optimizer.zero_grad()
+            weights.grad = grad_w
+            optimizer.step()
+        final = weights.detach()
+        self.start_record = {
+            "kind": "adamerging",
+            "iterations": self.adamerging_iters,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "mean_coefficient": {e.label: float(final[i].mean()) for i, e in enumerate(self.pool)},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        return self._weighted_pool(final)
+
+    def _weighted_pool(self, weights: Tensor) -> Params:
+        """θ0 + Σ_m w_{m,l}·τ_{m,l}, one candidate at a time."""
+        theta = {n: self._read(self.base, n).clone() for n in self.names}
+        for i, entry in enumerate(self.pool):
+            with self._open(entry) as ckpt:
+                for j, n in enumerate(self.names):
+                    theta[n] += float(weights[i, j]) * self._task_vector(ckpt, n)
+        return theta
 
     # --- iterations -----------------------------------------------------------------------
     def run(self, iterations: int | None = None) -> list[IterationRecord]:
@@ -378,8 +489,9 @@ class FrankWolfeMerger:
         return _Scores(cos, dot, theta_dot)
 
     def _select(self, scores: _Scores, excluded: Sequence[set[int]]) -> list[int | None]:
-        """The LMO: a candidate index per tensor (the same for all with task granularity), or
-        None for a tensor that is skipped (layer-wise, no candidate points downhill)."""
+        """The LMO: a candidate index per tensor (the same for all with task granularity).
+        Layer-wise, a tensor where no candidate points downhill follows ``uphill_layers``: its
+        argmin anyway, None (skipped) or :data:`ZERO`."""
         metric = scores.cos if self.lmo == "cosine" else scores.dot
         n_cand = metric.shape[0]
         if self.granularity == "task":
@@ -402,7 +514,10 @@ class FrankWolfeMerger:
                 downhill = scores.cos[best, j] < 0
             else:  # the block's FW gap ⟨g_p, θ_p − s_p⟩ must be positive
                 downhill = scores.theta_dot[j] - scores.dot[best, j] > 0
-            choice.append(best if downhill else None)
+            if downhill or self.uphill_layers == "argmin":
+                choice.append(best)
+            else:
+                choice.append(ZERO if self.uphill_layers == "zero" else None)
         return choice
 
     def _hard_iteration(self) -> IterationRecord:
@@ -416,6 +531,10 @@ class FrankWolfeMerger:
         # the authors' merge call: task_arithmetic(θ, [s], scaling = step·λ) = θ + (s − θ)·(step·λ)
         coef = (2 / (t + 2) * self.step_size) * self.scaling_factor
         for i, tensors in _group(choice).items():
+            if i == ZERO:  # s_p = 0: the authors' NLP rule for uphill tensors
+                for j in tensors:
+                    theta[self.names[j]].add_(theta[self.names[j]].neg().mul_(coef))
+                continue
             with self._open(candidates[i]) as ckpt:
                 for j in tensors:
                     n = self.names[j]
@@ -503,9 +622,7 @@ class FrankWolfeMerger:
     def _choice_labels(
         self, choice: Sequence[int | None], candidates: Sequence[_Entry]
     ) -> dict[str, str | None]:
-        return {
-            n: (candidates[i].label if i is not None else None) for n, i in zip(self.names, choice)
-        }
+        return {n: _label_of(i, candidates) for n, i in zip(self.names, choice)}
 
     # --- output ---------------------------------------------------------------------------
     def merged(self) -> dict[str, Tensor]:
@@ -583,9 +700,20 @@ def _totals(scores: _Scores, candidates: Sequence[_Entry], lmo: Lmo) -> dict[str
     return {e.label: float(v) for e, v in zip(candidates, metric.sum(dim=1).tolist())}
 
 
+def _label_of(i: int | None, candidates: Sequence[_Entry]) -> str | None:
+    if i is None:
+        return None
+    return ZEROS_LABEL if i == ZERO else candidates[i].label
+
+
 def _gap(scores: _Scores, choice: Sequence[int | None]) -> float:
+    """⟨g, θ − s⟩ over the tensors stepped (s_p = 0 for a ZERO choice)."""
     return float(
-        sum(scores.theta_dot[j] - scores.dot[i, j] for j, i in enumerate(choice) if i is not None)
+        sum(
+            scores.theta_dot[j] - (0.0 if i == ZERO else scores.dot[i, j])
+            for j, i in enumerate(choice)
+            if i is not None
+        )
     )
 
 

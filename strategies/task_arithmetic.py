@@ -1,4 +1,5 @@
-"""Continual task arithmetic: θ0 + λ·Σ_t τ_t, λ = 0.3 (order does not matter)."""
+"""Continual task arithmetic: θ0 + λ·Σ_t τ_t, λ = 0.3 (order does not matter); with
+per-arrival weights (``--weight``), θ0 + λ·Σ_t w_t τ_t."""
 
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ class TaskArithmetic(Strategy):
     elementwise = True
     scaling_factor: float = setting(0.3, "weight of the summed task vectors", symbol="λ")
 
+    takes_weight = True
+
     def fold(
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
     ) -> State:
+        if ctx.weight != 1:  # per-arrival weight: θ0 + λ·Σ w_t τ_t
+            delta = ctx.weight * delta
         return {"value": state["value"] + delta}
 
     def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold:
+        if ctx.weight != 1:
+            return EntryFold(_add_weighted, (info.scalar(ctx.weight),))
         return EntryFold(_add)
 
     def emit(
@@ -37,3 +44,9 @@ class TaskArithmetic(Strategy):
 @kernel
 def _add(delta: Any, total: Any, params: tuple[()]) -> Any:
     return total + delta
+
+
+@kernel
+def _add_weighted(delta: Any, total: Any, params: tuple[Any]) -> Any:
+    (weight,) = params
+    return total + weight * delta

@@ -567,11 +567,14 @@ CASES: dict[str, Case] = {
     "a scalar for a vector": Case(
         tensors(setting("layer.0.bias", torch.tensor(1.0))), r"shape \[\]", "layer.0.bias"
     ),
-    "f16 for f32": Case(
-        tensors(setting(LAST, torch.zeros(4, 8, dtype=torch.float16))), "dtype F16", LAST
+    # other float dtypes fold as their values (contmerge.dtypes): float64 would be rounded
+    "f64 for f32": Case(
+        tensors(setting(LAST, torch.zeros(4, 8, dtype=torch.float64))), "dtype F64", LAST
     ),
-    "f32 for bf16": Case(
-        tensors(setting("norm.weight", torch.ones(8))), "dtype F32", "norm.weight"
+    "f64 for bf16": Case(
+        tensors(setting("norm.weight", torch.ones(8, dtype=torch.float64))),
+        "dtype F64",
+        "norm.weight",
     ),
     "float for an int buffer": Case(tensors(setting("steps", torch.tensor(3.0))), "F32", "steps"),
     "NaN in the last tensor": Case(tensors(poisoned(LAST, -1, float("nan"))), "NaN or Inf", LAST),

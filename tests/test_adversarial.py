@@ -4,8 +4,8 @@ Each case runs ``contmerge merge`` on a copy of a state directory that already h
 arrivals, and asserts: exit status 1, no traceback, a message naming the file, the tensor
 (where there is one) and the reason, no code run by a pickle, and every file of the state
 directory byte-identical afterwards, but for the spare (``.state-spare.tmp``: a past generation
-kept as scratch for the next fold to overwrite; a fold refused half-way rewrites it, and opening
-the state removes it). Cases run in this process through
+kept as scratch for the next fold to overwrite; a fold refused half-way rewrites it, and no open
+removes it). Cases run in this process through
 ``contmerge.cli.main`` for speed, under three strategies that fold by different code paths
 (average: elementwise chunks; ties: whole tensors; opcm: passes and projections); a handful run
 again through a real ``python -m contmerge`` subprocess.

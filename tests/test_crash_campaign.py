@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import torch
 
+import contmerge.merger
 import contmerge.state
 from contmerge import Merger
 
@@ -55,6 +56,7 @@ def _child(conn: Any, base: Path, strategy: str, state: Path, paths: list[Path],
     """Fold ``paths`` into ``state``, reporting each step; sleep at commit step ``pause``."""
     # a child that hangs writes every thread's stack where the parent looks for it
     faulthandler.dump_traceback_later(240, file=open(_stacks(state, os.getpid()), "w"))
+    _own_tqdm_lock()
 
     def step(name: str) -> None:
         conn.send(("commit", name))
@@ -94,6 +96,16 @@ def _child(conn: Any, base: Path, strategy: str, state: Path, paths: list[Path],
             committing[0] = False
             conn.send(("done", index, result.status))
     conn.send(("finished",))
+
+
+def _own_tqdm_lock() -> None:
+    """tqdm's lock (taken by every bar, even a disabled one) is a semaphore shared by all the
+    processes forked from this one: a sibling killed while holding it would hang every later
+    child. Real runs are separate processes, each with its own; so is each child here."""
+    from tqdm import std
+
+    std.TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()
+    contmerge.merger.tqdm.set_lock(std.TqdmDefaultWriteLock())
 
 
 def _stacks(state: Path, pid: int) -> Path:

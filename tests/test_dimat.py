@@ -334,3 +334,45 @@ def test_build_model_assigns_weights_and_keeps_non_persistent_buffers(tmp_path):
     assert torch.equal(model.fc.weight, state["fc.weight"])
     assert torch.equal(model.scale, torch.full((3,), 2.0))  # not left on the meta device
     assert not model.training
+
+
+# ------------------------------------------------------------------------------------------
+# Diagnostics and the reference's BatchNorm momentum
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_diagnostics_say_how_far_each_assignment_is_from_the_identity(kind):
+    factory, spec = MODELS[kind]
+    calib = calibration()
+    state = init_state(factory, 0)
+    fold = D.DimatFold(state, 0.5, model_factory=factory, spec=spec, calibration=calib)
+    fold.add(state, 0.25)  # the same model: every unit matches its own index
+    perms = random_perms(spec, state, 1)
+    fold.add(D.apply_permutations(state, spec, perms), 0.25)
+    same, permuted = fold.diagnostics
+    assert set(same) == set(permuted) == {p.name for p in spec.points}
+    for name, d in same.items():
+        assert d.identity == 1.0, name
+        assert d.matched == pytest.approx(d.diagonal)
+    for name, d in permuted.items():
+        expected = float((perms[name] == torch.arange(len(perms[name]))).double().mean())
+        assert d.identity == pytest.approx(expected), name
+        assert d.matched > d.diagonal, name  # the assignment found better pairs than the index
+
+
+def test_cumulative_bn_keeps_averaging_from_the_reset_as_the_reference():
+    factory = MODELS["mlp"][0]
+    calib = calibration()
+    model = D.reset_bn(model_from(factory, init_state(factory, 0)), calib)
+    bn = model[1]
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == len(calib)
+    after_reset = bn.running_mean.clone()
+    D.cumulative_bn(model).train()
+    extra = torch.rand(40, 784, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        batch_mean = model[0](extra).mean(0)
+        model(extra)
+    # momentum None: running stats are the plain average over every batch since the reset
+    k = len(calib) + 1
+    torch.testing.assert_close(bn.running_mean, ((k - 1) * after_reset + batch_mean) / k)
+    assert bn.momentum is None

@@ -20,11 +20,10 @@ def test_config_round_trips_through_json():
     assert config_from_json(config_to_json(cfg)) == cfg
 
 
-@pytest.mark.slow
-def test_flower_run_reproduces_the_in_process_simulation():
+def check_flower_reproduces_the_in_process_simulation(**overrides):
     cfg = dz.quick_config(
         agents=3, rounds=2, n_train=600, n_test=200, width=8, partition="iid",
-        pretrain_epochs=2, output_dir=None, progress=False,
+        pretrain_epochs=2, output_dir=None, progress=False, **overrides,
     )  # fmt: skip
     flower = run_decentralized_flower(cfg)
     local = dz.run_decentralized(cfg)
@@ -34,3 +33,14 @@ def test_flower_run_reproduces_the_in_process_simulation():
         assert flower["runs"][method]["merged"] == local["runs"][method]["merged"]
         assert flower["runs"][method]["trained"] == local["runs"][method]["trained"]
     assert flower["runs"]["dimat"]["merged"] != flower["runs"]["wa"]["merged"]
+
+
+@pytest.mark.slow
+def test_flower_run_reproduces_the_in_process_simulation():
+    # the default: FC with the authors' shortcut (agent 0 merges, every agent trains its merge)
+    check_flower_reproduces_the_in_process_simulation()
+
+
+@pytest.mark.slow
+def test_flower_run_without_the_shortcut_reproduces_the_in_process_simulation():
+    check_flower_reproduces_the_in_process_simulation(fc_shortcut=False)

@@ -28,7 +28,7 @@ from contmerge.strategies.magmax import MagMax
 from contmerge.strategies.task_arithmetic import TaskArithmetic
 from contmerge.strategies.ties import ContinualTies
 from contmerge.strategy import Chain, EntryFold, FoldContext, State, Strategy, TensorInfo
-from contmerge.tensorfile import TensorMeta
+from contmerge.tensorfile import CODE_BY_DTYPE, TensorMeta
 
 from helpers import fine_tuned
 
@@ -154,6 +154,49 @@ def test_chunked_path_equals_the_per_tensor_path(
         assert torch.equal(bits(a), bits(b)), key
     for record_fast, record_slow in zip(fast.arrivals, slow.arrivals):
         assert record_fast["relative_delta"] == pytest.approx(record_slow["relative_delta"])
+
+
+def as_dtype(model: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
+
+
+@pytest.mark.parametrize(
+    "base_dtype, arrival_dtype",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float32),
+    ],
+)
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_an_arrival_in_another_dtype_folds_chunked_as_per_tensor_and_as_its_values(
+    tmp_path, monkeypatch, name, base_dtype, arrival_dtype
+) -> None:
+    # one hash leaf per chunk, of the arrival's own bytes: the big tensors span several chunks
+    monkeypatch.setattr(contmerge.elementwise, "CHUNK_BYTES", LEAF_BYTES)
+    base = big_base(base_dtype)
+    arrivals = [as_dtype(fine_tuned(base, t), arrival_dtype) for t in range(3)]
+    paths = [save(a, tmp_path / f"a{t}.safetensors") for t, a in enumerate(arrivals)]
+    # the same values, already in the compute dtype: what the arrival's dtype must not change
+    compute = torch.float64 if base_dtype == torch.float64 else torch.float32
+    widened = [
+        save(as_dtype(a, compute), tmp_path / f"w{t}.safetensors") for t, a in enumerate(arrivals)
+    ]
+    base_path = save(base, tmp_path / "base.safetensors")
+    fast = Merger(base_path, name, workers=2)
+    slow = Merger(base_path, whole(parse_strategy(name)), workers=2)
+    reference = Merger(base_path, name, workers=2)
+    for path, wide in zip(paths, widened):
+        assert fast.fold(path).content_hash == slow.fold(path).content_hash
+        reference.fold(wide)
+    for (key, a), (_, b), (_, c) in zip(
+        fast.iter_merged(), slow.iter_merged(), reference.iter_merged()
+    ):
+        assert a.dtype == base[key].dtype, key  # emitted in the base's dtype
+        assert torch.equal(bits(a), bits(b)), key
+        assert torch.equal(bits(a), bits(c)), key
+    assert {r["dtype"] for r in fast.arrivals} == {CODE_BY_DTYPE[arrival_dtype]}
 
 
 @pytest.mark.parametrize("durable", [False, True])

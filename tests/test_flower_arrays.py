@@ -116,7 +116,7 @@ def test_merger_folds_array_records_and_rejects_bad_ones_untouched() -> None:
     bad_nan = {k: v.clone() for k, v in tuned[0].items()}
     bad_nan["fc.weight"][1, 1] = float("nan")
     bad_shape = {"fc.weight": torch.zeros(8, 7).bfloat16(), "fc.bias": base["fc.bias"]}
-    bad_dtype = {k: v.float() for k, v in tuned[0].items()}
+    bad_dtype = {k: v.double() for k, v in tuned[0].items()}  # float64 would be rounded
     for bad, reason in ((bad_nan, "NaN"), (bad_shape, "shape"), (bad_dtype, "dtype")):
         with pytest.raises(CheckpointError, match=reason):
             merger.fold(ArrayRecordCheckpoint(to_array_record(bad), "node 9"))

@@ -16,6 +16,7 @@ from contmerge.cli import main
 from contmerge.kernels import all_finite, fused_fold, keep_delta
 from contmerge.merger import IgnoredTensorWarning
 from contmerge.strategies.task_arithmetic import TaskArithmetic
+from contmerge.strategy import FoldContext
 
 from helpers import fine_tuned, random_base
 
@@ -95,7 +96,8 @@ def test_an_emit_that_overflows_the_base_dtype_writes_nothing(tmp_path, capsys):
 
 def test_the_fused_loop_probes_the_new_state_for_overflow():
     """Finite δ, finite old state, a sum past the float range: the loop's sum says so."""
-    loop = fused_fold(keep_delta, TaskArithmetic().entry_fold(None, None).update)  # type: ignore[arg-type]
+    entry = TaskArithmetic().entry_fold(None, FoldContext(index=1, globals={}))  # type: ignore[arg-type]
+    loop = fused_fold(keep_delta, entry.update)
     n = 5000
     x, base, old = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
     out = np.empty_like(x)

@@ -103,31 +103,52 @@ def test_lmo_matches_a_brute_force_argmin_on_random_candidates() -> None:
     per_tensor = {n: min(range(7), key=lambda k, n=n: cos(grads[n], pool[k][n])) for n in shapes}
     fw = FrankWolfeMerger(base, pool, LinearObjective(grads), init="base", keep_initial=False)
     assert fw.run(1)[0].selected() == [f"candidate-{min(range(7), key=totals.__getitem__)}"]
-    layer = FrankWolfeMerger(
-        base, pool, LinearObjective(grads), granularity="layer", init="base", keep_initial=False
-    )
-    choices = layer.run(1)[0].choices["all"]
+
+    def layer_choices(uphill: str) -> dict:
+        layer = FrankWolfeMerger(
+            base, pool, LinearObjective(grads), granularity="layer", init="base",
+            keep_initial=False, uphill_layers=uphill,
+        )  # fmt: skip
+        return layer.run(1)[0].choices["all"]
+
+    argmin, skip = layer_choices("argmin"), layer_choices("skip")
     for n in shapes:
         best = cos(grads[n], pool[per_tensor[n]][n])
-        assert choices[n] == (f"candidate-{per_tensor[n]}" if best < 0 else None)
+        assert argmin[n] == f"candidate-{per_tensor[n]}"  # the authors' ViT code: always
+        assert skip[n] == (f"candidate-{per_tensor[n]}" if best < 0 else None)
 
 
-def test_layer_wise_composes_per_tensor_choices_and_skips_uphill_tensors() -> None:
+@pytest.mark.parametrize("uphill", ["argmin", "skip", "zero"])
+def test_layer_wise_composes_per_tensor_choices_and_follows_the_uphill_rule(uphill: str) -> None:
     grads = {"p": t(1.0, 0.0), "q": t(0.0, 1.0), "r": t(1.0, 1.0)}
     base = {"p": t(0.2, 0.1), "q": t(0.3, -0.4), "r": t(0.5, 0.6)}
     pool = {
         "A": {"p": t(-2.0, 0.0), "q": t(1.0, 0.0), "r": t(1.0, 0.0)},  # best on p
-        "B": {"p": t(1.0, 1.0), "q": t(0.0, -3.0), "r": t(0.0, 2.0)},  # best on q
-    }  # on r both cosines are > 0: no candidate points downhill, so r is skipped
+        "B": {"p": t(1.0, 1.0), "q": t(0.0, -3.0), "r": t(0.1, 2.0)},  # best on q
+    }  # on r both cosines are > 0 (A: 0.71, B: 0.74): no candidate points downhill
     fw = FrankWolfeMerger(
-        base, pool, LinearObjective(grads), granularity="layer", init="base", keep_initial=False
-    )
+        base, pool, LinearObjective(grads), granularity="layer", init="base", keep_initial=False,
+        uphill_layers=uphill,
+    )  # fmt: skip
     (record,) = fw.run(1)
-    assert record.choices["all"] == {"p": "A", "q": "B", "r": None}
+    on_r = {"argmin": "A", "skip": None, "zero": "zeros"}[uphill]
+    assert record.choices["all"] == {"p": "A", "q": "B", "r": on_r}
     merged = fw.merged()
     assert torch.equal(merged["p"], base["p"] + (pool["A"]["p"] - base["p"]) * HARD_COEF_T0)
     assert torch.equal(merged["q"], base["q"] + (pool["B"]["q"] - base["q"]) * HARD_COEF_T0)
-    assert torch.equal(merged["r"], base["r"])  # the authors' NLP code would zero it
+    expected_r = {
+        "argmin": base["r"] + (pool["A"]["r"] - base["r"]) * HARD_COEF_T0,  # the ViT code
+        "skip": base["r"],
+        "zero": base["r"] + (0 - base["r"]) * HARD_COEF_T0,  # the NLP code: toward zeros
+    }[uphill]
+    torch.testing.assert_close(merged["r"], expected_r, rtol=0, atol=1e-7)
+    # the gap counts s_r = 0 for a zero choice, and nothing for a skipped tensor
+    gap_r = {"argmin": float(grads["r"] @ (base["r"] - pool["A"]["r"])), "skip": 0.0,
+             "zero": float(grads["r"] @ base["r"])}[uphill]  # fmt: skip
+    gap_pq = float(
+        grads["p"] @ (base["p"] - pool["A"]["p"]) + grads["q"] @ (base["q"] - pool["B"]["q"])
+    )
+    assert record.fw_gap["all"] == pytest.approx(gap_pq + gap_r)
     # task-wise cannot compose: it moves every tensor toward one candidate
     task = FrankWolfeMerger(base, pool, LinearObjective(grads), init="base", keep_initial=False)
     assert len(task.run(1)[0].selected()) == 1
@@ -392,3 +413,75 @@ def test_soft_coefficients_lower_the_entropy_they_are_trained_on() -> None:
     trained.run(1)
     assert entropy(trained) < entropy(untrained)
     assert math.isfinite(entropy(trained))
+
+
+# --- the AdaMerging start and the presets -----------------------------------------------------
+
+
+def reference_adamerging(base: dict, pool: list[dict], objective, steps: int, lr: float) -> dict:
+    """Layer-wise AdaMerging with every task vector in memory and autograd through the merge."""
+    names = list(base)
+    tvs = [{n: c[n] - base[n] for n in names} for c in pool]
+    w = torch.full((len(pool), len(names)), 0.3, requires_grad=True)
+    optimizer = torch.optim.Adam([w], lr=lr)
+
+    def merge(weights: Tensor) -> dict:
+        return {
+            n: base[n] + sum(weights[i, j] * tvs[i][n] for i in range(len(pool)))
+            for j, n in enumerate(names)
+        }
+
+    for step in range(steps):
+        params = merge(w)
+        loss = sum(objective.adaptation_loss(params, task, step) for task in objective.tasks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return merge(w.detach())
+
+
+def test_streamed_adamerging_start_matches_autograd_through_the_merge(tmp_path: Path) -> None:
+    base, pool, objective = tiny_setup(4)
+    base_path, paths = save_pool(tmp_path, base, pool)
+    fw = FrankWolfeMerger(
+        base_path, paths, objective, init="adamerging", adamerging_iters=25, adamerging_lr=1e-2
+    )
+    start = fw.merged()
+    expected = reference_adamerging(base, pool, objective, 25, 1e-2)
+    for n in base:
+        torch.testing.assert_close(start[n], expected[n], rtol=0, atol=2e-5)
+    record = fw.start_record
+    assert record["kind"] == "adamerging" and record["loss_last"] < record["loss_first"]
+    coefficients = record["mean_coefficient"]
+    assert len(coefficients) == 4 and any(abs(c - 0.3) > 1e-3 for c in coefficients.values())
+    # with no Adam step the start is task arithmetic at λ = 0.3, kept as the "initial" candidate
+    plain = FrankWolfeMerger(base_path, paths, objective, init="adamerging", adamerging_iters=0)
+    ta = FrankWolfeMerger(base_path, paths, objective)
+    for n in base:
+        torch.testing.assert_close(plain.merged()[n], ta.merged()[n], rtol=0, atol=1e-6)
+    assert fw.run(1)[0].scores["all"].keys() == {*(p.stem for p in paths), "initial"}
+
+
+def test_presets_are_the_yaml_defaults_and_the_readme_headlines() -> None:
+    base, pool, objective = tiny_setup(3)
+    hard = FrankWolfeMerger.from_preset("hard", base, pool, objective)
+    assert (hard.init, hard.max_iters, hard.step_size, hard.granularity) == (
+        "task_arithmetic",
+        10,
+        0.1,
+        "task",
+    )
+    headline = FrankWolfeMerger.from_preset("hard-headline", base, pool, objective, max_iters=1)
+    assert (headline.init, headline.max_iters, headline.step_size, headline.granularity) == (
+        "adamerging",
+        1,
+        0.01,
+        "layer",
+    )
+    soft = FrankWolfeMerger.from_preset("soft-headline", base, pool, objective)
+    assert (soft.variant, soft.max_iters, soft.ada_coeff, soft.init) == ("soft", 5, 1e-2, "base")
+    assert FrankWolfeMerger.from_preset("soft", base, pool, objective).ada_coeff == 1e-8
+    with pytest.raises(ValueError, match="unknown preset"):
+        FrankWolfeMerger.from_preset("fastest", base, pool, objective)
+    with pytest.raises(ValueError, match="soft has none"):
+        FrankWolfeMerger(base, pool, objective, variant="soft", uphill_layers="zero")

@@ -169,7 +169,7 @@ BAD_INPUTS = {
     "torch-pickle": (_torch_pickle, 422, "pickle"),
     "empty": (lambda base: b"", 422, "too short"),
     "wrong-shape": (_changed(_set("layers.0.weight", lambda t: t[:, :40].clone())), 202, "shape"),
-    "wrong-dtype": (_changed(_set("layers.1.weight", lambda t: t.half())), 202, "dtype F16"),
+    "wrong-dtype": (_changed(_set("layers.1.weight", lambda t: t.double())), 202, "dtype F64"),
     "nan": (_changed(_set("layers.0.weight", _with_nan)), 202, "NaN or Inf"),
     "inf": (_changed(_set("layers.1.bias", _with_inf)), 202, "NaN or Inf"),
     "missing-tensor": (_changed(lambda t: t.pop("head.weight")), 202, "missing"),
@@ -464,13 +464,63 @@ def test_inbox_rejects_a_shard_index_that_leaves_its_directory(inboxed: Served) 
         # refused, not waited on: the shard it names is never going to be in the directory
         record = inbox_outcome(inboxed, name, timeout=30)
         assert record["event"] == "rejected", record
-        assert "outside the checkpoint directory" in record["reason"], record["reason"]
+        assert "shards must lie in its directory" in record["reason"], record["reason"]
         reason = inbox / "rejected" / f"{name}.reason.txt"
         wait_for(reason.exists, what=f"{name}.reason.txt")
-        assert "outside the checkpoint directory" in reason.read_text()
+        assert "shards must lie in its directory" in reason.read_text()
         assert not (inbox / name).exists()
     assert inboxed.snapshot() == before
     assert (outside / "x.safetensors").exists()  # never read, never moved
+
+
+def test_inbox_rejects_a_shard_that_cannot_be_resolved_without_stalling(inboxed: Served) -> None:
+    """A shard that is a symlink loop is refused at once, by the CLI's shard rule when it is
+    deeper in the directory: neither waited on as missing nor left to fail every scan (which
+    held up every entry behind it)."""
+    inbox = inboxed.root / "inbox"
+    tensors = finetune(inboxed.base_tensors, 78)
+    before = inboxed.snapshot()
+    for name, shard, fragment in (
+        ("loop-shard", "model-00002-of-00002.safetensors", "symbolic link loop"),
+        ("loop-nested", "sub/loop/x.safetensors", "shards must lie in its directory"),
+    ):
+        staging = inboxed.root / f"staging-{name}"
+        _sharded_dir(staging, tensors, shard)
+        link = staging / shard.rsplit("/", 1)[0] if "/" in shard else staging / shard
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(link.name)  # itself
+        os.replace(staging, inbox / name)
+        record = inbox_outcome(inboxed, name, timeout=30)
+        assert record["event"] == "rejected", record
+        assert fragment in record["reason"], record["reason"]
+        assert shard.split("/")[0] in record["reason"], record["reason"]
+    drop(inbox / "behind-the-loops.safetensors", save(finetune(inboxed.base_tensors, 79)))
+    assert inbox_outcome(inboxed, "behind-the-loops.safetensors", timeout=30)["event"] == "folded"
+    assert inboxed.snapshot()[:2] == (before[0] + 1, before[1] + 1)
+
+
+def test_inbox_bounds_a_shard_index_by_max_header_bytes(tmp_path: Path) -> None:
+    """--max-header-bytes bounds the index the inbox and the fold read, as the CLI's does."""
+    server = Served(
+        tmp_path, "--inbox", str(tmp_path / "inbox"), "--poll-interval", "0.05",
+        "--max-header-bytes", "4096",
+    )  # fmt: skip
+    try:
+        tensors = finetune(server.base_tensors, 76)
+        index, first, second = _shards(tensors)
+        index["metadata"] = {"note": "x" * 8192}  # a valid index, over the bound
+        staging = tmp_path / "staging-big-index"
+        staging.mkdir()
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index))
+        save_file(first, staging / "model-00001-of-00002.safetensors")
+        save_file(second, staging / "model-00002-of-00002.safetensors")
+        os.replace(staging, tmp_path / "inbox" / "big-index")
+        record = inbox_outcome(server, "big-index", timeout=30)
+        assert record["event"] == "rejected", record
+        assert "larger than the 4096-byte limit" in record["reason"], record["reason"]
+        assert server.client.manifest()["globals"]["count"] == 0
+    finally:
+        server.close()
 
 
 def _passwd_like() -> bytes:

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
-from server_helpers import make_base
+import torch
+from safetensors.torch import load, save_file
+from server_helpers import Served, finetune, make_base, sequential_fold
 
 
 def run_without(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -50,3 +51,39 @@ def test_serve_without_the_server_extra_names_it(tmp_path: Path, module: str) ->
 def test_simulate_federated_without_flower_names_the_extra() -> None:
     run = run_without("flwr", ["simulate", "federated", "--rounds", "1"])
     assert_names_the_extra(run, "flower", "flwr")
+
+
+def test_the_server_folds_a_bf16_upload_and_serves_the_out_dtype_asked(tmp_path: Path) -> None:
+    served = Served(tmp_path, "--out-dtype", "bfloat16")
+    try:
+        arrival = {
+            k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in finetune(served.base_tensors, 1).items()
+        }
+        path = tmp_path / "ft_bf16.safetensors"
+        save_file(arrival, path)
+        upload = served.upload(path)
+        assert served.client.wait([upload])[upload]["status"] == "folded"
+        manifest = served.client.manifest()
+        assert manifest["arrivals"][-1]["dtype"] == "BF16"
+        model = load(served.client.http.get("/model").content)
+    finally:
+        served.close()
+    expected = sequential_fold(served.base, manifest["strategy"], [path])
+    for name, value in expected.items():
+        want = value.to(torch.bfloat16) if value.is_floating_point() else value
+        assert model[name].dtype == want.dtype, name
+        assert torch.equal(model[name], want), name
+
+
+def test_serve_refuses_an_unknown_out_dtype_in_one_line(tmp_path: Path) -> None:
+    save_file(make_base(), tmp_path / "base.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-m", "contmerge", "serve", "--state", str(tmp_path / "s"), "--base",
+         str(tmp_path / "base.safetensors"), "--strategy", "average", "--insecure-no-auth",
+         "--port", "0", "--out-dtype", "int4"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown out dtype 'int4'")
+    assert not (tmp_path / "s").exists()

@@ -17,16 +17,23 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from safetensors.torch import load, save
+import torch
+from safetensors.torch import load, save, save_file
 from server_helpers import (
+    STRATEGY,
     TOKEN,
     Served,
     assert_same_model,
     final_events,
     finetune,
+    make_base,
     sequential_fold,
+    serve_args,
     wait_for,
 )
+
+from contmerge.server.client import MergeClient
+from contmerge.server.launcher import ServerProcess
 
 
 # --- a real full disk -------------------------------------------------------------------------
@@ -121,12 +128,48 @@ def test_an_upload_to_a_full_disk_gets_507_with_a_reason(tmp_path: Path, small_d
         assert "no space left on device" in response.json()["reason"]
         assert int(response.headers["Retry-After"]) >= 1
         assert not list((server.state / "spool").iterdir())  # no half upload left behind
+        # the merged model cannot be emitted either: the same answer, not a bare 500
+        model = server.client.http.get("/model")
+        assert model.status_code == 507, model.text
+        assert "no space left on device" in model.json()["reason"], model.text
+        assert str(server.state) not in model.text  # no server paths for clients
+        assert int(model.headers["Retry-After"]) >= 1
+        assert not list((server.state / "server-cache").iterdir())  # no partial emit
 
         ballast.unlink()
         receipt = server.client.upload(body, "room-again.safetensors")
         assert server.client.wait([receipt["id"]])[receipt["id"]]["status"] == "folded"
+        assert server.client.http.get("/model").status_code == 200
     finally:
         server.close()
+
+
+def test_a_merged_model_that_cannot_be_emitted_is_a_reason_not_a_bare_500(tmp_path: Path) -> None:
+    """The fold is fine in the float32 state, but the float16 model would overflow: GET /model
+    says so, without the server's paths, and the state is untouched."""
+    base = {"w": torch.full((4,), 60000.0, dtype=torch.float16)}
+    save_file(base, tmp_path / "base.safetensors")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    args = serve_args(tmp_path / "state", tmp_path / "base.safetensors", tmp_path / "token")
+    args[args.index("--strategy") + 1] = "task_arithmetic"
+    process = ServerProcess([*args, "--set", "scaling_factor=1.0"], tmp_path / "log").start()
+    client = MergeClient(process.url, TOKEN)
+    try:
+        receipts = [
+            client.upload(save({"w": torch.full((4,), value, dtype=torch.float16)}), f"ft-{i}")
+            for i, value in enumerate((65000.0, 64000.0))
+        ]  # 60000 + 5000 + 4000 does not fit in float16 (max 65504)
+        outcomes = client.wait([r["id"] for r in receipts])
+        assert {o["status"] for o in outcomes.values()} == {"folded"}, outcomes
+        model = client.http.get("/model")
+        assert model.status_code == 500, model.text
+        reason = model.json()["reason"]
+        assert "'w' is Inf or NaN in F16" in reason and "nothing was written" in reason, reason
+        assert str(tmp_path) not in reason
+        assert client.manifest()["globals"]["count"] == 2
+    finally:
+        client.close()
+        process.stop()
 
 
 # --- slow clients -----------------------------------------------------------------------------
@@ -294,6 +337,56 @@ def test_a_huge_header_is_refused_at_once_and_health_stays_responsive(tmp_path: 
     finally:
         uploading.clear()
         server.close()
+
+
+def test_a_header_within_a_raised_max_header_bytes_is_checked_and_folded(tmp_path: Path) -> None:
+    """--max-header-bytes reaches every reader of the upload: its check before the 202 and the
+    writer's fold, not only the first 8 bytes (a 20 MiB header is over the 16 MiB default)."""
+    server = Served(tmp_path, "--max-header-bytes", str(32 << 20))
+    try:
+        tensors = finetune(server.base_tensors, 5)
+        body = save(tensors, metadata={"pad": "x" * (20 << 20)})
+        assert struct.unpack("<Q", body[:8])[0] > 16 << 20
+        answer = server.client.http.post(
+            "/checkpoints", params={"name": "big-header"}, content=body
+        )
+        assert answer.status_code == 202, answer.text
+        checkpoint_id = answer.json()["id"]
+        [record] = wait_for(lambda: final_events(server.state, checkpoint_id), what="the fold")
+        assert record["event"] == "folded", record
+        want = sequential_fold(server.base, STRATEGY, [server.checkpoint(5)])
+        assert_same_model(load(server.client.http.get("/model").content), want)
+    finally:
+        server.close()
+
+
+def test_the_services_max_header_bytes_reaches_its_upload_check_and_fold(tmp_path: Path) -> None:
+    """The same through MergeService from Python (no CLI, whose option also sets the limit of
+    the thread it runs in): the setting alone must bound every reader."""
+    from contmerge.server.service import MergeService, ServeSettings
+
+    base_tensors = make_base()
+    save_file(base_tensors, tmp_path / "base.safetensors")
+    settings = ServeSettings(
+        tmp_path / "state", str(tmp_path / "base.safetensors"), STRATEGY,
+        max_header_bytes=32 << 20,
+    )  # fmt: skip
+    service = MergeService(settings)
+    service.start()
+    try:
+        body = save(finetune(base_tensors, 6), metadata={"pad": "x" * (20 << 20)})
+        upload = service.begin_upload("big-header", declared=len(body))
+        upload.check(body)
+        upload.write(body)
+        accepted = upload.finish(None)  # a Refusal (422) when the check ignores the setting
+        status = wait_for(
+            lambda: (s := service.upload_status(accepted.id))["event"] != "accepted" and s,
+            what="the fold",
+        )
+        assert status["event"] == "folded", status
+    finally:
+        service.stop()
+        service.close()
 
 
 def test_a_journal_line_cut_short_by_a_full_disk_is_not_left_behind(small_disk: Path) -> None:

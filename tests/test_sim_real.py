@@ -18,7 +18,7 @@ import torch
 
 from contmerge.simulations import real_models, text_tasks, vision_tasks
 from contmerge.simulations.continual import ContinualConfig, parse_strategy_arg, run_continual
-from contmerge.simulations.real_continual import trim_padding
+from contmerge.simulations.real_continual import MODEL_DEFAULTS, RealConfig, trim_padding
 from contmerge.simulations.task_split import balanced_split, make_task
 
 HAVE_FORTUNES = (text_tasks.FORTUNES_DIR / "computers").is_file()
@@ -36,6 +36,22 @@ def _installed(dist: str) -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+
+
+def test_recipe_defaults_are_per_model_and_explicit_values_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    patched = {**MODEL_DEFAULTS["vit-s"], "steps": 9, "lr": 0.25}
+    monkeypatch.setitem(MODEL_DEFAULTS, "vit-s", patched)
+    minilm, vit = RealConfig(model="minilm"), RealConfig(model="vit-s")
+    assert (vit.steps, vit.lr) == (9, 0.25)
+    assert (minilm.steps, minilm.lr) == (MODEL_DEFAULTS["minilm"]["steps"],
+                                         MODEL_DEFAULTS["minilm"]["lr"])  # fmt: skip
+    # resolved values are what the cache key and the printed recipe see
+    assert vit.to_dict()["steps"] == 9 and "lr=0.25" in vit.recipe()["optimizer"]
+    given = RealConfig(model="vit-s", steps=7, lr=0.5)
+    assert (given.steps, given.lr) == (7, 0.5)
+    assert ContinualConfig(model="vit-s", steps=3).real_config().steps == 3
 
 
 def test_balanced_split_is_disjoint_and_keeps_every_class() -> None:

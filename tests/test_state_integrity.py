@@ -14,13 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from contmerge import Merger, StateError
 from contmerge.cli import main
 
-from helpers import assert_same, merged_after, write_models
+from helpers import assert_float32_close, assert_same, merged_after, write_models
 
 DATA = Path(__file__).parent / "data"
 
@@ -294,15 +293,6 @@ def test_a_state_of_format_2_loads_verifies_and_is_upgraded_by_its_next_fold(tmp
     assert "match the checksum of generation 3" in capsys.readouterr().out
     with Merger(base, state_dir=state, read_only=True) as merger:
         assert_float32_close(merger.emit_state_dict(), merged_after(base, ft, "opcm"))
-
-
-def assert_float32_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Equal names and dtypes, values within a few float32 roundings."""
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(
-            a[name], b[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-        )
 
 
 # --- read-only state directories ---------------------------------------------------------

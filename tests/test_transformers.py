@@ -8,6 +8,7 @@ and tokenizer; linear weights are found exactly; a PEFT LoRA adapter folds like
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from contmerge import CheckpointError, Merger, open_checkpoint
+from contmerge.cli import main
 from contmerge.state import SPARE
 
 transformers = pytest.importorskip("transformers")
@@ -163,3 +165,73 @@ def test_a_model_of_another_base_is_refused_and_the_state_kept(
         assert caught.value.source == str(tmp_path / "scratch")
         assert _state_files(tmp_path / "state") == files
         assert merger.count == 1
+
+
+MIXED = {"ft_bf16": (1, torch.bfloat16, "20MB"), "ft_fp16": (2, torch.float16, None)}
+MIXED["ft_fp32"] = (3, torch.float32, None)
+
+
+@pytest.fixture(scope="module")
+def mixed_precision(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The fp32 base saved in shards, fine-tunes saved bf16 (sharded), fp16 and fp32 by
+    ``save_pretrained``, and their values in float32 (what a merge must see of them)."""
+    root = tmp_path_factory.mktemp("mixed")
+    base = transformers.AutoModel.from_pretrained(minilm_dir)
+    base.save_pretrained(root / "base", max_shard_size="30MB")
+    reference = {}
+    for name, (seed, dtype, shard) in MIXED.items():
+        model = perturbed(minilm_dir, seed).to(dtype)
+        model.save_pretrained(root / name, **({"max_shard_size": shard} if shard else {}))
+        reference[name] = {k: v.detach().float() for k, v in model.state_dict().items()}
+    return root, reference
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["average", "magmax", pytest.param("ties", marks=pytest.mark.slow)],  # ties: ~60 s
+)
+def test_mixed_precision_fine_tunes_emit_a_sharded_model_transformers_loads(
+    mixed_precision, tmp_path: Path, strategy: str
+) -> None:
+    root, reference = mixed_precision
+    base_dir, out = root / "base", tmp_path / "merged"
+    assert (root / "ft_bf16" / "model.safetensors.index.json").is_file()
+    args = ["merge", "--quiet", "--base", str(base_dir), "--state", str(tmp_path / "run")]
+    args += ["--strategy", strategy, "--out", str(out), *(str(root / n) for n in MIXED)]
+    assert main(args) == 0
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    assert [a["dtype"] for a in json.loads(manifest)["arrivals"]] == [
+        "BF16",
+        "F16",
+        "F32",
+    ]
+    # sharded as the base is, with the same index
+    index = (out / "model.safetensors.index.json").read_text()
+    assert index.count(".safetensors") > 2
+    base_index = (base_dir / "model.safetensors.index.json").read_text()
+    assert sorted(json.loads(index)["weight_map"].items()) == sorted(
+        json.loads(base_index)["weight_map"].items()
+    )
+    card = (out / "README.md").read_text()
+    for k, (name, dtype) in enumerate(zip(MIXED, ("BF16", "F16", "F32")), 1):
+        assert f"| {k} | `{root / name}` | {dtype} | 1 |" in card
+
+    with Merger(base_dir, strategy) as direct:  # the reference: the same values in float32
+        for name in MIXED:
+            direct.fold(reference[name])
+        want = direct.emit_state_dict()
+    loaded = transformers.AutoModel.from_pretrained(out)
+    for name, value in loaded.state_dict().items():
+        if name in want:
+            assert value.dtype == torch.float32, name
+            assert torch.equal(value, want[name]), name
+    if strategy == "average":  # and in bf16 when asked
+        emit = ["emit", "--state", str(tmp_path / "run"), "--out", str(tmp_path / "bf16")]
+        assert main([*emit, "--out-dtype", "bfloat16"]) == 0
+        config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+        assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+        half = transformers.AutoModel.from_pretrained(tmp_path / "bf16", dtype="auto")
+        assert next(half.parameters()).dtype == torch.bfloat16
+        for name, value in half.state_dict().items():
+            if name in want and want[name].is_floating_point():
+                assert torch.equal(value, want[name].to(torch.bfloat16)), name

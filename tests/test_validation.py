@@ -238,11 +238,14 @@ BAD: dict[str, Bad] = {
     "0-d for a vector": Bad(
         _with("layer.0.bias", torch.tensor(1.0)), "layer.0.bias", r"shape \[\]"
     ),
+    # other float dtypes fold as their values (test_dtype_policy.py); float64 would be rounded
     "dtype mismatch": Bad(
-        _with(LAST, torch.zeros(4, 8, dtype=torch.float16)), LAST, "dtype F16, the base has F32"
+        _with(LAST, torch.zeros(4, 8, dtype=torch.float64)), LAST, "dtype F64, the base has F32"
     ),
-    "bf16 given as f32": Bad(
-        _with("norm.weight", torch.ones(8)), "norm.weight", "dtype F32, the base has BF16"
+    "bf16 given as f64": Bad(
+        _with("norm.weight", torch.ones(8, dtype=torch.float64)),
+        "norm.weight",
+        "dtype F64, the base has BF16",
     ),
     "int buffer as float": Bad(_with("steps", torch.tensor(3.0)), "steps", "dtype F32"),
     "NaN in last tensor": Bad(_poisoned(float("nan")), LAST, "NaN or Inf"),

@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from ..errors import ContmergeError
 from .auth import bearer_check
-from .bodycheck import Refusal
+from .bodycheck import Refusal, storage_refusal
 from .metrics import CONTENT_TYPE
 from .service import MergeService
 from .upload import Accepted, Upload
@@ -32,9 +33,10 @@ WRITE_BLOCK = 1 << 20  # gather the body into ~1 MiB writes, done off the event 
 READ_BLOCK = 1 << 20
 
 
-def _refused(refusal: Refusal) -> JSONResponse:
+def _refused(refusal: Refusal, status: str | None = None) -> JSONResponse:
+    """The answer to a refusal; ``status`` instead of rejected/busy (a request, not an upload)."""
     headers = {}
-    body: dict[str, object] = {"status": refusal.status, "reason": refusal.reason}
+    body: dict[str, object] = {"status": status or refusal.status, "reason": refusal.reason}
     if refusal.checkpoint_id is not None:
         body = {"id": refusal.checkpoint_id, **body}
     if refusal.retry_after is not None:
@@ -157,8 +159,16 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
         return JSONResponse(service.manifest())
 
     @app.get("/model", dependencies=auth)
-    async def model() -> StreamingResponse:
-        handle, info = await run_in_threadpool(service.open_merged)
+    async def model() -> Response:
+        try:
+            handle, info = await run_in_threadpool(service.open_merged)
+        except OSError as exc:  # emitting it needs room in the state directory
+            refusal = storage_refusal(exc, "the merged model")
+            log.warning("GET /model: %s (%s)", refusal.reason, exc)
+            return _refused(refusal, "error")
+        except ContmergeError as exc:  # e.g. the merge exceeds the base's dtype: nothing written
+            log.warning("GET /model: %s", exc)
+            return JSONResponse({"status": "error", "reason": str(exc)}, status_code=500)
         size = os.fstat(handle.fileno()).st_size
 
         def blocks() -> Iterator[bytes]:

@@ -57,15 +57,14 @@ class Refusal(Exception):
         return "rejected" if self.journal else "busy"
 
 
-def storage_refusal(exc: OSError) -> Refusal:
-    """The server's own disk failed while taking an upload: 507 when it is full, else 500."""
+def storage_refusal(exc: OSError, what: str = "this upload") -> Refusal:
+    """The server's own disk failed while writing ``what``: 507 when it is full, else 500.
+    The reason names no path (the server's own, for clients)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return Refusal(
-            507,
-            "no space left on device on the server for this upload; retry later",
-            retry_after=60,
+            507, f"no space left on device on the server for {what}; retry later", retry_after=60
         )
-    return Refusal(500, f"the server could not store the upload: {exc.strerror or exc}")
+    return Refusal(500, f"the server could not write {what}: {exc.strerror or type(exc).__name__}")
 
 
 def body_kind(content_type: str, format_param: str | None, name: str) -> BodyKind:
@@ -87,10 +86,10 @@ def check_prefix(prefix: bytes, size: int | None, max_header_bytes: int) -> None
         raise Refusal(status, f"{reason}; {HOW_TO_SEND}" if status == 422 else reason)
 
 
-def check_file(path: Path) -> None:
+def check_file(path: Path, max_header_bytes: int) -> None:
     """Refusal (422) unless ``path`` is a safetensors file a fold can read."""
     try:
-        reader = SafetensorsReader(path)  # truncation, garbage, pickles
+        reader = SafetensorsReader(path, max_header_bytes)  # truncation, garbage, pickles
     except CheckpointError as exc:
         raise Refusal(422, f"{exc.reason}; {HOW_TO_SEND}") from exc
     with reader:
@@ -101,7 +100,7 @@ def check_file(path: Path) -> None:
 def check_unpacked(root: Path, max_header_bytes: int) -> None:
     """Refusal (422) unless the unpacked tar at ``root`` is a complete checkpoint directory."""
     try:
-        signature, why = inspect_entry(root, root)
+        signature, why = inspect_entry(root, root, max_header_bytes)
     except Refused as exc:
         raise Refusal(422, str(exc)) from exc
     if signature is None:

@@ -49,6 +49,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--any-base", action="store_true", help="do not reject checkpoints far from the base"
     )
+    serve.add_argument(
+        "--out-dtype",
+        metavar="DTYPE",
+        help="dtype of the merged float tensors GET /model serves: base (the default: the "
+        "base's dtype), float32, bfloat16, float16 or float64",
+    )
     serve.add_argument("--inbox", help="directory to watch for checkpoints (renamed into place)")
     serve.add_argument(
         "--poll-interval", type=float, default=1.0, help="seconds between inbox scans (default 1)"
@@ -103,8 +109,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "--max-header-bytes",
         type=positive(int),
         default=None,
-        help="largest safetensors header read, in bytes (default 16 MiB); a larger one gets 413 "
-        "as soon as its first 8 bytes arrive",
+        help="largest safetensors header or shard index read, in bytes, by the upload checks, "
+        "the inbox and the folds (default $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB); a larger "
+        "header gets 413 as soon as its first 8 bytes arrive",
     )
     serve.add_argument(
         "--max-tar-members",
@@ -210,6 +217,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_relative_delta=None if args.any_base else args.max_relative_delta,
         inbox=Path(args.inbox) if args.inbox else None,
         poll_interval=args.poll_interval,
+        out_dtype=args.out_dtype,
         **limits,
     )
     if args.threads:

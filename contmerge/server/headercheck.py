@@ -13,7 +13,6 @@ import struct
 from ..tensorfile import FOREIGN_SIGNATURES
 
 PREFIX_BYTES = 8
-DEFAULT_MAX_HEADER_BYTES = 16 * 1024 * 1024
 NOT_SAFETENSORS = "not a safetensors file, or truncated"
 
 

@@ -20,17 +20,19 @@ safetensors header (checked once it has settled; the reason never quotes those b
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from ..sources import SAFETENSORS_INDEX
-from .headercheck import DEFAULT_MAX_HEADER_BYTES, PREFIX_BYTES, header_problem
+from ..errors import CheckpointError
+from ..sources import SAFETENSORS_INDEX, ShardPathError, shard_files
+from ..tensorfile import DEFAULT_MAX_HEADER_BYTES
+from .headercheck import PREFIX_BYTES, header_problem
 
 log = logging.getLogger("contmerge.server")
 DONE, REJECTED = "done", "rejected"
@@ -70,25 +72,6 @@ def check_link(path: Path, root: Path, shown: str) -> None:
         )
 
 
-def check_shard_paths(directory: Path, shards: Sequence[str]) -> None:
-    """Refuse an index whose shards leave its directory (absolute, ``..``, or through a link).
-
-    TODO: call the shard rule of contmerge.sources once it has one (issue 11.8, CLI side).
-    """
-    for shard in shards:
-        relative = PurePosixPath(shard)
-        if (
-            relative.is_absolute()
-            or ".." in relative.parts
-            or not _inside(directory / shard, directory)
-        ):
-            shown = shard if len(shard) <= 100 else shard[:100] + "…"
-            raise Refused(
-                f"{SAFETENSORS_INDEX} names the shard {shown!r}, outside the checkpoint "
-                "directory: refused"
-            )
-
-
 def read_as_safetensors(path: Path) -> bool:
     return not path.name.endswith((*TORCH_SUFFIXES, ".index.json", ".json"))
 
@@ -120,10 +103,13 @@ def sidecar_names(name: str, kinds: Sequence[str]) -> list[str]:
     return [f"{stem}.{kind}.safetensors" for kind in kinds]
 
 
-def inspect_entry(path: Path, root: Path) -> tuple[Signature | None, str | None]:
+def inspect_entry(
+    path: Path, root: Path, max_header_bytes: int | None = None
+) -> tuple[Signature | None, str | None]:
     """(signature, None) when the entry looks complete, else (None, what it still lacks).
 
-    Raises Refused for an entry to reject as it is; ``root`` is the directory links must stay in.
+    Raises Refused for an entry to reject as it is; ``root`` is the directory links must stay in;
+    ``max_header_bytes`` bounds a shard index as it bounds the fold's (default: the CLI's).
     """
     check_link(path, root, path.name)
     try:
@@ -135,18 +121,19 @@ def inspect_entry(path: Path, root: Path) -> tuple[Signature | None, str | None]
         children = sorted(path.iterdir())
         for child in children:
             check_link(child, root, f"{path.name}/{child.name}")
-        listing = [[c.name, c.stat().st_size, c.stat().st_mtime_ns] for c in children]
+        listing = [[c.name, *_size_and_mtime(c, path.name)] for c in children]
     except FileNotFoundError:
         return None, "vanished"
     names = {row[0] for row in listing}
     if SAFETENSORS_INDEX in names:
         try:
-            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-            check_shard_paths(path, shards)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            # the CLI's rule (contmerge.sources), so that both doors refuse the same indexes
+            shards = shard_files(path / SAFETENSORS_INDEX, max_header_bytes)
+        except ShardPathError as exc:
+            raise Refused(f"{SAFETENSORS_INDEX}: {exc.reason}: refused") from None
+        except CheckpointError:
             return listing, None  # settled yet unreadable: the fold will say why
-        missing = [s for s in shards if not (path / s).is_file()]
+        missing = [s.relative_to(path) for s in shards if not s.is_file()]
         if missing:
             return None, f"{len(missing)} shard(s) of the index not there, e.g. {missing[0]}"
         return listing, None
@@ -157,6 +144,18 @@ def inspect_entry(path: Path, root: Path) -> tuple[Signature | None, str | None]
     if names.intersection(MODEL_WEIGHTS):
         return listing, None
     return None, f"a directory without {SAFETENSORS_INDEX} or model weights"
+
+
+def _size_and_mtime(child: Path, parent: str) -> list[int]:
+    """What a directory entry's signature records of ``child``; Refused for a symlink loop,
+    which no wait resolves (and whose error must not end the whole scan)."""
+    try:
+        stat = child.stat()
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise Refused(f"{parent}/{child.name} is a symbolic link loop: refused") from None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def header_refusal_in(path: Path, limit: int) -> str | None:
@@ -236,7 +235,7 @@ class InboxWatcher(threading.Thread):
                 if name in self._claimed:
                     continue
             try:
-                signature, why = inspect_entry(path, self.directory)
+                signature, why = inspect_entry(path, self.directory, self.max_header_bytes)
             except Refused as exc:
                 refused: str | None = str(exc)
                 signature, why = lstat_signature(path), None

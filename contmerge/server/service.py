@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..dtypes import parse_out_dtype
+from ..errors import ContmergeError
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
-from .headercheck import DEFAULT_MAX_HEADER_BYTES
+from ..tensorfile import header_limit, using_header_limit
 from .inbox import InboxEntry, InboxWatcher, is_ignored
 from .journal import FINAL_EVENTS, JOURNAL_FILE, Arrival, Journal, JournalRecord
 from .metrics import ServerMetrics
@@ -51,23 +53,28 @@ class ServeSettings:
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    # $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB, as for the CLI
+    max_header_bytes: int = field(default_factory=header_limit)
     max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
+    #: dtype of the merged float tensors served (None: the base's; ``contmerge.dtypes``)
+    out_dtype: str | None = None
 
 
 class MergeService:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.started = time.time()
+        self.out_dtype = parse_out_dtype(settings.out_dtype)  # refused before the state is opened
         # opening the Merger takes the state's lock: a second server on this state fails here
-        self.merger = Merger(
-            settings.base,
-            settings.strategy,
-            settings.state,
-            linear=settings.linear,
-            max_relative_delta=settings.max_relative_delta,
-            **settings.hparams,
-        )
+        with using_header_limit(settings.max_header_bytes):  # the base's header too
+            self.merger = Merger(
+                settings.base,
+                settings.strategy,
+                settings.state,
+                linear=settings.linear,
+                max_relative_delta=settings.max_relative_delta,
+                **settings.hparams,
+            )
         try:
             self._setup(settings)
         except BaseException:
@@ -91,7 +98,14 @@ class MergeService:
             self.retry_after,
         )
         self.writer = Writer(
-            self.merger, self.queue, self.journal, self.board, self.metrics, state / EMIT_DIR
+            self.merger,
+            self.queue,
+            self.journal,
+            self.board,
+            self.metrics,
+            state / EMIT_DIR,
+            self.out_dtype,
+            settings.max_header_bytes,
         )
         self.inbox: InboxWatcher | None = None
         if settings.inbox is not None:
@@ -273,8 +287,13 @@ class MergeService:
         return self.writer.manifest
 
     def open_merged(self, timeout: float = 3600.0) -> tuple[IO[bytes], dict[str, int]]:
-        """The current merged model, emitted by the writer between two folds."""
-        return self.queue.call(self.writer.open_merged).result(timeout)
+        """The current merged model, emitted by the writer between two folds. OSError when
+        there is no room to emit it; ContmergeError, without the server's paths, when the state
+        cannot be emitted (a merge over the base's dtype, a checksum mismatch)."""
+        try:
+            return self.queue.call(self.writer.open_merged).result(timeout)
+        except ContmergeError as exc:  # said to clients
+            raise ContmergeError(str(exc).replace(str(self.settings.state), "<state>")) from exc
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about one fold, at least 1, at most 60."""

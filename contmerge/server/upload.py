@@ -251,7 +251,7 @@ class Upload:
             self.handle.flush()
             if self.kind == SAFETENSORS:
                 self._check_prefix(self.size)  # the length must fit the body as it came
-                check_file(self.temp)
+                check_file(self.temp, door.settings.max_header_bytes)
             if not door.queue.reserve():  # only complete uploads hold a queue slot
                 raise door.busy("queue full, retry later")
             try:

@@ -29,8 +29,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from ..errors import CheckpointError, ContmergeError, StateError
 from ..merger import Merger
+from ..tensorfile import CODE_BY_DTYPE, header_limit, using_header_limit
 from .journal import FinalEvent, Journal, JournalRecord
 from .metrics import ServerMetrics
 from .status import StatusBoard
@@ -103,14 +106,18 @@ class Writer(threading.Thread):
         board: StatusBoard,
         metrics: ServerMetrics,
         emit_dir: Path,
+        out_dtype: torch.dtype | None = None,
+        max_header_bytes: int | None = None,
     ) -> None:
         super().__init__(name="contmerge-writer", daemon=True)
+        self.out_dtype = out_dtype
         self.merger = merger
         self.queue = queue
         self.journal = journal
         self.board = board
         self.metrics = metrics
         self.emit_dir = emit_dir
+        self.max_header_bytes = header_limit(max_header_bytes)
         emit_dir.mkdir(parents=True, exist_ok=True)
         for leftover in emit_dir.glob(".*.tmp"):  # an emit cut short by a crash
             leftover.unlink()
@@ -123,15 +130,17 @@ class Writer(threading.Thread):
         self.queue.close()
 
     def run(self) -> None:
-        while not self._stopping.is_set():
-            task = self.queue.get(timeout=0.5)
-            try:
-                if isinstance(task, Call):
-                    self._run_call(task)
-                elif isinstance(task, WorkItem):
-                    self._process(task)
-            except Exception:  # keep serving; the failure is logged and shown in status
-                log.exception("writer: unexpected failure")
+        # a thread starts with no context: the bound the folds and emits read under is set here
+        with using_header_limit(self.max_header_bytes):
+            while not self._stopping.is_set():
+                task = self.queue.get(timeout=0.5)
+                try:
+                    if isinstance(task, Call):
+                        self._run_call(task)
+                    elif isinstance(task, WorkItem):
+                        self._process(task)
+                except Exception:  # keep serving; the failure is logged and shown in status
+                    log.exception("writer: unexpected failure")
 
     def _run_call(self, call: Call) -> None:
         try:
@@ -246,9 +255,11 @@ class Writer(threading.Thread):
         """The merged model of the current generation as an open file (emitted once per
         generation; the handle stays readable after a newer generation replaces the file)."""
         generation = int(self.merger.manifest["generation"])
-        path = self.emit_dir / f"{MERGED_PREFIX}{generation:08d}.safetensors"
+        # the dtype is in the name: a restart with another --out-dtype must not serve the old
+        dtype = "base" if self.out_dtype is None else CODE_BY_DTYPE[self.out_dtype].lower()
+        path = self.emit_dir / f"{MERGED_PREFIX}{generation:08d}-{dtype}.safetensors"
         if not path.exists():
-            self.merger.emit(path)
+            self.merger.emit(path, out_dtype=self.out_dtype)
             for old in self.emit_dir.glob(f"{MERGED_PREFIX}*.safetensors"):
                 if old != path:
                     with contextlib.suppress(FileNotFoundError):
