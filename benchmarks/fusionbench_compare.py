@@ -332,13 +332,13 @@ class _Clock:
 
     @contextlib.contextmanager
     def installed(self) -> Any:
-        from contmerge.merger import Merger
+        from contmerge.fold_run import FoldRun
         from contmerge.strategies import opcm
 
         patched = [
             (opcm, "singular_basis", "svd"),
             (opcm, "remove_projection", "matmul"),
-            (Merger, "_delta_of", "io"),  # reads the arrival's tensor and the base's, forms δ
+            (FoldRun, "_delta", "io"),  # reads the arrival's tensor and the base's, forms δ
         ]
         originals = [getattr(owner, attr) for owner, attr, _ in patched]
         for (owner, attr, key), func in zip(patched, originals):

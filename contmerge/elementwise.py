@@ -25,6 +25,7 @@ import torch
 from .buffers import numpy_dtype
 from .chunks import ChunkRunner
 from .errors import StrategyError
+from .fold_plan import FoldPath
 from .hashing import LEAF_BYTES, leaf_digest
 from .kernels import all_finite, fused_fold, keep_delta, subtract_sum_sq
 from .sources import ChunkReader
@@ -117,12 +118,14 @@ class ElementwiseBatch(_Gathered):
         base: tuple[torch.Tensor, np.ndarray | None],
         old: State,
         target: State,
+        path: FoldPath,
     ) -> None:
         """``read`` gives the arrival's entries in ``arrival_dtype``, which may differ from the
         base's; ``base`` is the base's tensor flattened, and the same as numpy when it is
-        already in the compute dtype (see ``flat_base``)."""
+        already in the compute dtype (see ``flat_base``). ``path`` is the tensor's
+        ``fold_plan.plan``: ``FUSED`` or ``CHUNKED``."""
         flat, base_array = base
-        entry = self.strategy.entry_fold(info, self.ctx)
+        entry = self.strategy.entry_fold(info, self.ctx) if path is FoldPath.FUSED else None
         if entry is None:
             old_arrays = {k: v.reshape(-1).numpy() for k, v in old.items()}
             out_arrays = {k: v.view(-1).numpy() for k, v in target.items()}

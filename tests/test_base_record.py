@@ -131,7 +131,7 @@ def test_a_malformed_or_foreign_record_is_not_used(tmp_path, damage):
     (state / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     with Merger(base, state_dir=state, read_only=True) as merger:
         assert {n for n, i in merger.infos.items() if i.is_linear} == expected
-        assert merger._base_sq["norm.bias"] == pytest.approx(
+        assert merger.base_sq["norm.bias"] == pytest.approx(
             float((load_file(base)["norm.bias"].double() ** 2).sum())
         )
 

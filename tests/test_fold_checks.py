@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from contmerge import CheckpointError, Merger
 from contmerge.cli import main
+from contmerge.errors import IgnoredTensorWarning
 from contmerge.kernels import all_finite, fused_fold, keep_delta
-from contmerge.merger import IgnoredTensorWarning
 from contmerge.strategies.task_arithmetic import TaskArithmetic
 from contmerge.strategy import FoldContext
 
