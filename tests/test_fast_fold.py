@@ -19,7 +19,7 @@ from contmerge.chunks import ChunkRunner
 from contmerge.errors import CheckpointError
 from contmerge.hashing import LEAF_BYTES, ContentHash
 from contmerge.kernels import STREAM_ALIGN, fused_fold, keep_delta
-from contmerge.registry import parse_strategy
+from contmerge.registry import available, lookup, parse_strategy
 from contmerge.sources import open_checkpoint
 from contmerge.state import SPARE
 from contmerge.strategies.average import Average
@@ -27,20 +27,35 @@ from contmerge.strategies.dare import Dare
 from contmerge.strategies.magmax import MagMax
 from contmerge.strategies.task_arithmetic import TaskArithmetic
 from contmerge.strategies.ties import ContinualTies
-from contmerge.strategy import Chain, EntryFold, FoldContext, State, Strategy, TensorInfo
+from contmerge.strategy import (
+    Chain,
+    EntryFold,
+    FoldContext,
+    Preprocessor,
+    State,
+    Strategy,
+    TensorInfo,
+)
 from contmerge.tensorfile import CODE_BY_DTYPE, TensorMeta
 
 from helpers import fine_tuned
 
-ELEMENTWISE = [
-    "average",
-    "task_arithmetic",
-    "magmax",
-    "chain(dare(p=0.7, seed=2), magmax())",
-    "ties",  # its passes too: chunked on the threads vs whole tensors
-    "ties(merge_func='mean', threshold=35.0)",
-    "chain(dare(p=0.7, seed=2), ties())",
-]
+
+def registered_elementwise() -> list[str]:
+    """Every registered elementwise rule at its defaults, and every elementwise pre-processor
+    chained in front of each: a rule added to the registry is held to its reference here
+    without being listed (torch's ``supported_impls`` pattern)."""
+    rules, pres = [], []
+    for name in available():
+        cls = lookup(name)
+        if getattr(cls, "elementwise", False):
+            (pres if issubclass(cls, Preprocessor) else rules).append(name)
+    return [*rules, *(f"chain({pre}(), {rule}())" for pre in pres for rule in rules)]
+
+
+#: the registry's elementwise rules (ties's passes too: chunked on the threads vs whole
+#: tensors), and settings that take other branches of a rule's loop
+ELEMENTWISE = [*registered_elementwise(), "ties(merge_func='mean', threshold=35.0)"]
 
 
 def big_base(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
