@@ -49,7 +49,7 @@ from .layout import tensor_infos
 from .limits import DEFAULT_MAX_RELATIVE_DELTA
 from .manifest import FORMAT, MANIFEST, read_manifest
 from .registry import parse_strategy
-from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
+from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint, sidecar_name
 from .state import DiskStore, MemoryStore, slot_key
 from .stores import Store
 from .strategy import FoldContext, Strategy, TensorInfo
@@ -407,7 +407,7 @@ class Merger:
         try:
             for kind in self.strategy.needs_extras:
                 given = (extras or {}).get(kind)
-                sidecar = _sidecar(Path(source), kind) if isinstance(source, (str, Path)) else None
+                sidecar = _sidecar(source, kind)
                 if given is None and sidecar is not None and sidecar.exists():
                     given = sidecar
                 if given is None:
@@ -549,10 +549,11 @@ def _compute_device(device: str | torch.device | None) -> torch.device | None:
     return resolved
 
 
-def _sidecar(path: Path, kind: str) -> Path:
-    """``model.safetensors`` brings its ``kind`` statistics in ``model.<kind>.safetensors``."""
-    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    return path.with_name(f"{stem}.{kind}.safetensors")
+def _sidecar(source: Source, kind: str) -> Path | None:
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source)
+    return path.with_name(sidecar_name(path.name, kind))
 
 
 def _no_statistics(strategy: Strategy, kind: str, sidecar: Path | None) -> str:

@@ -443,6 +443,14 @@ def _strip_peft_prefix(name: str) -> str:
     return name
 
 
+def sidecar_name(name: str, kind: str) -> str:
+    """``model.safetensors`` brings its ``kind`` statistics (e.g. ``fisher``) in
+    ``model.<kind>.safetensors`` beside it: the one rule of the CLI, the API and the inbox."""
+    suffix = Path(name).suffix
+    stem = name[: -len(suffix)] if suffix else name
+    return f"{stem}.{kind}.safetensors"
+
+
 def open_checkpoint(
     source: str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint,
     base_meta: Mapping[str, TensorMeta] | None = None,

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from contmerge import CheckpointError, Merger, open_checkpoint
+from contmerge.server.inbox import sidecar_names
 from contmerge.sources import (
     LoraCheckpoint,
     SafetensorsCheckpoint,
@@ -26,6 +27,7 @@ from contmerge.sources import (
     StateDictCheckpoint,
     TorchFileCheckpoint,
     shard_files,
+    sidecar_name,
 )
 from contmerge.state import SPARE
 from contmerge.tensorfile import TensorMeta, write_safetensors
@@ -732,3 +734,17 @@ def test_torch_zip_records_are_checked_before_they_are_mapped(
     # a repacked file that changes nothing still loads
     same = repack(good, tmp_path / "same.pt", lambda n, d: (d, zipfile.ZIP_STORED))
     assert torch.equal(open_checkpoint(same).read("w"), torch.ones(4, 4))
+
+
+@pytest.mark.parametrize(
+    "name, sidecar",
+    [
+        ("model.safetensors", "model.fisher.safetensors"),
+        ("run.3.safetensors", "run.3.fisher.safetensors"),  # only the last suffix goes
+        ("model.pt", "model.fisher.safetensors"),
+        ("model", "model.fisher.safetensors"),  # a model directory
+    ],
+)
+def test_one_sidecar_rule_for_the_api_and_the_inbox(name: str, sidecar: str) -> None:
+    assert sidecar_name(name, "fisher") == sidecar
+    assert sidecar_names(name, ["fisher", "gram"]) == [sidecar, sidecar.replace("fisher", "gram")]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..sources import SAFETENSORS_INDEX, ShardPathError, shard_files
+from ..sources import SAFETENSORS_INDEX, ShardPathError, shard_files, sidecar_name
 from ..tensorfile import DEFAULT_MAX_HEADER_BYTES
 from .headercheck import PREFIX_BYTES, header_problem
 
@@ -98,9 +98,8 @@ def is_ignored(name: str) -> bool:
 
 
 def sidecar_names(name: str, kinds: Sequence[str]) -> list[str]:
-    """``model.safetensors`` brings its ``fisher`` statistics as ``model.fisher.safetensors``."""
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    return [f"{stem}.{kind}.safetensors" for kind in kinds]
+    """The statistics files that travel with checkpoint ``name`` (``sources.sidecar_name``)."""
+    return [sidecar_name(name, kind) for kind in kinds]
 
 
 def inspect_entry(
