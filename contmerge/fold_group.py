@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .elementwise import ElementwiseBatch
 from .errors import CheckpointError
 from .fold_plan import plan
-from .fold_run import FoldResult, Totals, judge, next_manifest, note_integer
+from .fold_run import (
+    Accepted,
+    FoldResult,
+    Totals,
+    folded_hashes,
+    judge,
+    next_manifest,
+    note_integer,
+)
 from .sources import Checkpoint
 from .stores import Staging
 from .strategy import FoldContext
@@ -57,33 +65,33 @@ class GroupRun:
             self.ctxs.append(ctx)
         self.totals = [Totals() for _ in arrivals]
 
-    def run(self) -> list[tuple[int, dict[str, Any], list[str]]] | None:
-        """(index, manifest record, ignored integer tensors) per arrival, committed; None, with
+    def run(self) -> list[tuple[int, Accepted, list[str]]] | None:
+        """(index, verdict, ignored integer tensors) per arrival, committed; None, with
         nothing changed, when one of them is a duplicate of content."""
         started = time.perf_counter()
         merger = self.merger
         staging = merger.store.begin(merger.slot_metas())
         try:
             self.fold(staging)
-            earlier = list(merger.manifest["arrivals"])
-            records = []
+            earlier = folded_hashes(merger.manifest)
+            accepted = []
             for arrival, identity, totals in zip(self.arrivals, self.identities, self.totals):
-                record = judge(merger, arrival, arrival.source, identity, totals, earlier)
-                if isinstance(record, FoldResult):
+                verdict = judge(merger, arrival, arrival.source, identity, totals, earlier)
+                if isinstance(verdict, FoldResult):
                     staging.abort()
                     return None
-                earlier.append({"hash": record["hash"], "index": 0})
-                records.append(record)
+                earlier[verdict.stats.content_hash] = 0  # a duplicate within the group too
+                accepted.append(verdict)
             manifest = merger.manifest
             seconds = (time.perf_counter() - started) / len(self.arrivals)
-            for ctx, record in zip(self.ctxs, records):
-                manifest = next_manifest(manifest, self.strategy, ctx, record, seconds)
+            for ctx, verdict in zip(self.ctxs, accepted):
+                manifest = next_manifest(manifest, self.strategy, ctx, verdict, seconds)
             manifest["generation"] = int(merger.manifest["generation"]) + 1  # one commit
             merger.store.commit(staging, manifest)
         except BaseException:
             staging.abort()
             raise
-        return [(c.index, r, t.ignored) for c, r, t in zip(self.ctxs, records, self.totals)]
+        return [(c.index, a, t.ignored) for c, a, t in zip(self.ctxs, accepted, self.totals)]
 
     def fold(self, staging: Staging) -> None:
         merger = self.merger

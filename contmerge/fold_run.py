@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +44,7 @@ from .checks import (
 from .elementwise import ElementwiseBatch, ElementwiseSweep
 from .errors import CheckpointError, IgnoredTensorWarning
 from .fold_plan import FoldPath, plan, sweep_path
+from .manifest import ArrivalRecord, arrival_records
 from .parallel_folds import ParallelFolds
 from .sources import Checkpoint
 from .stores import Staging
@@ -112,15 +113,15 @@ class FoldRun:
         staging = self.store.begin(self.merger.slot_metas())
         try:
             self.fold(staging)
-            record = self.verdict(list(self.merger.manifest["arrivals"]))
-            if isinstance(record, FoldResult):  # a duplicate of content: nothing changes
+            verdict = self.verdict(folded_hashes(self.merger.manifest))
+            if isinstance(verdict, FoldResult):  # a duplicate of content: nothing changes
                 staging.abort()
-                return dataclasses.replace(record, seconds=time.perf_counter() - self.started)
-            self.commit(staging, record)
+                return dataclasses.replace(verdict, seconds=time.perf_counter() - self.started)
+            self.commit(staging, verdict)
         except BaseException:
             staging.abort()
             raise
-        return folded_result(self.ctx.index, record, self.totals.ignored, self.started)
+        return folded_result(self.ctx.index, verdict, self.totals.ignored, self.started)
 
     # --- stages ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -176,16 +177,16 @@ class FoldRun:
                 whole.drain()
             self._fold_batch(batch, staging, bar)
 
-    def verdict(self, earlier: Sequence[Mapping[str, Any]]) -> dict[str, Any] | FoldResult:
-        """The manifest's record of the folded arrival; a duplicate's result when one of the
-        ``earlier`` records has its content hash; CheckpointError if it moved too far."""
+    def verdict(self, earlier: Mapping[str, int]) -> Accepted | FoldResult:
+        """The folded arrival let in; a duplicate's result when its content hash is one of
+        the ``earlier`` ones; CheckpointError if it moved too far."""
         return judge(
             self.merger, self.arrival, self.label, self.identity, self.totals, earlier, self.weight
         )
 
-    def commit(self, staging: Staging, record: dict[str, Any]) -> None:
+    def commit(self, staging: Staging, accepted: Accepted) -> None:
         seconds = time.perf_counter() - self.started
-        manifest = next_manifest(self.merger.manifest, self.strategy, self.ctx, record, seconds)
+        manifest = next_manifest(self.merger.manifest, self.strategy, self.ctx, accepted, seconds)
         self.store.commit(staging, manifest)
 
     # --- per tensor -----------------------------------------------------------------------
@@ -312,62 +313,78 @@ def note_integer(arrival: Checkpoint, base: BaseTensors, info: TensorInfo, total
         base.release(info.name)
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """An arrival its verdict lets in: what its manifest record is made of."""
+
+    stats: ArrivalStats
+    label: str
+    identity: str | None
+    weight: float | None
+
+    def record(self, index: int, seconds: float) -> ArrivalRecord:
+        stats = self.stats
+        return ArrivalRecord(
+            index=index,
+            hash=stats.content_hash,
+            source=self.label,
+            relative_delta=round(stats.relative_delta, 6),
+            folded_at=now(),
+            file=self.identity,
+            median_matrix_delta=round(stats.median_matrix_delta, 6),
+            dtype=stats.dtype,
+            weight=None if self.weight is None else float(self.weight),
+            seconds=round(seconds, 4),
+        )
+
+
+def folded_hashes(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """The content hashes of the folded arrivals, each with the index it was first folded at."""
+    hashes: dict[str, int] = {}
+    for record in arrival_records(manifest):
+        hashes.setdefault(record.hash, record.index)
+    return hashes
+
+
 def judge(
     merger: Merger,
     arrival: Checkpoint,
     label: str,
     identity: str | None,
     totals: Totals,
-    earlier: Sequence[Mapping[str, Any]],
+    earlier: Mapping[str, int],
     weight: float | None = None,
-) -> dict[str, Any] | FoldResult:
-    """The verdict on a folded arrival: its manifest record; a duplicate's result when one of
-    the ``earlier`` records has its content hash; CheckpointError if it moved too far."""
+) -> Accepted | FoldResult:
+    """The verdict on a folded arrival: let in; a duplicate's result when its content hash is
+    one of the ``earlier`` ones (with their index); CheckpointError if it moved too far."""
     stats = arrival_stats(arrival, merger.infos, totals.hashed, totals.sums, merger.base_sq)
-    for record in earlier if merger.dedupe else ():
-        if record["hash"] == stats.content_hash:
-            return FoldResult("duplicate", record["index"], stats.content_hash, label, 0.0)
+    if merger.dedupe and stats.content_hash in earlier:
+        index = earlier[stats.content_hash]
+        return FoldResult("duplicate", index, stats.content_hash, label, 0.0)
     check_same_base(stats, arrival, label, merger.max_relative_delta)
-    return arrival_record(stats, label, identity, weight)
-
-
-def arrival_record(
-    stats: ArrivalStats, label: str, identity: str | None, weight: float | None
-) -> dict[str, Any]:
-    """The manifest's record of an arrival, before it is given its index and time."""
-    return {
-        "hash": stats.content_hash,
-        "source": label,
-        "file": identity,
-        "relative_delta": round(stats.relative_delta, 6),
-        "median_matrix_delta": round(stats.median_matrix_delta, 6),
-        "dtype": stats.dtype,
-        **({} if weight is None else {"weight": float(weight)}),
-    }
+    return Accepted(stats, label, identity, weight)
 
 
 def next_manifest(
     manifest: Mapping[str, Any],
     strategy: Strategy,
     ctx: FoldContext,
-    record: dict[str, Any],
+    accepted: Accepted,
     seconds: float,
 ) -> dict[str, Any]:
-    """``manifest`` with ``record`` folded after it."""
+    """``manifest`` with ``accepted`` folded after it."""
     manifest = dict(manifest)
     new_globals = strategy.end_fold(ctx.globals, ctx)
     new_globals["count"] = ctx.index
     manifest["globals"] = new_globals
-    arrival = {"index": ctx.index, **record, "folded_at": now(), "seconds": round(seconds, 4)}
-    manifest["arrivals"] = [*manifest["arrivals"], arrival]
+    record = accepted.record(ctx.index, seconds)
+    manifest["arrivals"] = [*manifest["arrivals"], record.to_json()]
     manifest["generation"] = int(manifest["generation"]) + 1
     return manifest
 
 
-def folded_result(
-    index: int, record: Mapping[str, Any], ignored: list[str], started: float
-) -> FoldResult:
-    label = record["source"]
+def folded_result(index: int, accepted: Accepted, ignored: list[str], started: float) -> FoldResult:
+    label = accepted.label
     notes = tuple(
         f"{label}: tensor {name!r} differs from the base but is not merged (integer "
         "tensors are not merged; the base's value is emitted)"
@@ -376,7 +393,7 @@ def folded_result(
     for note in notes:
         warnings.warn(note, IgnoredTensorWarning, stacklevel=4)
     seconds = time.perf_counter() - started
-    return FoldResult("folded", index, record["hash"], label, seconds, notes)
+    return FoldResult("folded", index, accepted.stats.content_hash, label, seconds, notes)
 
 
 def now() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,65 @@ _TOP: dict[str, Any] = {
 _BASE = {"source": str, "fingerprint": str, "tensors": int, "linear_weights": int}
 _ARRIVAL = {"index": int, "hash": str, "source": str, "folded_at": str, "relative_delta": _Number}
 _CHECKSUM = {"algorithm": str, "bytes": int, "header": str, "content": str}
+
+
+@dataclass(frozen=True)
+class ArrivalRecord:
+    """One folded arrival as the manifest records it (``arrivals[index - 1]``).
+
+    Written by ``to_json`` alone, read by ``from_json``, which takes the records of every
+    format this version reads (a format-2 state's lack ``dtype``; older ones also ``file``,
+    ``median_matrix_delta`` and ``seconds``: None)."""
+
+    index: int  # 1-based position among folded arrivals
+    hash: str  # content hash (``contmerge.hashing``)
+    source: str  # the arrival's label: its path, or the name it was given
+    relative_delta: float  # ‖θ_t − θ0‖ / ‖θ0‖ over every float tensor
+    folded_at: str  # ISO 8601, UTC, to the second
+    file: str | None = None  # identity of the file folded (``identity.file_identity``)
+    median_matrix_delta: float | None = None
+    dtype: str | None = None  # the arrival's dtypes (``dtypes.dtype_summary``)
+    weight: float | None = None  # the per-arrival weight, when one was given
+    seconds: float | None = None  # how long its fold took
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's object, keys in their order on disk; ``file`` is always written
+        (null: dedupe was off), the other optional fields only when known."""
+        optional = {
+            "median_matrix_delta": self.median_matrix_delta,
+            "dtype": self.dtype,
+            "weight": self.weight,
+        }
+        return {
+            "index": self.index,
+            "hash": self.hash,
+            "source": self.source,
+            "file": self.file,
+            "relative_delta": self.relative_delta,
+            **{k: v for k, v in optional.items() if v is not None},
+            "folded_at": self.folded_at,
+            **({} if self.seconds is None else {"seconds": self.seconds}),
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> ArrivalRecord:
+        """A record of a manifest ``parse_manifest`` checked (its required fields are there)."""
+        return cls(
+            index=record["index"],
+            hash=record["hash"],
+            source=record["source"],
+            relative_delta=record["relative_delta"],
+            folded_at=record["folded_at"],
+            file=record.get("file"),
+            median_matrix_delta=record.get("median_matrix_delta"),
+            dtype=record.get("dtype"),
+            weight=record.get("weight"),
+            seconds=record.get("seconds"),
+        )
+
+
+def arrival_records(manifest: Mapping[str, Any]) -> list[ArrivalRecord]:
+    return [ArrivalRecord.from_json(r) for r in manifest["arrivals"]]
 
 
 def state_file_name(generation: int) -> str:

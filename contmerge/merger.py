@@ -47,7 +47,7 @@ from .fold_run import FoldResult, FoldRun, folded_result, now
 from .identity import base_identity, file_identity
 from .layout import tensor_infos
 from .limits import DEFAULT_MAX_RELATIVE_DELTA
-from .manifest import FORMAT, MANIFEST, read_manifest
+from .manifest import FORMAT, MANIFEST, arrival_records, read_manifest
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint, sidecar_name
 from .state import DiskStore, MemoryStore, slot_key
@@ -335,10 +335,10 @@ class Merger:
 
     def _known_file(self, identity: str | None, label: str, started: float) -> FoldResult | None:
         """The very same file, unchanged, was folded before: its result, with no reading."""
-        for record in self.manifest["arrivals"] if identity is not None else ():
-            if record.get("file") == identity:
+        for record in arrival_records(self.manifest) if identity is not None else ():
+            if record.file == identity:
                 seconds = time.perf_counter() - started
-                return FoldResult("duplicate", record["index"], record["hash"], label, seconds)
+                return FoldResult("duplicate", record.index, record.hash, label, seconds)
         return None
 
     def context(
@@ -394,8 +394,8 @@ class Merger:
                 arrival.close()
         if folded is None:
             return None
-        for (position, _), (index, record, ignored) in zip(todo, folded):
-            results[position] = folded_result(index, record, ignored, started)
+        for (position, _), (index, accepted, ignored) in zip(todo, folded):
+            results[position] = folded_result(index, accepted, ignored, started)
         return [results[p] for p in range(len(sources))]
 
     def _open_extras(
