@@ -26,6 +26,7 @@ from .errors import (
 )
 from .limits import DEFAULT_MAX_RELATIVE_DELTA, MAX_HEADER_ENV, parse_size, using_header_limit
 from .manifest import read_manifest
+from .merger_options import MergerOptions
 from .noop import already_folded
 from .recorded_base import base_for, missing_base, recorded_base
 
@@ -55,18 +56,6 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _parse_settings(pairs: Sequence[str]) -> dict[str, object]:
-    from .registry import parse_value  # imports the rules, and torch
-
-    settings: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        settings[key.strip()] = parse_value(value.strip())
-    return settings
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
     answered = already_folded(args)
     if answered is not None:  # nothing to do: answered without torch or reading a tensor
@@ -78,7 +67,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     from .merger import Merger
 
-    settings = _parse_settings(args.set)
+    options = MergerOptions.from_args(args)
     weights = _weights(args.weight, args.checkpoints)
     if args.out:
         from .emitting import check_out
@@ -87,16 +76,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     elif args.out_dtype is not None or args.out_shard_size is not None:
         raise SettingError("--out-dtype and --out-shard-size say how to write --out: give --out")
     with Merger(
-        args.base,
-        args.strategy,
-        args.state,
-        linear=args.linear,
-        max_relative_delta=None if args.any_base else args.max_relative_delta,
-        progress=not args.quiet,
-        workers=args.workers,
-        device=args.device,
-        verify_base=args.verify_base,
-        **settings,
+        args.base, options.strategy, args.state, progress=not args.quiet, **options.merger_kwargs()
     ) as merger:
         print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
         failures = 0

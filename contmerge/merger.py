@@ -78,6 +78,8 @@ class Merger:
     Resuming a state, a base whose files are unchanged since the state last read it (path,
     size, mtime, inode, safetensors headers) is not read again: its fingerprint, linear weights
     and norms come from the state's record; ``verify_base`` reads and fingerprints it anyway.
+    ``settings`` are the strategy's hyper-parameters when ``strategy`` is a name (``--set``;
+    also accepted as extra keyword arguments, the older spelling).
     """
 
     def __init__(
@@ -95,8 +97,11 @@ class Merger:
         device: str | torch.device | None = None,
         read_only: bool = False,
         verify_base: bool = False,
+        settings: Mapping[str, Any] | None = None,
         **hparams: Any,
     ) -> None:
+        # the strategy's hyper-parameters: ``settings`` (``MergerOptions``), or as keywords
+        hparams = {**(settings or {}), **hparams}
         self.device = _compute_device(device)
         self.base = open_checkpoint(base)
         # a path is recorded absolute: the state may be emitted from any directory

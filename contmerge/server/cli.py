@@ -169,7 +169,8 @@ def _log_to_stderr(level: str) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..cli import _parse_settings, missing_extra
+    from ..cli import missing_extra
+    from ..merger_options import parse_settings
 
     try:
         import uvicorn
@@ -212,7 +213,7 @@ def run_serve(args: argparse.Namespace) -> int:
         state=Path(args.state),
         base=args.base,
         strategy=args.strategy,
-        hparams=_parse_settings(args.set),
+        hparams=parse_settings(args.set),
         linear=args.linear,
         max_relative_delta=None if args.any_base else args.max_relative_delta,
         inbox=Path(args.inbox) if args.inbox else None,

@@ -18,6 +18,7 @@ from typing import IO, Any
 from ..dtypes import parse_out_dtype
 from ..errors import ContmergeError
 from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
+from ..merger_options import MergerOptions
 from ..tensorfile import header_limit, using_header_limit
 from .inbox import InboxEntry, InboxWatcher, is_ignored
 from .journal import FINAL_EVENTS, JOURNAL_FILE, Arrival, Journal, JournalRecord
@@ -67,13 +68,14 @@ class MergeService:
         self.out_dtype = parse_out_dtype(settings.out_dtype)  # refused before the state is opened
         # opening the Merger takes the state's lock: a second server on this state fails here
         with using_header_limit(settings.max_header_bytes):  # the base's header too
-            self.merger = Merger(
-                settings.base,
-                settings.strategy,
-                settings.state,
+            options = MergerOptions(
+                strategy=settings.strategy,
+                settings=settings.hparams,
                 linear=settings.linear,
                 max_relative_delta=settings.max_relative_delta,
-                **settings.hparams,
+            )
+            self.merger = Merger(
+                settings.base, options.strategy, settings.state, **options.merger_kwargs()
             )
         try:
             self._setup(settings)
