@@ -80,9 +80,7 @@ def _pools(names: set[str], prefix: str) -> set[str]:
     return {n for n in names if n.startswith(prefix)}
 
 
-def test_a_serial_fold_gets_torch_pool_of_the_budget_and_restores_the_callers(
-    models, torch_at_two
-):
+def test_a_serial_fold_gets_torch_pool_of_the_budget_and_restores_the_callers(models, torch_at_two):
     base, paths = models
     for budget in (1, 3):
         probe = ThreadProbe(seen=[])
