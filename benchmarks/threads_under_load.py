@@ -48,15 +48,15 @@ from contmerge.threads import available_cores, default_threads  # noqa: E402
 LAYERS, HIDDEN, FFN, VOCAB = 6, 384, 1536, 30522
 
 
-def minilm_shapes() -> dict[str, tuple[int, ...]]:
+def minilm_shapes(layers: int = LAYERS, vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
-        "embeddings.word_embeddings.weight": (VOCAB, HIDDEN),
+        "embeddings.word_embeddings.weight": (vocab, HIDDEN),
         "embeddings.position_embeddings.weight": (512, HIDDEN),
         "embeddings.token_type_embeddings.weight": (2, HIDDEN),
         "embeddings.LayerNorm.weight": (HIDDEN,),
         "embeddings.LayerNorm.bias": (HIDDEN,),
     }
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"encoder.layer.{i}."
         for part, out, inp in (
             ("attention.self.query", HIDDEN, HIDDEN),
@@ -74,10 +74,11 @@ def minilm_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_models(work: Path, arrivals: int) -> tuple[Path, list[Path]]:
+def write_models(work: Path, arrivals: int, quick: bool) -> tuple[Path, list[Path]]:
     """A MiniLM-shaped base and ``arrivals`` fine-tunes of it (a small, partly low-rank δ)."""
     g = torch.Generator().manual_seed(0)
-    base = {n: torch.randn(s, generator=g) * 0.05 for n, s in minilm_shapes().items()}
+    shapes = minilm_shapes(2, 1000) if quick else minilm_shapes()
+    base = {n: torch.randn(s, generator=g) * 0.05 for n, s in shapes.items()}
     save_file(base, work / "base.safetensors")
     paths = []
     for k in range(arrivals):
@@ -133,7 +134,12 @@ def main() -> int:
     parser.add_argument("--folds", type=int, default=3, help="arrivals folded per run")
     parser.add_argument("--loads", default="0,2,4", help="competitor counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration and load")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 layers, 1000 word pieces, 2 folds, loads 0 and 2"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.folds, args.loads = 2, "0,2"
     loads = [int(x) for x in args.loads.split(",")]
     cores, budget = available_cores(), default_threads()
     configs: dict[str, tuple[Strategy | str, int]] = {
@@ -142,12 +148,13 @@ def main() -> int:
         "threads=1": ("opcm", 1),
     }
     print(
-        f"usable cores {cores}, default budget {budget}, nice {os.nice(0)}, "
+        f"{'quick (2 layers): ' if args.quick else ''}usable cores {cores}, "
+        f"default budget {budget}, nice {os.nice(0)}, "
         f"load average before {os.getloadavg()[0]:.1f}"
     )
     results: dict[tuple[str, int], list[list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base, paths = write_models(Path(tmp), args.folds)
+        base, paths = write_models(Path(tmp), args.folds, args.quick)
         for load in loads:
             with competitors(load):
                 for _ in range(args.repeats):
