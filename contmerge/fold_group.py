@@ -50,10 +50,15 @@ class GroupRun:
     """Fold ``arrivals`` (full checkpoints, layouts checked) into ``merger``'s state at once."""
 
     def __init__(
-        self, merger: Merger, arrivals: list[Checkpoint], identities: list[str | None]
+        self,
+        merger: Merger,
+        arrivals: list[Checkpoint],
+        identities: list[str | None],
+        recorded: list[str],
     ) -> None:
+        """``recorded``: each arrival's source as the manifest records it."""
         self.merger, self.strategy = merger, merger.strategy
-        self.arrivals, self.identities = arrivals, identities
+        self.arrivals, self.identities, self.recorded = arrivals, identities, recorded
         self.ctxs: list[FoldContext] = []
         globals_ = dict(merger.manifest["globals"])
         for j in range(len(arrivals)):  # each sees the globals as if folded alone, in order
@@ -75,8 +80,11 @@ class GroupRun:
             self.fold(staging)
             earlier = folded_hashes(merger.manifest)
             accepted = []
-            for arrival, identity, totals in zip(self.arrivals, self.identities, self.totals):
-                verdict = judge(merger, arrival, arrival.source, identity, totals, earlier)
+            for arrival, identity, recorded, totals in zip(
+                self.arrivals, self.identities, self.recorded, self.totals
+            ):
+                labels = (arrival.source, recorded)
+                verdict = judge(merger, arrival, labels, identity, totals, earlier)
                 if isinstance(verdict, FoldResult):
                     staging.abort()
                     return None

@@ -87,14 +87,16 @@ class FoldRun:
         merger: Merger,
         arrival: Checkpoint,
         extras: dict[str, Checkpoint],
-        label: str,
+        labels: tuple[str, str],
         identity: str | None,
         weight: float | None,
         started: float,
     ) -> None:
+        """``labels``: the arrival as shown (typed) and as recorded (absolute)."""
         self.merger, self.strategy, self.base = merger, merger.strategy, merger.base_tensors
         self.infos, self.store, self.runner = merger.infos, merger.store, merger.runner
-        self.arrival, self.extras, self.label = arrival, extras, label
+        self.arrival, self.extras = arrival, extras
+        self.label, self.recorded = labels
         self.identity, self.weight, self.started = identity, weight, started
         self.ctx = merger.context(merger.count + 1, extras, weight)
         self.totals = Totals()
@@ -180,8 +182,9 @@ class FoldRun:
     def verdict(self, earlier: Mapping[str, int]) -> Accepted | FoldResult:
         """The folded arrival let in; a duplicate's result when its content hash is one of
         the ``earlier`` ones; CheckpointError if it moved too far."""
+        labels = (self.label, self.recorded)
         return judge(
-            self.merger, self.arrival, self.label, self.identity, self.totals, earlier, self.weight
+            self.merger, self.arrival, labels, self.identity, self.totals, earlier, self.weight
         )
 
     def commit(self, staging: Staging, accepted: Accepted) -> None:
@@ -318,7 +321,8 @@ class Accepted:
     """An arrival its verdict lets in: what its manifest record is made of."""
 
     stats: ArrivalStats
-    label: str
+    label: str  # as shown
+    source: str  # as recorded: a file's absolute path, else the label
     identity: str | None
     weight: float | None
 
@@ -327,7 +331,7 @@ class Accepted:
         return ArrivalRecord(
             index=index,
             hash=stats.content_hash,
-            source=self.label,
+            source=self.source,
             relative_delta=round(stats.relative_delta, 6),
             folded_at=now(),
             file=self.identity,
@@ -349,20 +353,22 @@ def folded_hashes(manifest: Mapping[str, Any]) -> dict[str, int]:
 def judge(
     merger: Merger,
     arrival: Checkpoint,
-    label: str,
+    labels: tuple[str, str],
     identity: str | None,
     totals: Totals,
     earlier: Mapping[str, int],
     weight: float | None = None,
 ) -> Accepted | FoldResult:
-    """The verdict on a folded arrival: let in; a duplicate's result when its content hash is
-    one of the ``earlier`` ones (with their index); CheckpointError if it moved too far."""
+    """The verdict on a folded arrival (``labels``: as shown, as recorded): let in; a
+    duplicate's result when its content hash is one of the ``earlier`` ones (with their
+    index); CheckpointError if it moved too far."""
+    label, recorded = labels
     stats = arrival_stats(arrival, merger.infos, totals.hashed, totals.sums, merger.base_sq)
     if merger.dedupe and stats.content_hash in earlier:
         index = earlier[stats.content_hash]
         return FoldResult("duplicate", index, stats.content_hash, label, 0.0)
     check_same_base(stats, arrival, label, merger.max_relative_delta)
-    return Accepted(stats, label, identity, weight)
+    return Accepted(stats, label, recorded, identity, weight)
 
 
 def next_manifest(

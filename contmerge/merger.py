@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -41,7 +42,7 @@ from .emitting import (
     set_config_dtype,
     write_model,
 )
-from .errors import CheckpointError, ContmergeError, Notice, StateError
+from .errors import CheckpointError, ContmergeError, Notice, SettingError, StateError
 from .fold_group import GroupRun, groupable
 from .fold_run import FoldResult, FoldRun, folded_result, now
 from .identity import base_identity, file_identity
@@ -54,6 +55,7 @@ from .state import DiskStore, MemoryStore, slot_key
 from .stores import Store
 from .strategy import FoldContext, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, TensorMeta
+from .threads import resolve_threads, torch_threads
 
 __all__ = ["DEFAULT_MAX_RELATIVE_DELTA", "MAPPED_BASE_LIMIT", "FoldResult", "Merger", "Source"]
 
@@ -67,9 +69,12 @@ class Merger:
     (then ``strategy`` may be omitted, and must match if given). ``state_dir=None`` keeps the
     state in memory. With ``dedupe`` (the default) a checkpoint whose content was folded before
     is skipped; turn it off where identical arrivals must each count (a federated round in
-    which two clients return the same model). ``workers`` threads fold the chunks of each
-    tensor for elementwise rules, and whole tensors at once for rules whose per-tensor work is
-    heavy (OPCM) (default: up to 4, one per core). ``keep_base_mapped``
+    which two clients return the same model). ``threads`` bounds the compute threads of a fold
+    or emit (``contmerge.threads``): that many threads fold the chunks of each tensor for
+    elementwise rules, and whole tensors at once for rules whose per-tensor work is heavy
+    (OPCM), torch single-threaded in each; other work gets torch's pool of that many threads,
+    set for the fold only (default: ``$CONTMERGE_THREADS``, else ``$OMP_NUM_THREADS``, else one
+    per usable core, at most 4). ``workers`` is its older name. ``keep_base_mapped``
     keeps the base's pages mapped between folds (default: when it is at most 1 GiB).
     ``device`` (a torch device, e.g. "cuda") is where rules do their heavy per-tensor work
     (OPCM's SVDs and products); the state stays in CPU memory or on disk.
@@ -92,6 +97,7 @@ class Merger:
         max_relative_delta: float | None = DEFAULT_MAX_RELATIVE_DELTA,
         dedupe: bool = True,
         progress: bool = False,
+        threads: int | None = None,
         workers: int | None = None,
         keep_base_mapped: bool | None = None,
         device: str | torch.device | None = None,
@@ -103,10 +109,11 @@ class Merger:
         # the strategy's hyper-parameters: ``settings`` (``MergerOptions``), or as keywords
         hparams = {**(settings or {}), **hparams}
         self.device = _compute_device(device)
+        self.threads = resolve_threads(threads, workers)
         self.base = open_checkpoint(base)
         # a path is recorded absolute: the state may be emitted from any directory
         self._base_source = os.path.abspath(base) if isinstance(base, (str, Path)) else None
-        self.runner = ChunkRunner(workers)
+        self.runner = ChunkRunner(self.threads)
         self.base_tensors = BaseTensors(self.base, keep_base_mapped)
         self._base_identity = base_identity(base)
         self.verify_base = verify_base
@@ -116,6 +123,12 @@ class Merger:
         self._float_names = self.base_tensors.float_names
         self.read_only = read_only
         directory = Path(state_dir) if state_dir is not None else None
+        if directory is not None and not read_only:
+            try:
+                _check_new_state(directory, strategy, hparams, linear)
+            except BaseException:
+                self.runner.close()
+                raise
         if directory is None:
             self.infos = tensor_infos(self.base, linear)
             if read_only:
@@ -323,6 +336,16 @@ class Merger:
         if self.read_only:
             raise StateError(f"{self.store.path}: opened read-only; cannot fold")
         check_weight(self.strategy, weight)
+        with torch_threads(self.threads):  # the fold's own: the caller's is restored
+            return self._fold(source, extras, name, weight)
+
+    def _fold(
+        self,
+        source: Source,
+        extras: Mapping[str, Source] | None,
+        name: str | None,
+        weight: float | None,
+    ) -> FoldResult:
         started = time.perf_counter()
         identity = file_identity(source) if self.dedupe else None
         known = self._known_file(identity, name or str(source), started)
@@ -335,7 +358,9 @@ class Merger:
         except BaseException:
             arrival.close()
             raise
-        with FoldRun(self, arrival, opened_extras, label, identity, weight, started) as run:
+        recorded = name or _recorded_source(source, arrival)
+        run = FoldRun(self, arrival, opened_extras, (label, recorded), identity, weight, started)
+        with run:
             return run.run()
 
     def _known_file(self, identity: str | None, label: str, started: float) -> FoldResult | None:
@@ -391,7 +416,10 @@ class Merger:
                 check_layout(arrivals[-1], self.infos, self._float_names)
             if not all(a.carries_full_weights for a in arrivals):
                 return None
-            folded = GroupRun(self, arrivals, [identity for _, identity in todo]).run()
+            with torch_threads(self.threads):
+                identities = [identity for _, identity in todo]
+                recorded = [_recorded_source(sources[p], a) for (p, _), a in zip(todo, arrivals)]
+                folded = GroupRun(self, arrivals, identities, recorded).run()
         except ContmergeError:  # one by one, the same arrival is refused and says why
             return None
         finally:
@@ -442,7 +470,8 @@ class Merger:
                 yield name, base.to(wanted)
                 continue
             state = self.store.read(name)
-            merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
+            with torch_threads(self.threads):  # per tensor: the caller runs between yields
+                merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
             if self.store.holds(name, merged):
                 merged = merged.clone()  # the store reuses state buffers: hand out a copy
             merged = merged.to(wanted)
@@ -519,6 +548,30 @@ class Merger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _recorded_source(source: Source, arrival: Checkpoint) -> str:
+    """An arrival's file as the manifest records it: absolute, so that the record still names
+    it from another directory (as the base's path is); an in-memory one by its label."""
+    return os.path.abspath(arrival.source) if isinstance(source, (str, Path)) else arrival.source
+
+
+def _check_new_state(
+    directory: Path, strategy: str | Strategy | None, hparams: dict[str, Any], linear: str | None
+) -> None:
+    """Refuse what would be refused once the state exists before its directory is made (a
+    refused command must leave nothing behind): the strategy and its settings, the pattern."""
+    if strategy is None and not os.path.lexists(directory):
+        raise StateError(
+            f"{directory}: no state there; a strategy is needed to start a new merge state"
+        )
+    if strategy is not None:
+        parse_strategy(strategy, **hparams)
+    if linear:
+        try:
+            re.compile(linear)
+        except re.error as exc:
+            raise SettingError(f"--linear {linear!r} is not a regular expression: {exc}") from None
 
 
 class _LazyInit(Mapping[str, dict[str, torch.Tensor]]):

@@ -1,8 +1,9 @@
 """The Merger's options as the commands take them: one layer shared by ``merge`` and ``serve``.
 
 ``MergerOptions`` holds what a command decides about the merge (the strategy and its settings,
-the linear pattern, the another-base limit, threads, device, base verification); the strategy's
-hyper-parameters travel as ``settings``, apart from the Merger's own keyword arguments.
+the linear pattern, the another-base limit, the thread budget, device, base verification); the
+strategy's hyper-parameters travel as ``settings``, apart from the Merger's own keyword
+arguments.
 """
 
 from __future__ import annotations
@@ -35,20 +36,21 @@ class MergerOptions:
     settings: Mapping[str, Any] = field(default_factory=dict)
     linear: str | None = None
     max_relative_delta: float | None = DEFAULT_MAX_RELATIVE_DELTA
-    workers: int | None = None
+    #: the fold's compute-thread budget (``contmerge.threads``; None: its default)
+    threads: int | None = None
     device: str | None = None
     verify_base: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MergerOptions:
         """From a command's parsed options (``--any-base`` lifts the limit); a command without
-        ``--workers``, ``--device`` or ``--verify-base`` gets their defaults."""
+        ``--threads``, ``--device`` or ``--verify-base`` gets their defaults."""
         return cls(
             strategy=args.strategy,
             settings=parse_settings(args.set),
             linear=args.linear,
             max_relative_delta=None if args.any_base else args.max_relative_delta,
-            workers=getattr(args, "workers", None),
+            threads=getattr(args, "threads", None),
             device=getattr(args, "device", None),
             verify_base=getattr(args, "verify_base", False),
         )
@@ -59,7 +61,7 @@ class MergerOptions:
             "settings": dict(self.settings),
             "linear": self.linear,
             "max_relative_delta": self.max_relative_delta,
-            "workers": self.workers,
+            "threads": self.threads,
             "device": self.device,
             "verify_base": self.verify_base,
         }
