@@ -176,6 +176,18 @@ def arrival_record(source: str | Path, label: str | None = None) -> dict[str, An
     }
 
 
+def keep_copy(directory: Path, source: str | Path, content_hash: str) -> Path:
+    """A copy of an arrival inside the state (``pool/<hash>.safetensors``), for arrivals whose
+    file goes away after the fold (the server's spool and inbox)."""
+    import shutil
+
+    target = directory / "pool" / f"{content_hash[:32]}.safetensors"
+    if not target.exists():
+        with open(source, "rb") as src, atomic_open(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return target
+
+
 def check_unchanged(record: Mapping[str, Any]) -> None:
     """A pool file must still hold what joined: same identity, or else the same content."""
     path = Path(record["path"])

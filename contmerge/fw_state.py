@@ -22,8 +22,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .datastate import ArrivalResult, DataState, arrival_record, check_unchanged, checkpoint_hash
+from .datastate import (
+    ArrivalResult,
+    DataState,
+    arrival_record,
+    check_unchanged,
+    checkpoint_hash,
+    keep_copy,
+)
 from .errors import SettingError, StateError
+from .identity import file_identity
 from .objectives import load_objective, spec_identity
 
 KIND = "fw"
@@ -144,14 +152,22 @@ class FwState:
         given = self.manifest["settings"].get("iterations")
         return int(given if given is not None else self.merger.max_iters)
 
-    def fold(self, paths: Sequence[str | Path]) -> list[ArrivalResult]:
+    def fold(
+        self, paths: Sequence[str | Path], labels: Sequence[str] = (), *, keep_copies: bool = False
+    ) -> list[ArrivalResult]:
         """New arrivals join the pool (one commit), then the iterations owed run (a commit
-        each). Checkpoints already in the pool are reported as duplicates."""
+        each). Checkpoints already in the pool are reported as duplicates. ``keep_copies``:
+        the pool keeps a copy of each arrival in the state (the server's arrivals are removed
+        once folded); else it reads them where they are."""
         results: list[ArrivalResult] = []
         pool = list(self.manifest["pool"])
         known = {r["hash"]: i for i, r in enumerate(pool)}
-        for path in paths:
-            record = arrival_record(path)
+        labels = list(labels) + [None] * (len(paths) - len(labels))  # type: ignore[list-item]
+        for path, label in zip(paths, labels):
+            record = arrival_record(path, label)
+            if keep_copies and record["hash"] not in known:
+                copy = keep_copy(self.store.directory, path, record["hash"])
+                record.update(path=str(copy), file=file_identity(copy))
             if record["hash"] in known:
                 results.append(
                     ArrivalResult("duplicate", str(path), record["hash"], known[record["hash"]])
@@ -160,7 +176,7 @@ class FwState:
             self.merger.add(record["path"], label=record["source"])  # checks it fits the base
             known[record["hash"]] = len(pool)
             pool.append(record)
-            results.append(ArrivalResult("joined", str(path), record["hash"], len(pool) - 1))
+            results.append(ArrivalResult("joined", record["source"], record["hash"], len(pool) - 1))
         if len(pool) > len(self.manifest["pool"]):
             owed = self.manifest["owed"] + self.iterations_per_fold
             self._commit(pool=pool, owed=owed)

@@ -58,6 +58,27 @@ class ServeSettings:
     max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
     #: dtype of the merged float tensors served (None: the base's; ``contmerge.dtypes``)
     out_dtype: str | None = None
+    #: fw: the objective (a dataset file or module:function) and the model it names
+    objective: str | None = None
+    model: str | None = None
+
+
+def _data_merger(settings: ServeSettings) -> Any:
+    """FW-Merging's served state when ``--strategy`` names fw or the state is one (else None)."""
+    import argparse
+
+    from ..data_cli import kind_of
+
+    kind = kind_of(argparse.Namespace(state=settings.state, strategy=settings.strategy))
+    if kind is None:
+        return None
+    if kind != "fw":
+        raise ContmergeError(f"contmerge serve runs FW-Merging and the fold rules, not {kind}")
+    from .fw_served import ServedFw
+
+    return ServedFw(
+        settings.state, settings.base, settings.objective, settings.hparams, settings.model
+    )
 
 
 class MergeService:
@@ -67,7 +88,7 @@ class MergeService:
         self.out_dtype = parse_out_dtype(settings.out_dtype)  # refused before the state is opened
         # opening the Merger takes the state's lock: a second server on this state fails here
         with using_header_limit(settings.max_header_bytes):  # the base's header too
-            self.merger = Merger(
+            self.merger = _data_merger(settings) or Merger(
                 settings.base,
                 settings.strategy,
                 settings.state,
