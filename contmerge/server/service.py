@@ -74,7 +74,7 @@ def _data_merger(settings: ServeSettings) -> Any:
         return None
     if kind != "fw":
         raise ContmergeError(f"contmerge serve runs FW-Merging and the fold rules, not {kind}")
-    from .fw_served import ServedFw
+    from ..fw_served import ServedFw
 
     return ServedFw(
         settings.state, settings.base, settings.objective, settings.hparams, settings.model

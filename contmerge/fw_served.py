@@ -1,7 +1,8 @@
-"""FW-Merging behind the merge server: each arrival joins the pool and the FW step runs on it.
+"""FW-Merging behind the doors that fold arrivals: each joins the pool and the FW step runs.
 
-:class:`ServedFw` gives the writer thread (:mod:`.worker`) and the service what they use of a
-``Merger`` — ``fold``, ``arrivals``, ``manifest``, ``count``, ``emit`` — over a durable
+:class:`ServedFw` gives the merge server's writer thread (``contmerge.server.worker``) and the
+Flower strategy (``contmerge.flower.fw``) what they use of a ``Merger`` — ``fold``,
+``arrivals``, ``manifest``, ``count``, ``emit``, ``iter_merged`` — over a durable
 :class:`~contmerge.fw_state.FwState`. The pool keeps a copy of each arrival in the state
 directory (the spool file or inbox entry is cleared after the fold). An arrival the state
 already holds under the same label is one committed before a crash and not yet journaled: the
@@ -12,12 +13,16 @@ when the server was stopped run when it starts again.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..fw_state import FwState
+from .atomic import atomic_open
+from .fw_state import FwState
+from .sources import Checkpoint
+from .tensorfile import write_safetensors
 
 
 @dataclass
@@ -46,9 +51,21 @@ class ServedFw:
             self.state.close()
             raise
 
-    def fold(self, path: str | Path, name: str | None = None) -> ServedFold:
+    def fold(self, arrival: str | Path | Checkpoint, name: str | None = None) -> ServedFold:
+        """``arrival``: a file, or a checkpoint held in memory (a Flower reply), which is
+        written into the state first."""
         started = time.perf_counter()
-        (result,) = self.state.fold([path], [name or str(path)], keep_copies=True)
+        label = name or str(getattr(arrival, "source", arrival))
+        if isinstance(arrival, Checkpoint):
+            path = self.state.store.directory / "incoming.safetensors"
+            with atomic_open(path) as handle:
+                write_safetensors(handle, ((n, arrival.read(n)) for n in arrival.meta))
+            try:
+                (result,) = self.state.fold([path], [label], keep_copies=True)
+            finally:
+                path.unlink(missing_ok=True)
+        else:
+            (result,) = self.state.fold([arrival], [label], keep_copies=True)
         status = "folded" if result.status == "joined" else "duplicate"
         return ServedFold(status, result.index + 1, result.hash, time.perf_counter() - started)
 
@@ -77,10 +94,14 @@ class ServedFw:
 
     def emit(self, path: str | Path, out_dtype: Any = None) -> Path:
         if out_dtype is not None:
-            from ..errors import SettingError
+            from .errors import SettingError
 
             raise SettingError("--out-dtype: an FW state emits the base's dtypes")
         return self.state.emit(path)
+
+    def iter_merged(self) -> Iterator[tuple[str, Any]]:
+        """The current θ in the base's dtypes, tensor by tensor."""
+        return iter(self.state.merger.merged().items())
 
     def close(self) -> None:
         self.state.close()
