@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -200,3 +201,22 @@ def test_sigkill_mid_iteration_and_mid_commit_then_resume_gives_the_same_theta(t
     assert_equal(load_file(emitted), reference(setup))
     manifest = json.loads((state / MANIFEST).read_text())
     assert [r["iteration"] for r in manifest["log"]] == [0, 1, 2, 3, 4]
+
+
+def test_readme_fw_and_dimat_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    from fwdoor_models import write_dimat_setup
+    from test_cli import _bash_block_after
+
+    lines = _bash_block_after("## DIMAT and FW-Merging through the same doors")
+    assert len(lines) == 5 and all(line.startswith("contmerge ") for line in lines), lines
+    fw = write_fw_setup(tmp_path)
+    write_dimat_setup(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        assert main(shlex.split(line)[1:]) == 0, line
+    assert "strategy:  fw" in capsys.readouterr().out
+    objective = load_objective(str(fw["objective"]))
+    with FrankWolfeMerger.from_preset("hard", fw["base"], fw["pool"], objective) as merger:
+        merger.run(5)
+        assert_equal(load_file(tmp_path / "fw-merged.safetensors"), merger.merged())
+    assert (tmp_path / "agent0-merged.safetensors").exists()
