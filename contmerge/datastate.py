@@ -87,6 +87,12 @@ class DataState:
     def exists(self) -> bool:
         return self.manifest is not None
 
+    def existing(self, kind: str) -> dict[str, Any] | None:
+        """The manifest of a ``kind`` state; None for a new one (refused when read-only)."""
+        if self.manifest is None and not self.read_only:
+            return None
+        return self.check_kind(kind)
+
     def check_kind(self, kind: str) -> dict[str, Any]:
         if self.manifest is None:
             raise StateError(f"{self.directory}: no {MANIFEST}; not a {kind} state")

@@ -40,9 +40,7 @@ class DimatState:
     ) -> None:
         self.store = DataState(directory, read_only=read_only)
         try:
-            manifest = self.store.manifest
-            if manifest is None and read_only:
-                self.store.check_kind(KIND)
+            manifest = self.store.existing(KIND)
             if manifest is None:
                 if not calibration:
                     raise SettingError(
@@ -66,7 +64,6 @@ class DimatState:
                     "tensors": None,
                 }
             else:
-                self.store.check_kind(KIND)
                 _check_same(manifest, calibration, model)
             self.manifest = manifest
             self._fold: Any = None

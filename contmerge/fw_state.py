@@ -78,13 +78,10 @@ class FwState:
 
         self.store = DataState(directory, read_only=read_only)
         try:
-            manifest = self.store.manifest
-            if manifest is None and read_only:
-                self.store.check_kind(KIND)  # raises: nothing to read
+            manifest = self.store.existing(KIND)
             if manifest is None:
                 manifest = self._new_manifest(base, objective, settings or {}, model)
             else:
-                self.store.check_kind(KIND)
                 _check_same(manifest, base, objective, settings, model)
             self.manifest = manifest
             if not read_only:
@@ -163,6 +160,27 @@ class FwState:
         pool = list(self.manifest["pool"])
         known = {r["hash"]: i for i, r in enumerate(pool)}
         labels = list(labels) + [None] * (len(paths) - len(labels))  # type: ignore[list-item]
+        committed = len(self.merger.pool)
+        try:
+            self._join(paths, labels, pool, known, results, keep_copies)
+            if len(pool) > len(self.manifest["pool"]):
+                owed = self.manifest["owed"] + self.iterations_per_fold
+                self._commit(pool=pool, owed=owed)
+        except BaseException:
+            del self.merger.pool[committed:]  # nothing of this call was committed
+            raise
+        self.run_owed()
+        return results
+
+    def _join(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[str | None],
+        pool: list[dict[str, Any]],
+        known: dict[str, int],
+        results: list[ArrivalResult],
+        keep_copies: bool,
+    ) -> None:
         for path, label in zip(paths, labels):
             record = arrival_record(path, label)
             if keep_copies and record["hash"] not in known:
@@ -177,11 +195,6 @@ class FwState:
             known[record["hash"]] = len(pool)
             pool.append(record)
             results.append(ArrivalResult("joined", record["source"], record["hash"], len(pool) - 1))
-        if len(pool) > len(self.manifest["pool"]):
-            owed = self.manifest["owed"] + self.iterations_per_fold
-            self._commit(pool=pool, owed=owed)
-        self.run_owed()
-        return results
 
     def run_owed(self) -> None:
         """Start θ if needed, then run the iterations still owed, committing each."""

@@ -111,7 +111,8 @@ def test_a_late_arrival_joins_and_runs_more_iterations(tmp_path, setup):
     state = tmp_path / "state"
     pool = [str(p) for p in setup["pool"]]
     assert main(fw_args(setup, state, *pool[:2])) == 0
-    assert main(fw_args(setup, state, pool[2])) == 0
+    # resuming needs neither the base, nor the objective, nor the settings again
+    assert main(["merge", "--state", str(state), "--quiet", pool[2]]) == 0
     objective = load_objective(str(setup["objective"]))
     with FrankWolfeMerger.from_preset("hard", setup["base"], setup["pool"][:2], objective) as fw:
         fw.run(5)
@@ -220,3 +221,22 @@ def test_readme_fw_and_dimat_examples_run_as_written(tmp_path, monkeypatch, caps
         merger.run(5)
         assert_equal(load_file(tmp_path / "fw-merged.safetensors"), merger.merged())
     assert (tmp_path / "agent0-merged.safetensors").exists()
+
+
+def test_a_refused_arrival_leaves_the_open_state_as_committed(tmp_path, setup):
+    from contmerge.errors import CheckpointError
+    from contmerge.fw_state import FwState
+
+    wrong = tmp_path / "wrong.safetensors"
+    tensors = dict(load_file(setup["pool"][0]))
+    tensors["2.weight"] = tensors["2.weight"][:5].contiguous()
+    save_file(tensors, wrong)
+    good = setup["pool"][0]
+    with FwState(
+        tmp_path / "s", setup["base"], str(setup["objective"]), {"iterations": 1}
+    ) as state:
+        with pytest.raises(CheckpointError, match="shape"):
+            state.fold([good, wrong])  # one command: the good one is not committed either
+        assert state.manifest["pool"] == [] and state.merger.pool == []
+        state.fold([good])
+        assert len(state.manifest["pool"]) == 1 and len(state.merger.pool) == 1
