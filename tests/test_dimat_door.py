@@ -89,3 +89,25 @@ def test_weights_and_errors(tmp_path, setup, capsys):
     no_data = ["merge", "--strategy", "dimat", "--state", str(tmp_path / "s2"), str(agents[0])]
     assert main(no_data) == 1
     assert "needs --calibration" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three interpreters importing torch
+def test_sigkill_mid_fold_and_mid_commit_then_resume_gives_the_same_model(tmp_path, setup):
+    from test_fw_door import kill_when_paused, run_child
+
+    agents = setup["agents"]
+    state, clean = tmp_path / "state", tmp_path / "clean"
+    args = dimat_args(setup, state, *agents)
+    # inside the fold of the second neighbour; then between its tensors and its manifest
+    for point, at in [("fold", 1), ("commit", '"total_weight": 3.0')]:
+        kill_when_paused(args, point, at)
+        manifest = json.loads((state / MANIFEST).read_text())
+        assert len(manifest["neighbours"]) == 1 and (state / manifest["tensors"]).exists()
+    child = run_child(args)
+    assert child.wait() == 0, child.stderr.read()
+    assert main(dimat_args(setup, clean, *agents)) == 0
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for directory, out in zip((state, clean), outs):
+        assert main(["emit", "--state", str(directory), "--out", str(out)]) == 0
+    a, b = load_file(outs[0]), load_file(outs[1])
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)

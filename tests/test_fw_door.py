@@ -145,22 +145,30 @@ def test_bad_arrival_and_changed_pool_file_are_refused(tmp_path, setup, capsys):
 CHILD = """
 import os, sys, time
 import contmerge.datastate as ds
+import contmerge.strategies.dimat as dimat
 import contmerge.strategies.frank_wolfe as fw
-point, at = os.environ["PAUSE_POINT"], int(os.environ["PAUSE_AT"])
+point, at = os.environ["PAUSE_POINT"], os.environ["PAUSE_AT"]
 def pause(where):
     print("PAUSED", where, flush=True)
     time.sleep(60)
 if point == "iteration":  # inside the iteration: gradient taken, θ not yet stepped
     score = fw.FrankWolfeMerger._score
     def slow_score(self, *a, **k):
-        if self.iteration == at:
+        if self.iteration == int(at):
             pause("in iteration")
         return score(self, *a, **k)
     fw.FrankWolfeMerger._score = slow_score
-elif point == "commit":  # the next tensors written, the manifest naming them not yet
+elif point == "fold":  # DIMAT: inside the fold of neighbour number `at` (from 0)
+    add = dimat.DimatFold.add
+    def slow_add(self, *a, **k):
+        if self.folded == int(at):
+            pause("in fold")
+        return add(self, *a, **k)
+    dimat.DimatFold.add = slow_add
+elif point == "commit":  # the next tensors written, the manifest (holding `at`) not yet
     write = ds.atomic_write_bytes
     def slow_write(path, data):
-        if b'"iteration": %d,' % at in data:
+        if at.encode() in data:
             pause("in commit")
         return write(path, data)
     ds.atomic_write_bytes = slow_write
@@ -169,7 +177,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_child(args: list[str], point: str = "none", at: int = -1) -> subprocess.Popen:
+def run_child(args: list[str], point: str = "none", at: object = -1) -> subprocess.Popen:
     path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PAUSE_POINT": point, "PAUSE_AT": str(at), "PYTHONPATH": path}
     return subprocess.Popen(
@@ -178,19 +186,25 @@ def run_child(args: list[str], point: str = "none", at: int = -1) -> subprocess.
     )  # fmt: skip
 
 
+def kill_when_paused(args: list[str], point: str, at: object) -> None:
+    """Run the CLI in a child that pauses at ``point``; SIGKILL it there."""
+    child = run_child(args, point, at)
+    lines = iter(child.stdout.readline, "")
+    line = next((x for x in lines if x.startswith("PAUSED")), "")
+    assert line.strip() == f"PAUSED in {point}", child.stderr.read()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
 @pytest.mark.slow  # four interpreters importing torch: ~50 s on the shared machine
 def test_sigkill_mid_iteration_and_mid_commit_then_resume_gives_the_same_theta(tmp_path, setup):
     state = tmp_path / "state"
     args = fw_args(setup, state, *map(str, setup["pool"]))
     # where each run is killed: inside iteration 1; between the tensors and the manifest of
     # the commit after iteration 3 (its tensors file is left an orphan); inside iteration 4
-    for point, at, committed in [("iteration", 1, 1), ("commit", 4, 3), ("iteration", 4, 4)]:
-        child = run_child(args, point, at)
-        lines = iter(child.stdout.readline, "")
-        line = next((x for x in lines if x.startswith("PAUSED")), "")
-        assert line.strip() == f"PAUSED in {point}", child.stderr.read()
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    kills = [("iteration", 1, 1), ("commit", '"iteration": 4,', 3), ("iteration", 4, 4)]
+    for point, at, committed in kills:
+        kill_when_paused(args, point, at)
         manifest = json.loads((state / MANIFEST).read_text())
         assert manifest["iteration"] == committed  # the last commit before the kill
         assert (state / manifest["tensors"]).exists()
