@@ -183,6 +183,11 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    kind = _data_merge_kind(args)
+    if kind:
+        from .data_cli import cmd_verify as data_verify
+
+        return data_verify(args, kind)
     from .merger import Merger
     from .state import DiskStore
 

@@ -159,3 +159,22 @@ def cmd_inspect(args: argparse.Namespace, kind: str) -> int:
         print(f"  #{i:<4} {r['hash'][:12]}  weight {r['weight']}  identity "
               f"{r['identity_fraction']}  {r['path']}")  # fmt: skip
     return 0
+
+
+def cmd_verify(args: argparse.Namespace, kind: str) -> int:
+    """The committed tensors load, and every file the state reads is the one that joined."""
+    from .datastate import DataState, check_unchanged
+
+    with DataState(args.state, read_only=True) as store:
+        manifest = store.check_kind(kind)
+        tensors = store.tensors()
+        records = (
+            manifest["pool"] if kind == "fw" else [manifest["anchor"], *manifest["neighbours"]]
+        )
+        for record in records:
+            if record is not None:
+                check_unchanged(record)
+    print(f"{args.state}: a {kind} state, generation {manifest['generation']}: "
+          f"{len(tensors or {})} tensors read, {len([r for r in records if r])} checkpoint file(s) "
+          "unchanged since they joined")  # fmt: skip
+    return 0

@@ -102,6 +102,8 @@ def test_merge_emit_inspect_equal_the_in_memory_run_and_dedupe(tmp_path, setup, 
     assert main(["inspect", "--state", str(state)]) == 0
     shown = capsys.readouterr().out
     assert "strategy:  fw" in shown and "iteration: 5 (0 owed)" in shown
+    assert main(["verify", "--state", str(state)]) == 0
+    assert "3 checkpoint file(s) unchanged" in capsys.readouterr().out
     assert sorted(p.name for p in state.iterdir() if p.suffix == ".safetensors") == [
         "initial.safetensors", f"tensors-{manifest['generation']:08d}.safetensors"
     ]  # fmt: skip
