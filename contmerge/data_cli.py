@@ -39,13 +39,23 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
 
 
 def kind_of(args: argparse.Namespace) -> str | None:
-    """fw or dimat when this command is theirs, else None (a Merger state)."""
-    state = getattr(args, "state", None)
+    """fw or dimat when this command is theirs, else None (a Merger state). A ``--strategy``
+    that does not match the kind of the state directory is refused."""
+    state, strategy = getattr(args, "state", None), getattr(args, "strategy", None)
+    named = _strategy_kind(strategy)
     if state and is_data_state(state):
         manifest = read_data_manifest(Path(state))
         assert manifest is not None
-        return str(manifest["kind"])
-    strategy = getattr(args, "strategy", None)
+        kind = str(manifest["kind"])
+        if strategy and named != kind:
+            raise StateError(f"{state}: a {kind} state, not one of {strategy}")
+        return kind
+    if named and state and (Path(state) / "manifest.json").exists():
+        raise StateError(f"{state}: a state of a fold rule, not of {named}")
+    return named
+
+
+def _strategy_kind(strategy: str | None) -> str | None:
     if not strategy:
         return None
     name = strategy.strip()

@@ -104,6 +104,13 @@ def test_merge_emit_inspect_equal_the_in_memory_run_and_dedupe(tmp_path, setup, 
     assert "strategy:  fw" in shown and "iteration: 5 (0 owed)" in shown
     assert main(["verify", "--state", str(state)]) == 0
     assert "3 checkpoint file(s) unchanged" in capsys.readouterr().out
+    # a state of one kind is not folded into as another
+    ordinary = ["merge", "--base", str(setup["base"]), "--any-base", "--quiet", "--state"]
+    assert main([*ordinary, str(state), "--strategy", "average", pool[0]]) == 1
+    assert "a fw state, not one of average" in capsys.readouterr().err
+    assert main([*ordinary, str(tmp_path / "avg"), "--strategy", "average", pool[0]]) == 0
+    assert main(fw_args(setup, tmp_path / "avg", pool[0])) == 1
+    assert "a state of a fold rule, not of fw" in capsys.readouterr().err
     assert sorted(p.name for p in state.iterdir() if p.suffix == ".safetensors") == [
         "initial.safetensors", f"tensors-{manifest['generation']:08d}.safetensors"
     ]  # fmt: skip
