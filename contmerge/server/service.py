@@ -58,6 +58,8 @@ class ServeSettings:
     max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
     #: dtype of the merged float tensors served (None: the base's; ``contmerge.dtypes``)
     out_dtype: str | None = None
+    #: compute threads of a fold or emit (None: the default; ``contmerge.threads``)
+    threads: int | None = None
     #: fw: the objective (a dataset file or module:function) and the model it names
     objective: str | None = None
     model: str | None = None
@@ -94,6 +96,7 @@ class MergeService:
                 settings.state,
                 linear=settings.linear,
                 max_relative_delta=settings.max_relative_delta,
+                threads=settings.threads,
                 **settings.hparams,
             )
         try:
