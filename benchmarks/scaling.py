@@ -134,7 +134,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "benchmarks/scaling.py --sizes 250M,1B --plot benchmarks/results/scaling.png",
     )
     parser.add_argument(
-        "--sizes", default="250M,1B", help=f"comma-separated, of {', '.join(SHAPES)} (250M,1B)"
+        "--sizes",
+        default=None,
+        help=f"comma-separated, of {', '.join(SHAPES)} (default 250M,1B; --quick: "
+        f"{', '.join(QUICK_SHAPES)})",
     )
     parser.add_argument("--rules", default=",".join(RULES), help="comma-separated rules")
     parser.add_argument("--quick", action="store_true", help="two small shapes (5M, 20M)")
@@ -150,7 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    sizes = list(shapes) if args.quick else [s.strip() for s in args.sizes.split(",")]
+    chosen = args.sizes or ",".join(QUICK_SHAPES if args.quick else ("250M", "1B"))
+    sizes = [s.strip() for s in chosen.split(",")]
     unknown = [s for s in sizes if s not in shapes]
     if unknown:
         print(f"unknown size(s) {unknown}; choose from {', '.join(shapes)}", file=sys.stderr)
