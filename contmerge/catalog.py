@@ -129,7 +129,7 @@ def _describe_class(name: str, cls: type, target: str) -> Entry:
 
 def _elementwise(cls: type) -> str:
     if getattr(cls, "elementwise", False):
-        return "yes: folded in chunks of each tensor, on several threads (--workers)"
+        return "yes: folded in chunks of each tensor, on several threads (--threads)"
     return "no: one tensor at a time"
 
 

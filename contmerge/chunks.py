@@ -9,7 +9,6 @@ the other finished its larger share, once per batch).
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -17,17 +16,16 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
-import torch
+
+from .threads import default_threads, torch_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: bandwidth, not arithmetic, bounds a fold: more threads than this rarely help
-DEFAULT_MAX_WORKERS = 4
-
 
 def default_workers() -> int:
-    return max(1, min(DEFAULT_MAX_WORKERS, os.cpu_count() or 1))
+    """The fold threads when none are given: the thread budget's default (``contmerge.threads``)."""
+    return default_threads()
 
 
 class ChunkRunner:
@@ -85,12 +83,8 @@ class ChunkRunner:
         if self._pool is None:
             yield
             return
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             yield
-        finally:
-            torch.set_num_threads(before)
 
     def close(self) -> None:
         if self._pool is not None:

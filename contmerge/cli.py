@@ -28,6 +28,7 @@ from .limits import DEFAULT_MAX_RELATIVE_DELTA, MAX_HEADER_ENV, parse_size, usin
 from .manifest import read_manifest
 from .noop import already_folded
 from .recorded_base import base_for, missing_base, recorded_base
+from .threads import THREADS_ENV, parse_threads
 
 if TYPE_CHECKING:
     from .merger import FoldResult
@@ -76,10 +77,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for checkpoint, index in folded:
             print(f"already folded as #{index}: {checkpoint} (0.00 s)")
         return 0
-    from .merger import Merger
+    from .merger import Merger, check_weight
+    from .registry import parse_strategy
 
     settings = _parse_settings(args.set)
     weights = _weights(args.weight, args.checkpoints)
+    if args.strategy is not None and args.weight:  # refused before a new state is made
+        strategy = parse_strategy(args.strategy, **settings)
+        for weight in weights:
+            check_weight(strategy, weight)
     if args.out:
         from .emitting import check_out
 
@@ -93,7 +99,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         linear=args.linear,
         max_relative_delta=None if args.any_base else args.max_relative_delta,
         progress=not args.quiet,
-        workers=args.workers,
+        threads=args.threads,
         device=args.device,
         verify_base=args.verify_base,
         **settings,
@@ -157,7 +163,13 @@ def cmd_emit(args: argparse.Namespace) -> int:
     from .merger import Merger
 
     base = base_for(args.state, args.base)
-    with Merger(base, state_dir=args.state, read_only=True, verify_base=args.verify_base) as merger:
+    with Merger(
+        base,
+        state_dir=args.state,
+        read_only=True,
+        verify_base=args.verify_base,
+        threads=args.threads,
+    ) as merger:
         path = merger.emit(args.out, out_dtype=args.out_dtype, shard_size=args.out_shard_size)
         print(f"merged model of {merger.count} checkpoint(s) written to {path}")
     return 0
@@ -272,12 +284,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="refuse a checkpoint whose weight matrices moved, in the median, by more than this "
         "fraction of their norm in the base: fine-tuned from another base (default %(default)s)",
     )
-    merge.add_argument(
-        "--workers",
-        type=int,
-        help="threads folding the chunks of each tensor for elementwise rules "
-        "(default: one per core, at most 4)",
-    )
+    add_threads_option(merge, "--workers")
     merge.add_argument(
         "--device",
         help="torch device for the strategy's per-tensor work, e.g. cuda or cuda:1 (OPCM's "
@@ -332,6 +339,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     _add_verify_base(emit)
     _add_max_header_bytes(emit)
+    add_threads_option(emit)
     emit.set_defaults(func=cmd_emit)
 
     inspect = sub.add_parser(
@@ -375,6 +383,22 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=help_text)  # a placeholder for the listing only
     return parser
+
+
+#: what --threads means, for every command that folds or emits (``contmerge.threads``)
+THREADS_HELP = (
+    "compute threads a fold or emit may use, in all: our fold threads (chunks, or whole tensors "
+    "for OPCM) with torch single-threaded in each, or torch's pool where we do not split the "
+    f"work (default: ${THREADS_ENV}, else $OMP_NUM_THREADS, else one per usable core, at most "
+    "4; on a busy shared machine fewer keeps folds from slowing down), e.g. --threads 1"
+)
+
+
+def add_threads_option(parser: argparse.ArgumentParser, *names: str) -> None:
+    """``--threads N`` (plus any older ``names`` of it, e.g. merge's ``--workers``)."""
+    parser.add_argument(
+        "--threads", *names, dest="threads", type=_threads, metavar="N", help=THREADS_HELP
+    )
 
 
 def _add_verify_base(parser: argparse.ArgumentParser) -> None:
@@ -426,6 +450,7 @@ def _option_type(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 
 _size = _option_type(parse_size)
+_threads = _option_type(parse_threads)
 
 
 def _parse_out_dtype(text: str) -> object:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import shutil
 import statistics
 import time
@@ -66,6 +67,7 @@ from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint
 from .state import DiskStore, MemoryStore, slot_key
 from .strategy import FoldContext, Pass, State, Strategy, TensorInfo
 from .tensorfile import CODE_BY_DTYPE, TensorMeta
+from .threads import resolve_threads, torch_threads
 
 Source = str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint
 #: what the content hash takes of one tensor: dtype, shape and its leaves' digests
@@ -99,9 +101,12 @@ class Merger:
     (then ``strategy`` may be omitted, and must match if given). ``state_dir=None`` keeps the
     state in memory. With ``dedupe`` (the default) a checkpoint whose content was folded before
     is skipped; turn it off where identical arrivals must each count (a federated round in
-    which two clients return the same model). ``workers`` threads fold the chunks of each
-    tensor for elementwise rules, and whole tensors at once for rules whose per-tensor work is
-    heavy (OPCM) (default: up to 4, one per core). ``keep_base_mapped``
+    which two clients return the same model). ``threads`` bounds the compute threads of a fold
+    or emit (``contmerge.threads``): that many threads fold the chunks of each tensor for
+    elementwise rules, and whole tensors at once for rules whose per-tensor work is heavy
+    (OPCM), torch single-threaded in each; other work gets torch's pool of that many threads,
+    set for the fold only (default: ``$CONTMERGE_THREADS``, else ``$OMP_NUM_THREADS``, else one
+    per usable core, at most 4). ``workers`` is its older name. ``keep_base_mapped``
     keeps the base's pages mapped between folds (default: when it is at most 1 GiB).
     ``device`` (a torch device, e.g. "cuda") is where rules do their heavy per-tensor work
     (OPCM's SVDs and products); the state stays in CPU memory or on disk.
@@ -122,6 +127,7 @@ class Merger:
         max_relative_delta: float | None = DEFAULT_MAX_RELATIVE_DELTA,
         dedupe: bool = True,
         progress: bool = False,
+        threads: int | None = None,
         workers: int | None = None,
         keep_base_mapped: bool | None = None,
         device: str | torch.device | None = None,
@@ -130,10 +136,11 @@ class Merger:
         **hparams: Any,
     ) -> None:
         self.device = _compute_device(device)
+        self.threads = resolve_threads(threads, workers)
         self.base = open_checkpoint(base)
         # a path is recorded absolute: the state may be emitted from any directory
         self._base_source = os.path.abspath(base) if isinstance(base, (str, Path)) else None
-        self._runner = ChunkRunner(workers)
+        self._runner = ChunkRunner(self.threads)
         if keep_base_mapped is None:
             keep_base_mapped = sum(m.nbytes for m in self.base.meta.values()) <= MAPPED_BASE_LIMIT
         self._keep_base_mapped = keep_base_mapped
@@ -147,6 +154,12 @@ class Merger:
         self._float_names = [n for n, m in self.base.meta.items() if m.is_float]
         self.read_only = read_only
         directory = Path(state_dir) if state_dir is not None else None
+        if directory is not None and not read_only:
+            try:
+                _check_new_state(directory, strategy, hparams, linear)
+            except BaseException:
+                self._runner.close()
+                raise
         if directory is None:
             self.infos = tensor_infos(self.base, linear)
             if read_only:
@@ -363,7 +376,17 @@ class Merger:
         this arrival against the others; it is recorded in the manifest."""
         if self.read_only:
             raise StateError(f"{self.store.path}: opened read-only; cannot fold")
-        self._check_weight(weight)
+        check_weight(self.strategy, weight)
+        with torch_threads(self.threads):  # the fold's own: the caller's is restored
+            return self._fold(source, extras, name, weight)
+
+    def _fold(
+        self,
+        source: Source,
+        extras: Mapping[str, Source] | None,
+        name: str | None,
+        weight: float | None,
+    ) -> FoldResult:
         started = time.perf_counter()
         identity = file_identity(source) if self.dedupe else None
         known = self._known_file(identity, name or str(source), started)
@@ -386,7 +409,8 @@ class Merger:
                     for info, delta, _, _ in self._deltas(arrival, "pass"):
                         sweep.update(info, delta, self.store.read(info.name), ctx)
                 sweep.finish(ctx)
-            return self._fold_pass(arrival, ctx, label, identity, started, weight)
+            recorded = name or _recorded_source(source, arrival)
+            return self._fold_pass(arrival, ctx, (label, recorded), identity, started, weight)
         finally:
             arrival.close()
             for extra in opened_extras.values():
@@ -447,17 +471,19 @@ class Merger:
         self,
         arrival: Checkpoint,
         ctx: FoldContext,
-        label: str,
+        labels: tuple[str, str],
         identity: str | None,
         started: float,
         weight: float | None,
     ) -> FoldResult:
+        """``labels``: the arrival as shown (typed) and as recorded (absolute)."""
+        label, recorded = labels
         staging = self.store.begin(self._slot_metas())
         ignored: list[str] = []
         try:
             hashed, sums = self._fold_tensors(arrival, ctx, staging, label, ignored)
             record = self._record(
-                arrival, label, identity, hashed, sums, self.manifest["arrivals"], weight
+                arrival, label, identity, hashed, sums, self.manifest["arrivals"], weight, recorded
             )
             if isinstance(record, FoldResult):
                 staging.abort()
@@ -467,7 +493,7 @@ class Merger:
         except BaseException:
             staging.abort()
             raise
-        return self._folded(ctx.index, record, ignored, started)
+        return self._folded(ctx.index, record, ignored, started, label)
 
     def _record(
         self,
@@ -478,9 +504,11 @@ class Merger:
         sums: dict[str, float],
         earlier: list[dict[str, Any]],
         weight: float | None = None,
+        recorded: str | None = None,
     ) -> dict[str, Any] | FoldResult:
-        """The manifest's record of a folded arrival; a duplicate's result when one of the
-        ``earlier`` records has its content hash; CheckpointError if it moved too far."""
+        """The manifest's record of a folded arrival (its source ``recorded``, default
+        ``label``); a duplicate's result when one of the ``earlier`` records has its content
+        hash; CheckpointError if it moved too far."""
         content = ContentHash()
         for name in self.infos:
             if name in hashed:
@@ -512,7 +540,7 @@ class Merger:
             )
         return {
             "hash": content_hash,
-            "source": label,
+            "source": recorded or label,
             "file": identity,
             "relative_delta": round(relative, 6),
             "median_matrix_delta": round(moved, 6),
@@ -521,9 +549,8 @@ class Merger:
         }
 
     def _folded(
-        self, index: int, record: dict[str, Any], ignored: list[str], started: float
+        self, index: int, record: dict[str, Any], ignored: list[str], started: float, label: str
     ) -> FoldResult:
-        label = record["source"]
         notes = tuple(
             f"{label}: tensor {name!r} differs from the base but is not merged (integer "
             "tensors are not merged; the base's value is emitted)"
@@ -636,7 +663,8 @@ class Merger:
                 self._check_layout(arrivals[-1])
             if not all(a.carries_full_weights for a in arrivals):
                 return None
-            folded = self._commit_group(arrivals, [identity for _, identity in todo])
+            with torch_threads(self.threads):
+                folded = self._commit_group(arrivals, [identity for _, identity in todo])
         except ContmergeError:  # one by one, the same arrival is refused and says why
             return None
         finally:
@@ -644,8 +672,8 @@ class Merger:
                 arrival.close()
         if folded is None:
             return None
-        for (position, _), (index, record, ignored) in zip(todo, folded):
-            results[position] = self._folded(index, record, ignored, started)
+        for (position, _), arrival, (index, record, ignored) in zip(todo, arrivals, folded):
+            results[position] = self._folded(index, record, ignored, started, arrival.source)
         return [results[p] for p in range(len(sources))]
 
     def _groupable(self, arrivals: int) -> bool:
@@ -675,7 +703,10 @@ class Merger:
             earlier = list(self.manifest["arrivals"])
             records = []
             for arrival, identity, (hashed, sums, _) in zip(arrivals, identities, folded):
-                record = self._record(arrival, arrival.source, identity, hashed, sums, earlier)
+                recorded = _recorded_source(arrival.source, arrival)
+                record = self._record(
+                    arrival, arrival.source, identity, hashed, sums, earlier, recorded=recorded
+                )
                 if isinstance(record, FoldResult):
                     staging.abort()
                     return None
@@ -894,17 +925,6 @@ class Merger:
             return STATE_OVERFLOW
         return "differs from the base by more than the float range (δ overflows)"
 
-    def _check_weight(self, weight: float | None) -> None:
-        if weight is None:
-            return
-        if not self.strategy.takes_weight:
-            raise SettingError(
-                f"{self.strategy.spec()} takes no per-arrival weight (average and "
-                "task_arithmetic do); fold without one"
-            )
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise SettingError(f"weight {weight!r} must be a finite number > 0")
-
     def _open_extras(
         self, source: Source, extras: Mapping[str, Source] | None, label: str
     ) -> dict[str, Checkpoint]:
@@ -944,7 +964,8 @@ class Merger:
                 yield name, base.to(wanted)
                 continue
             state = self.store.read(name)
-            merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
+            with torch_threads(self.threads):  # per tensor: the caller runs between yields
+                merged = self.strategy.emit(info, state, base.to(info.compute_dtype), globals_)
             if self.store.holds(name, merged):
                 merged = merged.clone()  # the store reuses state buffers: hand out a copy
             merged = merged.to(wanted)
@@ -1022,6 +1043,43 @@ class Merger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _recorded_source(source: Source, arrival: Checkpoint) -> str:
+    """An arrival's file as the manifest records it: absolute, so that the record still names
+    it from another directory (as the base's path is); an in-memory one by its label."""
+    return os.path.abspath(arrival.source) if isinstance(source, (str, Path)) else arrival.source
+
+
+def check_weight(strategy: Strategy, weight: float | None) -> None:
+    """SettingError unless ``weight`` is None, or a finite number > 0 for a rule that takes one."""
+    if weight is None:
+        return
+    if not strategy.takes_weight:
+        raise SettingError(
+            f"{strategy.spec()} takes no per-arrival weight (average and "
+            "task_arithmetic do); fold without one"
+        )
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise SettingError(f"weight {weight!r} must be a finite number > 0")
+
+
+def _check_new_state(
+    directory: Path, strategy: str | Strategy | None, hparams: dict[str, Any], linear: str | None
+) -> None:
+    """Refuse what would be refused once the state exists before its directory is made (a
+    refused command must leave nothing behind): the strategy and its settings, the pattern."""
+    if strategy is None and not os.path.lexists(directory):
+        raise StateError(
+            f"{directory}: no state there; a strategy is needed to start a new merge state"
+        )
+    if strategy is not None:
+        parse_strategy(strategy, **hparams)
+    if linear:
+        try:
+            re.compile(linear)
+        except re.error as exc:
+            raise SettingError(f"--linear {linear!r} is not a regular expression: {exc}") from None
 
 
 class _LazyInit(Mapping[str, dict[str, torch.Tensor]]):

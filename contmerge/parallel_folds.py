@@ -5,7 +5,8 @@ threads at once while the engine reads the next tensors; the results are handed 
 the staging) in the order the tensors were given, and each fold's ``ctx.add_stat`` calls are
 replayed into the arrival's context in that order too: the outcome is the same, bit for bit, as
 folding one tensor at a time. torch ops release the GIL; torch runs one intra-op thread per fold
-meanwhile, so the threads do not oversubscribe the cores.
+meanwhile, so ``workers`` threads are all the compute threads (``contmerge.threads``): no OpenMP
+team waits at a barrier for a member a busy machine has descheduled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from .strategy import FoldContext, State, Strategy, TensorInfo
+from .threads import torch_threads
 
 #: bytes of inputs (δ, base, state) held by folds submitted but not yet handed on
 MAX_PENDING_BYTES = 256 << 20
@@ -54,8 +56,9 @@ class ParallelFolds:
     ) -> None:
         self.strategy, self.ctx, self.write = strategy, ctx, write
         self.workers = max(1, workers)
-        self._threads_before = torch.get_num_threads()
-        torch.set_num_threads(1)  # before the threads start: each takes it on at its first op
+        # before the threads start: each takes it on at its first op; restored by close
+        self._torch_threads = torch_threads(1)
+        self._torch_threads.__enter__()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="contmerge-tensor")
         self._pending: deque[_Pending] = deque()
 
@@ -87,7 +90,7 @@ class ParallelFolds:
         wait([p.future for p in self._pending])
         self._pending.clear()
         self._pool.shutdown(wait=True)
-        torch.set_num_threads(self._threads_before)
+        self._torch_threads.__exit__(None, None, None)
 
     def __enter__(self) -> ParallelFolds:
         return self

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from contmerge.cli import add_threads_option
 from contmerge.merger import DEFAULT_MAX_RELATIVE_DELTA
 
 DEFAULT_PORT = 8470
@@ -119,13 +120,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="most files and folders in a directory uploaded as a tar (default 10000)",
     )
-    serve.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads for folding (default: torch's choice; on a busy shared machine 1 "
-        "avoids threads spinning against each other)",
-    )
+    add_threads_option(serve)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.set_defaults(func=run_serve)
 
@@ -218,12 +213,9 @@ def run_serve(args: argparse.Namespace) -> int:
         inbox=Path(args.inbox) if args.inbox else None,
         poll_interval=args.poll_interval,
         out_dtype=args.out_dtype,
+        threads=args.threads,
         **limits,
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     sock = _bind(args.host, args.port)
     try:
         service = MergeService(settings)  # ContmergeError (bad state, base) → exit 1 in main()

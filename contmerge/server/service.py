@@ -58,6 +58,8 @@ class ServeSettings:
     max_tar_members: int = DEFAULT_MAX_TAR_MEMBERS
     #: dtype of the merged float tensors served (None: the base's; ``contmerge.dtypes``)
     out_dtype: str | None = None
+    #: compute threads of a fold or emit (None: the default; ``contmerge.threads``)
+    threads: int | None = None
 
 
 class MergeService:
@@ -73,6 +75,7 @@ class MergeService:
                 settings.state,
                 linear=settings.linear,
                 max_relative_delta=settings.max_relative_delta,
+                threads=settings.threads,
                 **settings.hparams,
             )
         try:
