@@ -48,6 +48,7 @@ from contmerge.chunks import ChunkRunner, default_workers  # noqa: E402
 from contmerge.elementwise import CHUNK_BYTES  # noqa: E402
 from contmerge.kernels import fused_fold, keep_delta  # noqa: E402
 from contmerge.strategies.task_arithmetic import TaskArithmetic  # noqa: E402
+from contmerge.strategy import FoldContext  # noqa: E402
 
 ELEMENTWISE = ["average", "task_arithmetic", "magmax", "chain(dare(p=0.9), magmax())"]
 #: elementwise too, after passes over the whole model for its exact global thresholds
@@ -56,7 +57,11 @@ TARGET = 0.5
 TARGETS = {"ties": 0.1}  # a look at a sample and an exact pass before its fold
 
 
-_FLOOR_LOOP = fused_fold(keep_delta, TaskArithmetic().entry_fold(None, None).update)  # type: ignore[arg-type]
+# task arithmetic's loop for an arrival of weight 1 (the rule reads only the context's weight)
+_FLOOR_LOOP = fused_fold(
+    keep_delta,
+    TaskArithmetic().entry_fold(None, FoldContext(index=2, globals={})).update,  # type: ignore[arg-type]
+)
 
 
 class TrafficFloor:
