@@ -6,6 +6,9 @@ batches, resets the kernel's peak-RSS counter (``5 > /proc/self/clear_refs``), m
 neighbour loaded from disk only when it is folded), and reports VmHWM. The ratio of the peaks
 with 8 vs 2 neighbours should be ≈ 1 for the pairwise fold. ``--mode all-at-once`` loads every
 neighbour first, as the reference code holds the whole neighbourhood, for contrast.
+``--mode state`` goes through the CLI's door, ``contmerge.dimat_state.DimatState`` (content
+hashes, a durable commit of the accumulator after each neighbour, calibration from an entry
+point), as ``contmerge merge --strategy dimat`` runs it.
 
 Calibration inputs are random: the memory of the merge does not depend on their values.
 """
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-MODES = ("pairwise", "all-at-once")
+MODES = ("pairwise", "all-at-once", "state")
 
 
 def _model(model: str, width: int):
@@ -40,16 +44,53 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- current RSS
 
 
+def _calibration_batches(model: str) -> list:
+    import torch
+
+    n_calib = 64 if model == "cnn" else 512  # the CNN's forward passes are the slow part
+    gen = torch.Generator().manual_seed(0)
+    return list(torch.rand(n_calib, 784, generator=gen).split(64))
+
+
+def calibration() -> object:
+    """The entry point ``--mode state`` names (model and width from the environment)."""
+    from contmerge.objectives import Calibration
+
+    model, width = os.environ["DIMAT_MEMORY_MODEL"], int(os.environ["DIMAT_MEMORY_WIDTH"])
+    factory, spec = _model(model, width)
+    return Calibration(factory, _calibration_batches(model), spec)
+
+
+def state_worker(directory: Path, k: int, model: str, width: int) -> dict:
+    import torch
+
+    from contmerge.dimat_state import DimatState
+
+    torch.set_num_threads(1)
+    os.environ.update(DIMAT_MEMORY_MODEL=model, DIMAT_MEMORY_WIDTH=str(width))
+    paths = [directory / "anchor.safetensors"]
+    paths += [directory / f"neighbour{j}.safetensors" for j in range(k)]
+    _reset_peak()
+    before = _status_kb("VmRSS")
+    with tempfile.TemporaryDirectory(prefix="dimat-state-") as state:
+        with DimatState(state, "dimat_memory:calibration") as fold:
+            fold.fold(paths)
+            merged = fold.merged()
+    peak = _status_kb("VmHWM")
+    assert merged
+    return {"neighbours": k, "mode": "state", "rss_before_kb": before, "peak_kb": peak}
+
+
 def worker(directory: Path, k: int, mode: str, model: str, width: int) -> dict:
     import torch
 
     from contmerge.strategies.dimat import DimatFold, load_source
 
     torch.set_num_threads(1)
+    if mode == "state":
+        return state_worker(directory, k, model, width)
     factory, spec = _model(model, width)
-    n_calib = 64 if model == "cnn" else 512  # the CNN's forward passes are the slow part
-    gen = torch.Generator().manual_seed(0)
-    calibration = list(torch.rand(n_calib, 784, generator=gen).split(64))
+    calibration = _calibration_batches(model)
     paths = [directory / f"neighbour{j}.safetensors" for j in range(k)]
     weight = 1.0 / (k + 1)
     _reset_peak()

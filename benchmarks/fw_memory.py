@@ -11,6 +11,9 @@ for each of 4 tasks, with one random head per task, so the gradient really flows
 
 ``adamerging:layer`` is FW-hard from the AdaMerging start (the paper's vision headline): the start
 streams the pool twice per Adam step (``--ada-iters`` steps), then the FW iterations run.
+``door:task`` is FW-hard through ``contmerge merge --strategy fw``'s durable state
+(``contmerge.fw_state.FwState``: the pool's content hashes, a commit of θ per iteration, the
+objective loaded from a labelled dataset file): ``--variants door:task``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,47 @@ def make_pool(directory: Path, hidden: int, count: int) -> float:
     return sum(v.numel() * v.element_size() for v in base.values()) / 1e6
 
 
+def door_model() -> nn.Module:
+    """The model the door's objective file names (its width from the environment)."""
+    with torch.device("meta"):  # shapes only, as above
+        return Mlp(int(os.environ["FW_MEMORY_HIDDEN"]))
+
+
+def write_objective(path: Path, objective: object) -> None:
+    """The benchmark's objective as a labelled dataset file (contmerge.objectives' format)."""
+    from contmerge.tensorfile import write_safetensors
+
+    tensors = {}
+    for t in TASKS:
+        x, y = objective.labelled[t]
+        tensors.update({f"x.{t}": x, f"y.{t}": y, f"u.{t}": objective.unlabelled[t]})
+        tensors[f"head.{t}.weight"] = objective.heads[t].weight.detach()
+        tensors[f"head.{t}.bias"] = objective.heads[t].bias.detach()
+    with open(path, "wb") as handle:
+        write_safetensors(handle, tensors, {"model": "fw_memory:door_model"})
+
+
+def door(args: argparse.Namespace, directory: Path, paths: list[Path], objective: object) -> None:
+    """FW-hard through the durable state, measured like the other variants."""
+    from contmerge.fw_state import FwState
+
+    os.environ["FW_MEMORY_HIDDEN"] = str(args.hidden)
+    data = directory / "objective.safetensors"
+    write_objective(data, objective)
+    with tempfile.TemporaryDirectory() as state_dir:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+        before = vm_kib("VmRSS")
+        started = time.perf_counter()
+        with FwState(state_dir, directory / "base.safetensors", str(data),
+                     {"iterations": args.iters}) as state:  # fmt: skip
+            state.fold(paths)
+            picks = [c for r in state.merger.history for c in r.selected()]
+        seconds = time.perf_counter() - started
+    print(json.dumps({"pool": args.pool, "variant": "door", "granularity": args.granularity,
+                      "rss_before_mib": before / 1024, "peak_mib": vm_kib("VmHWM") / 1024,
+                      "seconds": round(seconds, 2), "picked": sorted(set(picks))}))  # fmt: skip
+
+
 def child(args: argparse.Namespace) -> None:
     """One measurement, in its own process: setup, then FW, reporting RSS before and peak."""
     from contmerge.strategies.frank_wolfe import ClassifierObjective, FrankWolfeMerger
@@ -87,6 +131,9 @@ def child(args: argparse.Namespace) -> None:
         model = Mlp(args.hidden)
     objective = ClassifierObjective(model, heads, labelled, unlabelled)
     paths = sorted(directory.glob("cand-*.safetensors"))[: args.pool]
+    if args.variant == "door":
+        door(args, directory, paths, objective)
+        return
     with tempfile.TemporaryDirectory() as work:
         adamerging = args.variant == "adamerging"
         fw = FrankWolfeMerger(

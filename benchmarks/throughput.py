@@ -57,9 +57,11 @@ TARGET = 0.5
 TARGETS = {"ties": 0.1}  # a look at a sample and an exact pass before its fold
 
 
-#: task arithmetic's loop at weight 1 (its entry_fold reads the arrival's weight from ctx)
-_FLOOR_ENTRY = TaskArithmetic().entry_fold(None, FoldContext(index=1, globals={}))  # type: ignore[arg-type]
-_FLOOR_LOOP = fused_fold(keep_delta, _FLOOR_ENTRY.update)
+# task arithmetic's loop for an arrival of weight 1 (the rule reads only the context's weight)
+_FLOOR_LOOP = fused_fold(
+    keep_delta,
+    TaskArithmetic().entry_fold(None, FoldContext(index=2, globals={})).update,  # type: ignore[arg-type]
+)
 
 
 class TrafficFloor:

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,8 @@ import _venv
 import torch
 from _common import human
 from _llama import LlamaShape, write_llama
-from _venv import TheirFailure, tail, venv_python
+from _process import Run, timed
+from _venv import TheirFailure, venv_python
 
 from contmerge import open_checkpoint
 
@@ -62,12 +62,6 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 SCALING = 0.3  # task arithmetic's λ, ours' default
-
-
-@dataclass
-class Run:
-    wall: float
-    peak_rss: int
 
 
 @dataclass
@@ -90,38 +84,13 @@ class Case:
     output: int  # bytes written
 
 
-def timed(command: list[str], timeout: float) -> Run:
-    """Wall time and peak RSS (wait4's ru_maxrss) of one process; its output on failure."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV}
-        )
-        deadline = started + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.005)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(f"exit {proc.returncode}: {' '.join(command)}\n{tail(log.read())}")
-    return Run(wall, usage.ru_maxrss * 1024)
-
-
 def run_side(side: Side, out: Path, timeout: float) -> None:
     side.setup()
     if out.exists():
         shutil.rmtree(out)
     wall, peak = 0.0, 0
     for command in side.commands(out):
-        one = timed(command, timeout)
+        one = timed(command, timeout, ENV)
         wall, peak = wall + one.wall, max(peak, one.peak_rss)
     side.runs.append(Run(wall, peak))
     side.output = out
@@ -210,7 +179,7 @@ def prepare_state(
 ) -> Path:
     if not state.exists():
         merge = ["merge", "--quiet", "--base", str(base), "--state", str(state)]
-        timed(contmerge(*merge, "--strategy", strategy, *map(str, models)), timeout)
+        timed(contmerge(*merge, "--strategy", strategy, *map(str, models)), timeout, ENV)
     return state
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
+from .data_cli import add_merge_options as add_data_options
 from .errors import (
     CheckpointError,
     ContmergeError,
@@ -57,7 +58,20 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _data_merge_kind(args: argparse.Namespace) -> str | None:
+    from .data_cli import kind_of  # fw and dimat have their own states and module
+
+    return kind_of(args)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
+    kind = _data_merge_kind(args)
+    if kind:
+        from .data_cli import cmd_merge as data_merge
+
+        return data_merge(args, kind)
+    if args.base is None:
+        raise SettingError("--base is required")
     answered = already_folded(args)
     if answered is not None:  # nothing to do: answered without torch or reading a tensor
         manifest, folded = answered
@@ -141,6 +155,11 @@ def _rejection(checkpoint: str, exc: ContmergeError) -> str:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
+    kind = _data_merge_kind(args)
+    if kind:
+        from .data_cli import cmd_emit as data_emit
+
+        return data_emit(args, kind)
     from .merger import Merger
 
     base = base_for(args.state, args.base)
@@ -157,6 +176,11 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    kind = _data_merge_kind(args)
+    if kind:
+        from .data_cli import cmd_verify as data_verify
+
+        return data_verify(args, kind)
     from .merger import Merger
     from .state import DiskStore
 
@@ -175,6 +199,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    kind = _data_merge_kind(args)
+    if kind:
+        from .data_cli import cmd_inspect as data_inspect
+
+        return data_inspect(args, kind)
     manifest = read_manifest(args.state)[0]
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -237,8 +266,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     merge.add_argument(
         "--base",
-        required=True,
-        help="base model: .safetensors, .bin, sharded index, or model directory",
+        help="base model: .safetensors, .bin, sharded index, or model directory (required; "
+        "dimat has none: its first CKPT is the anchor)",
     )
     merge.add_argument(
         "--strategy",
@@ -295,6 +324,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     merge.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
                        help="hide progress bars")  # fmt: skip
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    add_data_options(merge)
     merge.set_defaults(func=cmd_merge)
 
     emit = sub.add_parser(

@@ -69,6 +69,8 @@ ELSEWHERE: dict[str, Elsewhere] = {
         api="contmerge.strategies.dimat:DimatFold",
         needs="each neighbour's whole model and calibration inputs (activations are matched)",
         used_through=(
+            "contmerge merge --strategy dimat --calibration DATA --state DIR ANCHOR NEIGHBOUR... "
+            "(a durable per-agent fold)",
             "contmerge simulate decentralized",
             "python -m contmerge.simulations.decentralized_flower",
             "Python: contmerge.strategies.dimat (DimatFold, dimat_merge)",
@@ -81,6 +83,8 @@ ELSEWHERE: dict[str, Elsewhere] = {
         needs="the whole pool (streamed from disk every iteration) and ~100 labelled samples "
         "per target task",
         used_through=(
+            "contmerge merge/serve --strategy fw --objective DATA (a durable pool state)",
+            "Flower: contmerge.flower.fw.FwStrategy",
             "contmerge simulate fw",
             "Python: contmerge.strategies.frank_wolfe.FrankWolfeMerger",
         ),
@@ -90,7 +94,8 @@ ELSEWHERE: dict[str, Elsewhere] = {
 }
 
 ELSEWHERE_NOTE = (
-    "DIMAT and FW-Merging are not one-pass folds: use `contmerge simulate decentralized` / "
+    "DIMAT and FW-Merging are not one-pass folds: use `contmerge merge --strategy dimat "
+    "--calibration DATA` / `--strategy fw --objective DATA`, `contmerge simulate decentralized` / "
     "`contmerge simulate fw` or their Python APIs (contmerge.strategies.dimat, "
     "contmerge.strategies.frank_wolfe)"
 )
@@ -136,7 +141,7 @@ def unknown_strategy_message(name: str) -> str:
     if found:
         method, entry = found
         return (
-            f"{entry.title} ({method}) is not a one-pass fold, so it is not a --strategy: it needs "
+            f"{entry.title} ({method}) is not a one-pass fold, so it is not a fold rule: it needs "
             f"{entry.needs}. It is used through {entry.where()}. Strategies: "
             f"{', '.join(names)}"
         )

@@ -40,12 +40,12 @@ from torch import nn
 
 from contmerge.strategies.dimat import (
     TOPOLOGIES,
-    DimatFold,
     MatchDiagnostics,
     PermutationSpec,
     Source,
     Topology,
     cumulative_bn,
+    dimat_merge,
     make_topology,
     neighbourhood,
     reset_bn,
@@ -241,14 +241,10 @@ def merge_agent(
     can run it. ``diagnostics`` (DIMAT only) is extended with one entry per folded neighbour.
     """
     if method == "dimat":
-        fold = DimatFold(
-            own, self_weight, model_factory=factory, spec=spec, calibration=calibration
-        )
-        for weight, source in neighbours:
-            fold.add(source, weight)
-        if diagnostics is not None:
-            diagnostics.extend(fold.diagnostics)
-        return fold.finish()
+        return dimat_merge(
+            own, self_weight, neighbours, model_factory=factory, spec=spec,
+            calibration=calibration, diagnostics=diagnostics,
+        )  # fmt: skip
     if method in ("wa", "wa_bn"):
         merged = weighted_average([(self_weight, own), *neighbours])
         if method == "wa_bn":  # ablation: WA plus the same BatchNorm reset DIMAT does

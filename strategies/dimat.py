@@ -508,11 +508,23 @@ class DimatFold:
         self.folded += 1
         return perms
 
-    def finish(self, *, check_weights: bool = True) -> StateDict:
-        """The merged weights, BatchNorm statistics recomputed on the calibration data."""
+    def restore(self, acc: Mapping[str, torch.Tensor], total_weight: float, folded: int) -> None:
+        """Continue a fold saved after ``folded`` neighbours (``acc``: the accumulator then)."""
+        if self.acc is None or acc.keys() != self.acc.keys():
+            raise ValueError("the saved accumulator does not hold this anchor's tensors")
+        self.acc = {k: v.to(self.acc[k].dtype, copy=True) for k, v in acc.items()}
+        self.total_weight, self.folded = float(total_weight), folded
+
+    def finish(self, *, check_weights: bool = True, normalise: bool = False) -> StateDict:
+        """The merged weights, BatchNorm statistics recomputed on the calibration data.
+        ``normalise``: divide by the weights' sum (mixing weights given unnormalised)."""
         if self.acc is None:
             raise RuntimeError("this fold is finished")
-        if check_weights and abs(self.total_weight - 1.0) > 1e-6:
+        if normalise:
+            for value in self.acc.values():
+                if value.is_floating_point():
+                    value.div_(self.total_weight)
+        elif check_weights and abs(self.total_weight - 1.0) > 1e-6:
             raise ValueError(f"mixing weights sum to {self.total_weight}, not 1")
         merged = self.anchor  # the anchor is no longer needed: it becomes the merged model
         merged.load_state_dict(self.acc, strict=True, assign=True)
@@ -529,14 +541,20 @@ def dimat_merge(
     model_factory: ModelFactory,
     spec: PermutationSpec,
     calibration: Sequence[torch.Tensor],
+    diagnostics: list[dict[str, MatchDiagnostics]] | None = None,
 ) -> StateDict:
     """Agent i's DIMAT merge. ``neighbours`` yields (π_ij, weights); a generator that loads
-    each neighbour from disk keeps one neighbour in memory at a time."""
+    each neighbour from disk keeps one neighbour in memory at a time. ``diagnostics`` is
+    extended with one entry per folded neighbour. The simulations (in process and through
+    Flower) and ``contmerge merge --strategy dimat`` (``contmerge.dimat_state``) all merge
+    through :class:`DimatFold`."""
     fold = DimatFold(
         anchor, self_weight, model_factory=model_factory, spec=spec, calibration=calibration
     )
     for weight, source in neighbours:
         fold.add(source, weight)
+    if diagnostics is not None:
+        diagnostics.extend(fold.diagnostics)
     return fold.finish()
 
 

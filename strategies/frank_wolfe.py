@@ -441,6 +441,51 @@ class FrankWolfeMerger:
                     theta[n] += float(weights[i, j]) * self._task_vector(ckpt, n)
         return theta
 
+    # --- durable states (contmerge.fw_state) ----------------------------------------------
+    def start(self) -> Params:
+        """θ at the start (computed from the pool as it is now, once; later calls return the
+        current θ). With ``keep_initial`` the start is also written as the "initial" candidate
+        ``work_dir/initial.safetensors``."""
+        return self._start()
+
+    @property
+    def started(self) -> bool:
+        return self._theta is not None
+
+    def restore(
+        self,
+        theta: Mapping[str, Tensor],
+        *,
+        iteration: int,
+        ada_step: int,
+        history: Sequence[IterationRecord] = (),
+        initial: str | Path | None = None,
+        start_record: Mapping[str, object] | None = None,
+    ) -> None:
+        """Continue from a saved θ and counters, as if the iterations that made it had run in
+        this object (``initial``: the saved start candidate)."""
+        missing = [n for n in self.names if n not in theta]
+        if missing:
+            raise CheckpointError("θ", "tensor of the base is missing", missing[0])
+        self._theta = {n: theta[n].to(self.dtypes[n], copy=True) for n in self.names}
+        self.iteration, self._ada_step = iteration, ada_step
+        self.history = list(history)
+        self.start_record = dict(start_record or {})
+        self._initial = _Entry(INITIAL_LABEL, Path(initial)) if initial is not None else None
+
+    @property
+    def ada_step(self) -> int:
+        """Position in the endless unlabelled loaders (saved with θ to resume exactly)."""
+        return self._ada_step
+
+    @property
+    def initial_path(self) -> Path | None:
+        return Path(self._initial.source) if self._initial is not None else None  # type: ignore[arg-type]
+
+    def theta(self) -> Params:
+        """The current θ in the compute dtypes (not copied: do not modify)."""
+        return self._start()
+
     # --- iterations -----------------------------------------------------------------------
     def run(self, iterations: int | None = None) -> list[IterationRecord]:
         """Run FW iterations (``max_iters`` by default); the step schedule continues from

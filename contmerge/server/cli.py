@@ -41,6 +41,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--linear", help="regex of tensor names to treat as nn.Linear weights")
     serve.add_argument(
+        "--objective",
+        metavar="DATA",
+        help="fw: the objective, a labelled .safetensors dataset or module:function "
+        "(docs/frank_wolfe.md); each arrival joins the pool and FW iterations run",
+    )
+    serve.add_argument("--model", metavar="MODULE:FUNCTION", help="fw: the model, overriding "
+                       "the objective file's 'model'")  # fmt: skip
+    serve.add_argument(
         "--max-relative-delta",
         type=float,
         default=DEFAULT_MAX_RELATIVE_DELTA,
@@ -214,6 +222,8 @@ def run_serve(args: argparse.Namespace) -> int:
         inbox=Path(args.inbox) if args.inbox else None,
         poll_interval=args.poll_interval,
         out_dtype=args.out_dtype,
+        objective=args.objective,
+        model=args.model,
         threads=args.threads,
         **limits,
     )

@@ -61,6 +61,27 @@ class ServeSettings:
     out_dtype: str | None = None
     #: compute threads of a fold or emit (None: the default; ``contmerge.threads``)
     threads: int | None = None
+    #: fw: the objective (a dataset file or module:function) and the model it names
+    objective: str | None = None
+    model: str | None = None
+
+
+def _data_merger(settings: ServeSettings) -> Any:
+    """FW-Merging's served state when ``--strategy`` names fw or the state is one (else None)."""
+    import argparse
+
+    from ..data_cli import kind_of
+
+    kind = kind_of(argparse.Namespace(state=settings.state, strategy=settings.strategy))
+    if kind is None:
+        return None
+    if kind != "fw":
+        raise ContmergeError(f"contmerge serve runs FW-Merging and the fold rules, not {kind}")
+    from ..fw_served import ServedFw
+
+    return ServedFw(
+        settings.state, settings.base, settings.objective, settings.hparams, settings.model
+    )
 
 
 class MergeService:
@@ -77,7 +98,7 @@ class MergeService:
                 max_relative_delta=settings.max_relative_delta,
                 threads=settings.threads,
             )
-            self.merger = Merger(
+            self.merger = _data_merger(settings) or Merger(
                 settings.base, options.strategy, settings.state, **options.merger_kwargs()
             )
         try:
