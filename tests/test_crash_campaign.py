@@ -32,7 +32,6 @@ from typing import Any
 import pytest
 import torch
 
-import contmerge.merger
 import contmerge.state
 from contmerge import Merger
 
@@ -103,9 +102,10 @@ def _own_tqdm_lock() -> None:
     processes forked from this one: a sibling killed while holding it would hang every later
     child. Real runs are separate processes, each with its own; so is each child here."""
     from tqdm import std
+    from tqdm.auto import tqdm  # the class every engine bar is made from
 
     std.TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()
-    contmerge.merger.tqdm.set_lock(std.TqdmDefaultWriteLock())
+    tqdm.set_lock(std.TqdmDefaultWriteLock())
 
 
 def _stacks(state: Path, pid: int) -> Path:
