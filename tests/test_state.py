@@ -151,8 +151,13 @@ def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
         started = time.perf_counter()
         timer.fold(paths[1])
         fold_seconds = time.perf_counter() - started
-    seen_counts = set()
-    for fraction in (0.2, 0.9, 1.6, 2.3, 3.1, 4.4):
+    seen_counts: set[int] = set()
+    # later fractions double until the kills have landed after at least two different commits
+    # (a child's fold can take several of this process's: a fresh process, a loaded machine)
+    fractions = [0.2, 0.9, 1.6, 2.3, 3.1, 4.4, *(4.4 * 2**k for k in range(1, 7))]
+    for n, fraction in enumerate(fractions):
+        if n >= 6 and len(seen_counts) >= 2:
+            break
         proc = subprocess.Popen(
             [sys.executable, str(script), str(base), str(state), *map(str, paths)],
             stdout=subprocess.PIPE,
