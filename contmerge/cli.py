@@ -72,6 +72,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return data_merge(args, kind)
     if args.base is None:
         raise SettingError("--base is required")
+    if not args.out and (args.out_dtype is not None or args.out_shard_size is not None):
+        # before the no-op answer, which would otherwise pass over the mistake
+        raise SettingError("--out-dtype and --out-shard-size say how to write --out: give --out")
     answered = already_folded(args)
     if answered is not None:  # nothing to do: answered without torch or reading a tensor
         manifest, folded = answered
@@ -94,8 +97,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from .emitting import check_out
 
         check_out(Path(args.out), args.out_shard_size)
-    elif args.out_dtype is not None or args.out_shard_size is not None:
-        raise SettingError("--out-dtype and --out-shard-size say how to write --out: give --out")
     with Merger(
         args.base, options.strategy, args.state, progress=not args.quiet, **options.merger_kwargs()
     ) as merger:

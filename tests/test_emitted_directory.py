@@ -278,3 +278,15 @@ def test_readme_precision_example_runs_as_written(
     assert half["norm.bias"].dtype == torch.bfloat16
     assert torch.equal(half["norm.bias"], merged["norm.bias"].to(torch.bfloat16))
     assert (tmp_path / "merged" / "README.md").is_file()
+
+
+def test_out_options_without_out_are_refused_when_every_checkpoint_is_already_folded(
+    sharded, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The no-op answer from the manifest must not pass over the mistake."""
+    directory, paths, _ = sharded
+    args = ["merge", "--quiet", "--base", str(directory), "--state", str(tmp_path / "run")]
+    assert main([*args, "--strategy", "average", str(paths[0])]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out-dtype", "bf16", str(paths[0])]) == 1
+    assert "give --out" in capsys.readouterr().err
