@@ -57,8 +57,13 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # vs 80 %). Kept, so its cached checkpoints stay valid.
     "vit-s": {"domain": "vision", "tasks": VISION_DEFAULT_TASKS, "trained_blocks": 3,
               "steps": 20, "lr": 1e-4},
-    "smollm2-lora": {"domain": "text", "tasks": TEXT_DEFAULT_TASKS, "trained_blocks": 4,
-                     "steps": 20, "lr": 1e-4},
+    # Budget (docs/continual.md): on 2 cores shared by ~7 jobs the run gets ~0.3 of a core, and
+    # with 4 LoRA layers at 32 tokens training and evaluation alone exceed the session (~10 h
+    # estimated from the measured prefix speed). 2 layers at 16 tokens cut both ~4×. "resolved"
+    # writes these into the config, so the cache key holds them.
+    "smollm2-lora": {"domain": "text", "tasks": TEXT_DEFAULT_TASKS, "trained_blocks": 2,
+                     "steps": 20, "lr": 1e-4,
+                     "resolved": {"trained_blocks": 2, "builder_kwargs": {"max_tokens": 16}}},
 }  # fmt: skip
 RECIPE_FIELDS = ("steps", "lr")
 
@@ -89,6 +94,13 @@ class RealConfig:
         for name in RECIPE_FIELDS:  # resolved here, so the cache key holds the values used
             if getattr(self, name) is None:
                 object.__setattr__(self, name, MODEL_DEFAULTS[self.model][name])
+        # Defaults that changed after a model's first checkpoints were cached go into the key
+        # too; only models that declare them, so the other models' cache keys stay valid.
+        resolved = MODEL_DEFAULTS[self.model].get("resolved", {})
+        if self.trained_blocks is None and "trained_blocks" in resolved:
+            object.__setattr__(self, "trained_blocks", resolved["trained_blocks"])
+        kwargs = {**resolved.get("builder_kwargs", {}), **dict(self.builder_kwargs)}
+        object.__setattr__(self, "builder_kwargs", kwargs)
 
     @property
     def lora(self) -> bool:

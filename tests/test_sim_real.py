@@ -54,6 +54,24 @@ def test_recipe_defaults_are_per_model_and_explicit_values_win(
     assert ContinualConfig(model="vit-s", steps=3).real_config().steps == 3
 
 
+def test_smollm2_budget_defaults_are_in_the_cache_key_and_other_keys_stay() -> None:
+    lora = RealConfig(model="smollm2-lora")
+    # the budget defaults are written into the config, so they reach the cache key
+    assert lora.to_dict()["trained_blocks"] == 2
+    assert lora.to_dict()["builder_kwargs"] == {"max_tokens": 16}
+    assert "last 2 blocks" in lora.recipe()["trained"]
+    # given values win over them, and an unrelated builder setting keeps the default beside it
+    given = RealConfig(model="smollm2-lora", trained_blocks=4,
+                       builder_kwargs={"max_tokens": 32, "tiny": True})  # fmt: skip
+    assert given.blocks() == 4 and given.builder_kwargs == {"max_tokens": 32, "tiny": True}
+    assert RealConfig(model="smollm2-lora", builder_kwargs={"tiny": True}).builder_kwargs == {
+        "max_tokens": 16, "tiny": True}  # fmt: skip
+    # models without such defaults keep the config (hence the cache key) they had
+    for model in ("minilm", "vit-s"):
+        d = RealConfig(model=model).to_dict()
+        assert d["trained_blocks"] is None and d["builder_kwargs"] == {}
+
+
 def test_balanced_split_is_disjoint_and_keeps_every_class() -> None:
     labels = np.array([0] * 100 + [1] * 10 + [2] * 3)
     train, test = balanced_split(labels, 30, 12, np.random.default_rng(0))
