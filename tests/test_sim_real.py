@@ -248,13 +248,20 @@ def test_vit_tiny_run(tmp_path: Path) -> None:
 
 
 @needs_text
-def test_lora_tiny_run_folds_adapter_directories(tmp_path: Path) -> None:
+def test_lora_tiny_run_folds_adapter_directories(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     overrides = {"trained_blocks": 1, "builder_kwargs": {"tiny": True}}
     results = _run(tmp_path, "smollm2-lora", TEXT_TASKS, **overrides)
+    first = capsys.readouterr().out
+    # the frozen-prefix pass and the training each announce their expected time before starting
+    assert "frozen blocks over" in first and "expected ≈" in first
+    assert first.index("frozen blocks over") < first.index("fine-tuning 4 models")
     _check_results(results, TEXT_TASKS)
     assert results["trained_now"] == 2 + 2  # 2 independent + one sequential step per order
     again = _run(tmp_path, "smollm2-lora", TEXT_TASKS, **overrides)
     assert again["trained_now"] == 0  # every adapter and prefix output came from the cache
+    assert "frozen blocks over" not in capsys.readouterr().out
     assert again["summary"] == results["summary"]
     adapters = list(Path(results["cache_dir"]).glob("*/*/adapter_config.json"))
     assert len(adapters) == 4  # real PEFT adapter directories are what arrived
