@@ -72,6 +72,14 @@ def test_smollm2_budget_defaults_are_in_the_cache_key_and_other_keys_stay() -> N
         assert d["trained_blocks"] is None and d["builder_kwargs"] == {}
 
 
+def test_demo_points_to_every_real_scenario_with_a_measured_time() -> None:
+    from contmerge.simulations.continual import MODELS, REAL_RUN_TIMES
+
+    assert set(REAL_RUN_TIMES) == set(MODELS) - {"mlp"}
+    for model, took in REAL_RUN_TIMES.items():
+        assert "measured" in took and "not measured" not in took, model
+
+
 def test_balanced_split_is_disjoint_and_keeps_every_class() -> None:
     labels = np.array([0] * 100 + [1] * 10 + [2] * 3)
     train, test = balanced_split(labels, 30, 12, np.random.default_rng(0))
