@@ -551,7 +551,8 @@ class _Deferred(DeferredFold):
         if self.waiting:
             a, b = rows
             kind = a.dtype.type
-            s = a * (np.abs(a) >= kind(t_merged)) + b * (np.abs(b) >= kind(t_delta))
+            with np.errstate(over="ignore"):  # a sum of two huge entries is ±inf: its sign
+                s = a * (np.abs(a) >= kind(t_merged)) + b * (np.abs(b) >= kind(t_delta))
             total += int(np.count_nonzero(s > 0)) - int(np.count_nonzero(s < 0))
         majority = float(np.sign(total))
         ctx.stats["thresholds"] = (t_merged, t_delta)
