@@ -76,8 +76,11 @@ class ContinualTies(Strategy):
         # a look at a sample, then one exact pass for both thresholds and the majority sign
         sample = _SamplePass(k)
         yield sample
-        if ctx.defer and not ctx.float64:  # the rest is settled by ``deferred_fold``
-            ctx.stats["windows"] = sample.windows(d)
+        windows = sample.windows(d)
+        # the rest is settled by ``deferred_fold``, unless the columns that would wait for it
+        # are too many to keep (a large model): then it would only fold again
+        if ctx.defer and not ctx.float64 and sample.waiting(windows, d) <= MAX_CANDIDATES:
+            ctx.stats["windows"] = windows
             return
         yield _WindowPass(k, sample.windows(d), ctx.float64)
         if "majority_sign" in ctx.stats:
@@ -393,6 +396,17 @@ class _SamplePass(_DigitPass):
 
     def windows(self, total: int) -> list[tuple[float, float]]:
         return [sample_window(row.histogram(), row.k, total) for row in self.rows]
+
+    def waiting(self, windows: list[tuple[float, float]], total: int) -> float:
+        """About how many entries inside the windows a fold of ``total`` columns would keep
+        (two per column with an entry inside), from the share of the sample inside them."""
+        share = 0.0
+        for row, (lo, hi) in zip(self.rows, windows):
+            hist = row.histogram()
+            bins = np.array([lo, min(hi, np.finfo(np.float32).max)], np.float32)
+            first, last = (bins.view(np.uint32) >> 16).tolist()
+            share += float(hist[first : last + 1].sum()) / max(float(hist.sum()), 1.0)
+        return 2 * share * total
 
 
 class _WindowPass(Pass):

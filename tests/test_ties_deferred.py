@@ -170,12 +170,29 @@ def test_folds_settle_in_memory_and_equal_the_reference(tmp_path, monkeypatch) -
     assert outcomes == [True, True]  # arrivals 2 and 3 (the first is only scaled)
 
 
-def test_too_many_waiting_columns_fall_back_to_the_exact_passes(tmp_path, monkeypatch) -> None:
+def test_too_many_waiting_columns_fold_the_ordinary_way(tmp_path, monkeypatch) -> None:
+    # the sample shows more would wait than may be kept: no deferred fold is even begun
     monkeypatch.setattr(ties, "MAX_CANDIDATES", 1000)
     outcomes = settled(monkeypatch)
     base = model()
     fold_both(tmp_path, [fine_tuned(base, t) for t in range(3)], base)
-    assert outcomes == [False, False]
+    assert outcomes == []
+
+
+def test_a_deferred_fold_keeping_too_many_gives_up(monkeypatch) -> None:
+    monkeypatch.setattr(ties, "MAX_CANDIDATES", 1000)
+    rule = ContinualTies()
+    old, delta = inputs("random")
+    k = N - int(N * rule.threshold / 100)
+    windows = [windows_around(old, k, 0.01), windows_around(delta, k, 0.01)]
+    deferred = ties._Deferred(rule, k, windows)
+    info = TensorInfo("w", TensorMeta((N,), torch.float32), False, torch.float32)
+    out = np.empty(N, np.float32)
+    fold = deferred.chunk(info)
+    for a in range(0, N, CHUNK):
+        b = min(a + CHUNK, N)
+        fold(a, delta[a:b], np.zeros(b - a, np.float32), old[a:b], out[a:b])
+    assert deferred.settle(FoldContext(index=2, globals={})) is None
 
 
 def test_a_sample_unlike_the_model_falls_back_to_the_exact_passes(tmp_path, monkeypatch) -> None:
