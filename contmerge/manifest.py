@@ -237,7 +237,9 @@ class Manifest:
         problem = _problem(manifest)
         if problem:
             raise _corrupt(path, problem)
-        checksum = manifest.get("checksum")
+        # the migration of format 2: it has no run and no checksum (anything under those keys
+        # was hand-added and is not trusted); its next commit records both, as format 3
+        current = manifest["format"] == FORMAT
         return cls(
             strategy=manifest["strategy"],
             base=BaseRecord.from_json(manifest["base"]),
@@ -248,8 +250,8 @@ class Manifest:
             linear_pattern=manifest.get("linear_pattern"),
             created=manifest.get("created"),
             state_file=manifest["state_file"],
-            run=manifest.get("run"),  # format 2: none until the next commit
-            checksum=None if checksum is None else Checksum.from_json(checksum),
+            run=manifest["run"] if current else None,
+            checksum=Checksum.from_json(manifest["checksum"]) if current else None,
             format=manifest["format"],
         )
 

@@ -181,6 +181,9 @@ def test_a_format_2_manifest_needs_no_run_or_checksum_but_its_other_fields_are_c
     path = state / "manifest.json"
     v2 = Manifest.from_json({**raw, "format": "contmerge-state/2"}, path)
     assert v2.run is None and v2.checksum is None and v2.arrivals[1].source == "second"
+    # a run or checksum hand-added to a format-2 manifest is not taken
+    added = {**raw, "format": "contmerge-state/2", "run": 5, "checksum": {"bytes": "x"}}
+    assert Manifest.from_json(added, path) == v2
     with pytest.raises(StateError, match="run is missing or not a string"):
         Manifest.from_json(raw, path)  # format 3 without them
     with pytest.raises(StateError, match="missing key base.tensors"):
