@@ -779,9 +779,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except TheirFailure as exc:
                 return _unavailable(exc)
-            for method in methods:
+            for i, method in enumerate(methods):
                 ours_rounds[method].append(run_ours(ex, method, args, 1))
-            print(f"  round {round_}: done")
+                # as soon as known: a long run stopped later still leaves its figures
+                theirs_folds = " ".join(f"{t:.2f}" for t in theirs_rounds[-1][i].folds)
+                ours_folds = " ".join(f"{t:.2f}" for t in ours_rounds[method][-1].folds)
+                print(
+                    f"  round {round_}, {method}: folds (s) FusionBench {theirs_folds}; ours "
+                    f"{ours_folds}",
+                    flush=True,
+                )
         print("[4/4] float64 reference runs, FusionBench then ours" if ex64 else "[4/4] -")
         theirs_other: list[SideResult | None] = [None] * len(methods)
         if args.self_threads:
