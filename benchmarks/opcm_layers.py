@@ -40,8 +40,8 @@ def full_svd_projection(merged: Tensor, delta: Tensor, alpha: float) -> Tensor:
 
 def float32_gram_projection(merged: Tensor, delta: Tensor, alpha: float) -> Tensor:
     """Ours with the Gram matrix and its eigendecomposition in float32: the variant the float64
-    route is measured against (about twice as fast; squaring σ costs it float32's resolution of
-    the small singular values)."""
+    route is measured against (faster, but squaring σ costs it float32's resolution of the
+    small singular values)."""
     if merged.shape[0] < merged.shape[1]:
         return float32_gram_projection(merged.mT, delta.mT, alpha).mT
     _, v = torch.linalg.eigh(merged.mT @ merged)
