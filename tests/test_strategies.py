@@ -192,6 +192,34 @@ def test_opcm_adds_unprojected_where_the_merged_layer_is_all_zero():
     torch.testing.assert_close(state, expected)
 
 
+def test_opcm_skips_the_svd_of_a_layer_the_arrival_leaves_unchanged(setup, monkeypatch):
+    # δ = 0 on a linear layer (frozen in that fine-tune) projects to 0 whatever the basis: the
+    # fold adds nothing there and takes no SVD, and the merge equals the authors' loop
+    from contmerge.strategies import opcm
+
+    base, models = setup
+    second = dict(models[1])
+    second["encoder.1.weight"] = base["encoder.1.weight"].clone()
+    bases: list[tuple[int, ...]] = []
+    real = opcm.singular_basis
+
+    def spy(tall):
+        bases.append(tuple(tall.shape))
+        return real(tall)
+
+    monkeypatch.setattr(opcm, "singular_basis", spy)
+    merger = Merger(base, "opcm", linear=r"^encoder\.\d\.weight$", workers=1)
+    merger.fold(models[0])
+    before = merger.store.read("encoder.1.weight")["value"].clone()
+    merger.fold(second)
+    assert torch.equal(merger.store.read("encoder.1.weight")["value"], before)
+    shape0 = tuple(base["encoder.0.weight"].shape)
+    assert bases == [shape0 if shape0[0] >= shape0[1] else shape0[::-1]]  # encoder.0's only
+    merger.fold(models[2])
+    expected = reference_opcm(base, [models[0], second, models[2]], 0.5)
+    assert_close(merger.emit_state_dict(), expected, base, tol=2e-4)
+
+
 def _layer_pair(shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A merged update (low rank plus noise, as fine-tuned deltas are) and an arriving one."""
     g = torch.Generator().manual_seed(seed)
