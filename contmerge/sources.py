@@ -503,7 +503,9 @@ class Recognised:
         what = KIND_NAMES[self.kind]
         if self.config_dir is not None:
             return f"a model directory ({what})"
-        return f"a {what} directory" if self.directory and self.kind != "lora" else f"a {what}"
+        if self.directory and self.kind != "lora":
+            return f"a directory holding a {what}"
+        return f"a {what}"
 
 
 class Incomplete(CheckpointError):
