@@ -5,7 +5,9 @@ Polling, no dependency. An entry is taken only when it is complete and settled:
 - a file that was renamed into place; dotfiles, ``*.tmp`` and ``*.partial`` are being written
   and are ignored;
 - a directory: a sharded checkpoint once its ``model.safetensors.index.json`` and every shard it
-  lists are there; a model or LoRA adapter directory once its weights file is there;
+  lists are there; a model or LoRA adapter directory once its weights file is there (what
+  ``sources.recognise`` tells every door; a directory it refuses for another reason, such as
+  two kinds in one, goes to the fold once settled, which refuses it with that reason);
 - and in both cases looking the same (sizes, mtimes) on two scans in a row, which also covers a
   writer that does not rename.
 
