@@ -82,8 +82,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     answered = already_folded(args)
     if answered is not None:  # nothing to do: answered without torch or reading a tensor
         manifest, folded = answered
-        count = manifest["globals"]["count"]
-        print(f"state {args.state}: {manifest['strategy']}, {count} folded so far")
+        print(f"state {args.state}: {manifest.strategy}, {manifest.count} folded so far")
         for checkpoint, index in folded:
             print(f"already folded as #{index}: {checkpoint} (0.00 s)")
         return 0
@@ -104,7 +103,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with Merger(
         args.base, options.strategy, args.state, progress=not args.quiet, **options.merger_kwargs()
     ) as merger:
-        print(f"state {args.state}: {merger.manifest['strategy']}, {merger.count} folded so far")
+        print(f"state {args.state}: {merger.manifest.strategy}, {merger.count} folded so far")
         failures = 0
         # several arrivals: one pass over the state and one commit, when the rule allows it
         grouped = None
@@ -211,33 +210,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return data_inspect(args, kind)
     manifest = read_manifest(args.state)[0]
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.to_json(), indent=2))
         return 0
-    base = manifest["base"]
-    print(f"strategy:  {manifest['strategy']}")
+    base = manifest.base
+    print(f"strategy:  {manifest.strategy}")
     print(
-        f"base:      {base['source']} ({base['tensors']} tensors, "
-        f"{base['linear_weights']} linear weights)"
+        f"base:      {base.source} ({base.tensors} tensors, {base.linear_weights} linear weights)"
     )
-    print(f"           fingerprint {base['fingerprint'][:16]}…")
-    checksum = manifest.get("checksum")
+    print(f"           fingerprint {base.fingerprint[:16]}…")
+    checksum = manifest.checksum
     print(
-        f"state:     {manifest['state_file']} (generation {manifest['generation']}, "
-        + (f"{checksum['bytes']} bytes, checksum {checksum['content'][:16]}…)" if checksum else "")
-        + ("" if checksum else f"no checksum: a {manifest['format']} state)")
+        f"state:     {manifest.state_file} (generation {manifest.generation}, "
+        + (f"{checksum.bytes} bytes, checksum {checksum.content[:16]}…)" if checksum else "")
+        + ("" if checksum else f"no checksum: a {manifest.format} state)")
     )
-    globals_ = {k: v for k, v in manifest["globals"].items() if k != "count"}
+    globals_ = {k: v for k, v in manifest.globals.items() if k != "count"}
     print(
-        f"folded:    {manifest['globals']['count']} checkpoint(s)"
-        + (f"; globals {globals_}" if globals_ else "")
+        f"folded:    {manifest.count} checkpoint(s)" + (f"; globals {globals_}" if globals_ else "")
     )
-    for record in manifest["arrivals"]:
+    for record in manifest.arrivals:
+        matrices = record.median_matrix_delta or 0
         print(
-            f"  #{record['index']:<4} {record['folded_at']}  {record['hash'][:12]}  "
-            f"Δ/θ0={record['relative_delta']:.4f} "
-            f"(matrices {record.get('median_matrix_delta', 0):.4f})  {record['source']}"
-            + (f"  {record['dtype']}" if "dtype" in record else "")
-            + (f"  weight {record['weight']}" if "weight" in record else "")
+            f"  #{record.index:<4} {record.folded_at}  {record.hash[:12]}  "
+            f"Δ/θ0={record.relative_delta:.4f} (matrices {matrices:.4f})  {record.source}"
+            + (f"  {record.dtype}" if record.dtype is not None else "")
+            + (f"  weight {record.weight}" if record.weight is not None else "")
         )
     return 0
 

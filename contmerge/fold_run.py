@@ -44,7 +44,7 @@ from .checks import (
 from .elementwise import ElementwiseBatch, ElementwiseSweep
 from .errors import CheckpointError, IgnoredTensorWarning
 from .fold_plan import FoldPath, plan, sweep_path
-from .manifest import ArrivalRecord, arrival_records
+from .manifest import ArrivalRecord, Manifest
 from .parallel_folds import ParallelFolds
 from .sources import Checkpoint
 from .stores import Staging
@@ -342,10 +342,10 @@ class Accepted:
         )
 
 
-def folded_hashes(manifest: Mapping[str, Any]) -> dict[str, int]:
+def folded_hashes(manifest: Manifest) -> dict[str, int]:
     """The content hashes of the folded arrivals, each with the index it was first folded at."""
     hashes: dict[str, int] = {}
-    for record in arrival_records(manifest):
+    for record in manifest.arrivals:
         hashes.setdefault(record.hash, record.index)
     return hashes
 
@@ -372,21 +372,15 @@ def judge(
 
 
 def next_manifest(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     strategy: Strategy,
     ctx: FoldContext,
     accepted: Accepted,
     seconds: float,
-) -> dict[str, Any]:
+) -> Manifest:
     """``manifest`` with ``accepted`` folded after it."""
-    manifest = dict(manifest)
     new_globals = strategy.end_fold(ctx.globals, ctx)
-    new_globals["count"] = ctx.index
-    manifest["globals"] = new_globals
-    record = accepted.record(ctx.index, seconds)
-    manifest["arrivals"] = [*manifest["arrivals"], record.to_json()]
-    manifest["generation"] = int(manifest["generation"]) + 1
-    return manifest
+    return manifest.folded(accepted.record(ctx.index, seconds), new_globals)
 
 
 def folded_result(index: int, accepted: Accepted, ignored: list[str], started: float) -> FoldResult:

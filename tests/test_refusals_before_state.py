@@ -34,7 +34,7 @@ def test_arrival_sources_are_recorded_absolute_and_shown_as_typed(models, tmp_pa
         result = merger.fold("ft0.safetensors")
         merger.fold("ft1.safetensors", name="client 7")
         assert result.source == "ft0.safetensors"
-        recorded = [a["source"] for a in merger.arrivals]
+        recorded = [a.source for a in merger.arrivals]
         assert recorded == [str(tmp_path / "ft0.safetensors"), "client 7"]
 
 

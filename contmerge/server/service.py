@@ -152,12 +152,12 @@ class MergeService:
         gauge(
             "contmerge_state_count",
             "Checkpoints folded into the state.",
-            lambda: self.writer.manifest["globals"]["count"],
+            lambda: self.writer.manifest.count,
         )
         gauge(
             "contmerge_state_generation",
             "Commits of the state.",
-            lambda: self.writer.manifest["generation"],
+            lambda: self.writer.manifest.generation,
         )
         gauge(
             "contmerge_writer_busy", "1 while a fold runs.", lambda: self.board.current is not None
@@ -293,7 +293,7 @@ class MergeService:
     @property
     def count(self) -> int:
         """Checkpoints folded into the state."""
-        return int(self.writer.manifest["globals"]["count"])
+        return self.writer.manifest.count
 
     @property
     def pending(self) -> int:
@@ -310,7 +310,7 @@ class MergeService:
         return self.metrics.render()
 
     def manifest(self) -> dict[str, Any]:
-        return self.writer.manifest
+        return self.writer.manifest.to_json()
 
     def open_merged(self, timeout: float = 3600.0) -> tuple[IO[bytes], dict[str, int]]:
         """The current merged model, emitted by the writer between two folds. OSError when
@@ -330,16 +330,16 @@ class MergeService:
 
     def status(self) -> dict[str, Any]:
         manifest = self.writer.manifest
-        folded = manifest["arrivals"][-20:]
+        folded = [record.to_json() for record in manifest.arrivals[-20:]]
         metrics = self.metrics
         inbox = self.inbox
         return {
             "state": {
                 "directory": str(self.settings.state),
-                "strategy": manifest["strategy"],
-                "base": manifest["base"]["source"],
-                "count": manifest["globals"]["count"],
-                "generation": manifest["generation"],
+                "strategy": manifest.strategy,
+                "base": manifest.base.source,
+                "count": manifest.count,
+                "generation": manifest.generation,
             },
             "queue": {
                 "depth": len(self.queue),
