@@ -402,7 +402,7 @@ def run_ours(ex: Exported, method: str, args: argparse.Namespace, repeat: int) -
             folds: list[float] = []
             splits: list[dict[str, float]] = []
             with Merger(
-                str(ex.base), method, None, linear=linear, workers=args.threads, **hparams
+                str(ex.base), method, None, linear=linear, workers=args.threads, settings=hparams
             ) as merger:
                 for _, path in ex.models:
                     before = dict(clock.spent)
@@ -445,7 +445,7 @@ def sensitivity(ex64: Exported, method: str, args: argparse.Namespace) -> dict[s
             for k, v in state.items()
         }
 
-    with Merger(str(ex64.base), method, None, linear=linear, **hparams) as merger:
+    with Merger(str(ex64.base), method, None, linear=linear, settings=hparams) as merger:
         for _, path in ex64.models:
             merger.fold(nudged(path))
         return merger.emit_state_dict()

@@ -3,6 +3,8 @@ memory, on random models with non-square linears, biases, norms, embeddings and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,8 +25,19 @@ from helpers import Model, fine_tuned, float_names, random_base, whole_norm
 LINEAR = ("encoder.0.weight", "encoder.1.weight")
 
 
-def run(strategy: str, base: Model, models: list[Model], **kwargs) -> Model:
-    merger = Merger(base, strategy, **kwargs)
+def run(
+    strategy: str,
+    base: Model,
+    models: list[Model],
+    linear: str | None = None,
+    workers: int | None = None,
+    state_dir: Path | None = None,
+    device: str | None = None,
+    **settings: object,
+) -> Model:
+    """The Merger's own options by name; every other keyword is a setting of the strategy."""
+    options = {"linear": linear, "workers": workers, "device": device}
+    merger = Merger(base, strategy, state_dir, settings=settings, **options)
     for model in models:
         assert merger.fold(model).status == "folded"
     return merger.emit_state_dict()
@@ -176,7 +189,7 @@ def test_split_rank_edges():
     assert split_rank(sigma, 0.8) == 2
     assert split_rank(sigma, 0.99) == 2
     with pytest.raises(ValueError, match="alpha"):
-        Merger(random_base(), "opcm", alpha=1.0)
+        Merger(random_base(), "opcm", settings={"alpha": 1.0})
 
 
 def test_opcm_adds_unprojected_where_the_merged_layer_is_all_zero():
