@@ -29,7 +29,17 @@ from .fold_plan import FoldPath
 from .hashing import LEAF_BYTES, leaf_digest
 from .kernels import all_finite, fused_fold, keep_delta, subtract_sum_sq
 from .sources import ChunkReader
-from .strategy import Arrays, EntryFold, FoldContext, Pass, State, Strategy, TensorInfo
+from .strategy import (
+    Arrays,
+    ChunkFold,
+    DeferredFold,
+    EntryFold,
+    FoldContext,
+    Pass,
+    State,
+    Strategy,
+    TensorInfo,
+)
 
 #: arrival bytes per chunk: whole hash leaves, in cache between the read, the hash and the fold
 #: (1 to 4 MiB measured within a few % of each other; 1 MiB a little ahead)
@@ -55,6 +65,8 @@ class _Fused:
     params: tuple[Any, ...]
     old: np.ndarray
     out: np.ndarray
+    #: a ``DeferredFold``'s fold of one chunk, called instead of ``loop``
+    chunk: ChunkFold | None = None
 
 
 @dataclass(slots=True)
@@ -119,14 +131,20 @@ class ElementwiseBatch(_Gathered):
         old: State,
         target: State,
         path: FoldPath,
+        deferred: DeferredFold | None = None,
     ) -> None:
         """``read`` gives the arrival's entries in ``arrival_dtype``, which may differ from the
         base's; ``base`` is the base's tensor flattened, and the same as numpy when it is
         already in the compute dtype (see ``flat_base``). ``path`` is the tensor's
-        ``fold_plan.plan``: ``FUSED`` or ``CHUNKED``."""
+        ``fold_plan.plan``: ``FUSED`` or ``CHUNKED``; or ``DEFERRED``, folded by
+        ``deferred``."""
         flat, base_array = base
         entry = self.strategy.entry_fold(info, self.ctx) if path is FoldPath.FUSED else None
-        if entry is None:
+        if path is FoldPath.DEFERRED:
+            assert deferred is not None
+            old_arrays = out_arrays = {}
+            fused = self._fused(info, None, old, target, deferred.chunk(info))
+        elif entry is None:
             old_arrays = {k: v.reshape(-1).numpy() for k, v in old.items()}
             out_arrays = {k: v.view(-1).numpy() for k, v in target.items()}
             fused = None
@@ -150,20 +168,31 @@ class ElementwiseBatch(_Gathered):
         )
         self.nbytes += info.meta.numel * arrival_dtype.itemsize
 
-    def _fused(self, info: TensorInfo, entry: EntryFold, old: State, target: State) -> _Fused:
+    def _fused(
+        self,
+        info: TensorInfo,
+        entry: EntryFold | None,
+        old: State,
+        target: State,
+        chunk: ChunkFold | None = None,
+    ) -> _Fused:
         if len(target) != 1:
             raise StrategyError(
                 f"{self.strategy.spec()}: entry_fold needs a single state slot, "
                 f"{info.name} has {sorted(target)}"
             )
         ((slot, out),) = target.items()
+        old_array, out_array = old[slot].reshape(-1).numpy(), out.view(-1).numpy()
+        if entry is None:
+            assert chunk is not None
+            return _Fused(_no_loop, (), (), old_array, out_array, chunk)
         before = entry.before
         return _Fused(
             fused_fold(keep_delta if before is None else before.transform, entry.update),
             () if before is None else before.params,
             entry.params,
-            old[slot].reshape(-1).numpy(),
-            out.view(-1).numpy(),
+            old_array,
+            out_array,
         )
 
     def run(self) -> list[Folded]:
@@ -202,6 +231,8 @@ class ElementwiseBatch(_Gathered):
         fused = t.fused
         if fused is not None:
             old, out = fused.old[start:stop], fused.out[start:stop]
+            if fused.chunk is not None:
+                return leaves, fused.chunk(start, arrival, base, old, out)
             sq = fused.loop(
                 fused.transform_params, fused.params, np.uint64(start), arrival, base, old, out
             )
@@ -214,6 +245,10 @@ class ElementwiseBatch(_Gathered):
         if not all(all_finite(new) for new in outs.values()):  # overflow from finite inputs
             sq = float("nan")
         return leaves, sq
+
+
+def _no_loop(*args: Any) -> float:
+    raise AssertionError("a deferred fold's chunks go to its own ``chunk``")
 
 
 def _in_compute_dtype(

@@ -15,13 +15,13 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .atomic import atomic_open, atomic_write_bytes, writing
 from .dtypes import code
 from .errors import SettingError
+from .manifest import Manifest
 from .sources import SAFETENSORS_INDEX
 from .tensorfile import SafetensorsWriter, TensorMeta
 
@@ -139,10 +139,11 @@ def check_out(out: Path, shard_size: int | None) -> None:
         raise SettingError(f"shard size {shard_size} must be positive")
 
 
-def model_card(manifest: Mapping[str, Any], version: str, out_dtype: torch.dtype | None) -> str:
+def model_card(manifest: Manifest, version: str, out_dtype: torch.dtype | None) -> str:
     """The emitted directory's ``README.md``: how the model was made, arrival by arrival."""
-    base = manifest["base"]
-    arrivals = manifest["arrivals"]
+    base = manifest.base
+    arrivals = manifest.arrivals
+    pattern = manifest.linear_pattern
     lines = [
         "---",
         "tags:",
@@ -151,20 +152,20 @@ def model_card(manifest: Mapping[str, Any], version: str, out_dtype: torch.dtype
         "---",
         "# Merged model",
         "",
-        f"Made with contmerge {version}, strategy `{manifest['strategy']}`, from "
+        f"Made with contmerge {version}, strategy `{manifest.strategy}`, from "
         f"{len(arrivals)} fine-tuned checkpoint(s) of one base, folded one at a time in "
         "the order below.",
         "",
         "## Settings",
         "",
-        f"- strategy: `{manifest['strategy']}`",
-        f"- base: `{base['source']}` (fingerprint `{base['fingerprint']}`)",
-        f"- linear weights: {base['linear_weights']} of {base['tensors']} tensors"
-        + (f" (pattern `{manifest['linear_pattern']}`)" if manifest.get("linear_pattern") else ""),
+        f"- strategy: `{manifest.strategy}`",
+        f"- base: `{base.source}` (fingerprint `{base.fingerprint}`)",
+        f"- linear weights: {base.linear_weights} of {base.tensors} tensors"
+        + (f" (pattern `{pattern}`)" if pattern else ""),
         "- dtype of the emitted weights: "
         + (code(out_dtype) if out_dtype is not None else "the base's"),
     ]
-    globals_ = {k: v for k, v in manifest["globals"].items() if k != "count"}
+    globals_ = {k: v for k, v in manifest.globals.items() if k != "count"}
     if globals_:
         lines.append(f"- strategy globals: `{json.dumps(globals_)}`")
     lines += [
@@ -175,9 +176,9 @@ def model_card(manifest: Mapping[str, Any], version: str, out_dtype: torch.dtype
         "|---|---|---|---|---|---|",
     ]
     for record in arrivals:
-        weight = record.get("weight")
+        weight, dtype = record.weight, record.dtype or "not recorded"
         lines.append(
-            f"| {record['index']} | `{record['source']}` | {record.get('dtype', 'not recorded')} "
-            f"| {'1' if weight is None else weight} | `{record['hash']}` | {record['folded_at']} |"
+            f"| {record.index} | `{record.source}` | {dtype} "
+            f"| {'1' if weight is None else weight} | `{record.hash}` | {record.folded_at} |"
         )
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ outcome is that of folding them one by one (``Merger.fold_group`` says when a gr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import TYPE_CHECKING
@@ -60,7 +61,7 @@ class GroupRun:
         self.merger, self.strategy = merger, merger.strategy
         self.arrivals, self.identities, self.recorded = arrivals, identities, recorded
         self.ctxs: list[FoldContext] = []
-        globals_ = dict(merger.manifest["globals"])
+        globals_ = dict(merger.manifest.globals)
         for j in range(len(arrivals)):  # each sees the globals as if folded alone, in order
             ctx = merger.context(merger.count + 1 + j)
             ctx.globals = {**globals_, "count": ctx.index - 1}
@@ -94,7 +95,8 @@ class GroupRun:
             seconds = (time.perf_counter() - started) / len(self.arrivals)
             for ctx, verdict in zip(self.ctxs, accepted):
                 manifest = next_manifest(manifest, self.strategy, ctx, verdict, seconds)
-            manifest["generation"] = int(merger.manifest["generation"]) + 1  # one commit
+            # one commit for the group
+            manifest = dataclasses.replace(manifest, generation=merger.manifest.generation + 1)
             merger.store.commit(staging, manifest)
         except BaseException:
             staging.abort()

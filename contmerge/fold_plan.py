@@ -6,6 +6,10 @@
   buffer; an elementwise rule without a compiled loop, a chain of several pre-processors);
 - ``FUSED``: 1 MiB chunks through one compiled loop built around the rule's ``entry_fold``
   (difference, Σδ² and fold in a single pass over memory: ``kernels.fused_fold``).
+- ``DEFERRED``: 1 MiB chunks through the rule's ``deferred_fold`` (TIES: every entry its
+  thresholds cannot change folds in that one pass, the others when the last chunk is done);
+  chosen by ``FoldRun`` for a whole arrival, where every tensor would be chunked and the
+  state is in memory (``deferrable``).
 
 The elementwise passes before a fold follow the same plan (chunked unless ``REFERENCE``).
 ``tests/test_fast_fold.py`` holds every registered elementwise rule's chunked and fused paths
@@ -14,6 +18,7 @@ equal to its reference, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
 from .sources import Checkpoint
@@ -24,6 +29,7 @@ class FoldPath(Enum):
     REFERENCE = "reference"
     CHUNKED = "chunked"
     FUSED = "fused"
+    DEFERRED = "deferred"
 
 
 def plan(strategy: Strategy, arrival: Checkpoint, info: TensorInfo, ctx: FoldContext) -> FoldPath:
@@ -45,3 +51,11 @@ def sweep_path(strategy: Strategy, arrival: Checkpoint, info: TensorInfo) -> Fol
         and info.name in arrival.meta
     )
     return FoldPath.CHUNKED if chunkable else FoldPath.REFERENCE
+
+
+def deferrable(strategy: Strategy, arrival: Checkpoint, infos: Iterable[TensorInfo]) -> bool:
+    """Whether this arrival may fold by the rule's ``deferred_fold``: every float tensor in
+    ``infos`` is chunked (the waiting entries are settled in the chunks' own buffers)."""
+    return strategy.defers and all(
+        sweep_path(strategy, arrival, info) is FoldPath.CHUNKED for info in infos
+    )

@@ -43,12 +43,12 @@ from .checks import (
 )
 from .elementwise import ElementwiseBatch, ElementwiseSweep
 from .errors import CheckpointError, IgnoredTensorWarning
-from .fold_plan import FoldPath, plan, sweep_path
-from .manifest import ArrivalRecord, arrival_records
+from .fold_plan import FoldPath, deferrable, plan, sweep_path
+from .manifest import ArrivalRecord, Manifest
 from .parallel_folds import ParallelFolds
 from .sources import Checkpoint
 from .stores import Staging
-from .strategy import FoldContext, Pass, State, Strategy, TensorInfo
+from .strategy import DeferredFold, FoldContext, Pass, State, Strategy, TensorInfo
 
 if TYPE_CHECKING:
     from .merger import Merger
@@ -111,10 +111,24 @@ class FoldRun:
 
     def run(self) -> FoldResult:
         self.check()
+        # a rule that can start folding before its whole-model statistics are known does so
+        # where the new state stays in memory anyway until the waiting entries are settled
+        self.ctx.defer = self.store.path is None and deferrable(
+            self.strategy, self.arrival, (self.infos[n] for n in self.base.float_names)
+        )
         self.passes()
+        deferred = self.strategy.deferred_fold(self.ctx) if self.ctx.defer else None
         staging = self.store.begin(self.merger.slot_metas())
         try:
-            self.fold(staging)
+            self.fold(staging, deferred)
+            if deferred is not None and not self._settle(deferred):
+                # the windows missed the thresholds, or too many columns waited: the ordinary way
+                staging.abort()
+                self.ctx = dataclasses.replace(self.ctx, stats={}, defer=False)
+                self.totals = Totals()
+                self.passes()
+                staging = self.store.begin(self.merger.slot_metas())
+                self.fold(staging)
             verdict = self.verdict(folded_hashes(self.merger.manifest))
             if isinstance(verdict, FoldResult):  # a duplicate of content: nothing changes
                 staging.abort()
@@ -138,8 +152,9 @@ class FoldRun:
                     sweep.update(info, delta, self.store.read(info.name), self.ctx)
             sweep.finish(self.ctx)
 
-    def fold(self, staging: Staging) -> None:
-        """Fold every tensor into ``staging`` on its planned path; totals into ``totals``."""
+    def fold(self, staging: Staging, deferred: DeferredFold | None = None) -> None:
+        """Fold every tensor into ``staging`` on its planned path (every one by ``deferred``
+        when given: its ``settle`` comes after); totals into ``totals``."""
         batch = ElementwiseBatch(self.strategy, self.runner, self.ctx)
         # whole-tensor folds on several threads, handed on in order (None: one at a time here)
         whole = (
@@ -156,7 +171,11 @@ class FoldRun:
                     note_integer(self.arrival, self.base, info, self.totals)
                     bar.update()
                     continue
-                path = plan(self.strategy, self.arrival, info, self.ctx)
+                path = (
+                    FoldPath.DEFERRED
+                    if deferred is not None
+                    else plan(self.strategy, self.arrival, info, self.ctx)
+                )
                 if path is FoldPath.REFERENCE:
                     self._fold_batch(batch, staging, bar)  # keep order
                     self._fold_whole(info, staging, whole)
@@ -172,6 +191,7 @@ class FoldRun:
                     self.store.view(info.name),
                     staging.target(info.name),
                     path,
+                    deferred,
                 )
                 if batch.full:
                     self._fold_batch(batch, staging, bar)
@@ -191,6 +211,16 @@ class FoldRun:
         seconds = time.perf_counter() - self.started
         manifest = next_manifest(self.merger.manifest, self.strategy, self.ctx, accepted, seconds)
         self.store.commit(staging, manifest)
+
+    def _settle(self, deferred: DeferredFold) -> bool:
+        """Fold the entries ``deferred`` left waiting (in the staged state, still in memory);
+        False if it could not settle."""
+        overflowed = deferred.settle(self.ctx)
+        if overflowed is None:
+            return False
+        if overflowed:  # δ was finite (checked in the chunks): the fold overflowed
+            raise CheckpointError(self.arrival.source, STATE_OVERFLOW, overflowed[0])
+        return True
 
     # --- per tensor -----------------------------------------------------------------------
     def _writer(self, staging: Staging) -> Any:
@@ -342,10 +372,10 @@ class Accepted:
         )
 
 
-def folded_hashes(manifest: Mapping[str, Any]) -> dict[str, int]:
+def folded_hashes(manifest: Manifest) -> dict[str, int]:
     """The content hashes of the folded arrivals, each with the index it was first folded at."""
     hashes: dict[str, int] = {}
-    for record in arrival_records(manifest):
+    for record in manifest.arrivals:
         hashes.setdefault(record.hash, record.index)
     return hashes
 
@@ -372,21 +402,15 @@ def judge(
 
 
 def next_manifest(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     strategy: Strategy,
     ctx: FoldContext,
     accepted: Accepted,
     seconds: float,
-) -> dict[str, Any]:
+) -> Manifest:
     """``manifest`` with ``accepted`` folded after it."""
-    manifest = dict(manifest)
     new_globals = strategy.end_fold(ctx.globals, ctx)
-    new_globals["count"] = ctx.index
-    manifest["globals"] = new_globals
-    record = accepted.record(ctx.index, seconds)
-    manifest["arrivals"] = [*manifest["arrivals"], record.to_json()]
-    manifest["generation"] = int(manifest["generation"]) + 1
-    return manifest
+    return manifest.folded(accepted.record(ctx.index, seconds), new_globals)
 
 
 def folded_result(index: int, accepted: Accepted, ignored: list[str], started: float) -> FoldResult:

@@ -25,6 +25,42 @@ from .sources import Checkpoint
 from .tensorfile import write_safetensors
 
 
+@dataclass(frozen=True)
+class PoolEntry:
+    """A pool member as the server lists it among the folded arrivals."""
+
+    index: int  # 1-based
+    source: str
+    hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "source": self.source, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class ServedBase:
+    source: str
+
+
+@dataclass(frozen=True)
+class FwManifest:
+    """An FW state's manifest with the attributes of a ``manifest.Manifest`` the server reads
+    (``server.worker.StateView``); ``to_json`` is its ``GET /manifest`` body."""
+
+    strategy: str
+    base: ServedBase
+    generation: int
+    arrivals: tuple[PoolEntry, ...]
+    body: dict[str, Any]
+
+    @property
+    def count(self) -> int:
+        return len(self.arrivals)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.body
+
+
 @dataclass
 class ServedFold:
     """The part of ``merger.FoldResult`` the writer reads."""
@@ -70,9 +106,9 @@ class ServedFw:
         return ServedFold(status, result.index + 1, result.hash, time.perf_counter() - started)
 
     @property
-    def arrivals(self) -> list[dict[str, Any]]:
+    def arrivals(self) -> list[PoolEntry]:
         return [
-            {"index": i + 1, "source": r["source"], "hash": r["hash"]}
+            PoolEntry(i + 1, r["source"], r["hash"])
             for i, r in enumerate(self.state.manifest["pool"])
         ]
 
@@ -81,16 +117,19 @@ class ServedFw:
         return len(self.state.manifest["pool"])
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> FwManifest:
         """The state's manifest with the fields the status page and metrics read."""
-        raw = self.state.manifest
-        return {
+        raw, arrivals = self.state.manifest, tuple(self.arrivals)
+        body = {
             **raw,
             "strategy": "fw",
             "base": {**raw["base"], "source": raw["base"]["path"]},
-            "globals": {"count": self.count, "iteration": raw["iteration"]},
-            "arrivals": self.arrivals,
+            "globals": {"count": len(arrivals), "iteration": raw["iteration"]},
+            "arrivals": [a.to_json() for a in arrivals],
         }
+        base = ServedBase(raw["base"]["path"])
+        # a new state has no generation before its first commit (which is generation 0)
+        return FwManifest("fw", base, int(raw.get("generation", 0)), arrivals, body)
 
     def emit(self, path: str | Path, out_dtype: Any = None) -> Path:
         if out_dtype is not None:

@@ -238,3 +238,41 @@ def transform_loop(transform: Callable[..., Any]) -> Callable[..., None]:
             delta[i] = transform(delta[i], start + np.uint64(i), params)
 
     return loop  # type: ignore[no-any-return]
+
+
+def _marked_entries(update: Callable[..., Any], store: Callable[..., None]) -> Callable[..., float]:
+    @numba.njit(nogil=True)
+    def loop(params, x, base, old, out, marks):  # type: ignore[no-untyped-def]
+        total = 0.0
+        for i in range(x.size):
+            delta = x[i] - base[i]
+            total = add_square(total, delta)
+            new, mark = update(delta, old[i], params)
+            store(out, i, new)
+            marks[i] = mark
+            total = add_probe(total, new)
+        return total
+
+    return loop  # type: ignore[no-any-return]
+
+
+@functools.cache
+def marked_fold(update: Callable[..., Any]) -> Callable[..., float]:
+    """``loop(params, x, base, old, out, marks) -> Σ (x − base)²``: ``fused_fold`` for a rule
+    that cannot decide every entry in one pass. ``update(δ, old, params) -> (new, mark)``; each
+    entry's ``mark`` (uint8) goes to ``marks[i]``, for the rule to find the ones that wait (it
+    says what the bits mean). The sum is NaN or Inf if any δ or any ``out[i]`` is."""
+    stored = _marked_entries(update, _store)
+    streamed = _marked_entries(update, _store_streaming)
+
+    @numba.njit(nogil=True)
+    def loop(params, x, base, old, out, marks):  # type: ignore[no-untyped-def]
+        head = min(x.size, (-out.ctypes.data % STREAM_ALIGN) // out.itemsize)
+        if (out.ctypes.data + head * out.itemsize) % STREAM_ALIGN:
+            head = x.size  # as in ``fused_fold``
+        total = stored(params, x[:head], base[:head], old[:head], out[:head], marks[:head])
+        total += streamed(params, x[head:], base[head:], old[head:], out[head:], marks[head:])
+        _fence()
+        return total
+
+    return loop  # type: ignore[no-any-return]

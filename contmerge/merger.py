@@ -21,6 +21,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from .fold_run import FoldResult, FoldRun, folded_result, now
 from .identity import base_identity, file_identity
 from .layout import tensor_infos
 from .limits import DEFAULT_MAX_RELATIVE_DELTA
-from .manifest import FORMAT, MANIFEST, arrival_records, read_manifest
+from .manifest import MANIFEST, ArrivalRecord, BaseRecord, KnownBase, Manifest, read_manifest
 from .registry import parse_strategy
 from .sources import CONFIG_FILES_TO_SKIP, Checkpoint, open_checkpoint, sidecar_name
 from .state import DiskStore, MemoryStore, slot_key
@@ -83,8 +84,8 @@ class Merger:
     Resuming a state, a base whose files are unchanged since the state last read it (path,
     size, mtime, inode, safetensors headers) is not read again: its fingerprint, linear weights
     and norms come from the state's record; ``verify_base`` reads and fingerprints it anyway.
-    ``settings`` are the strategy's hyper-parameters when ``strategy`` is a name (``--set``;
-    also accepted as extra keyword arguments, the older spelling).
+    ``settings`` are the strategy's hyper-parameters when ``strategy`` is a name (``--set``,
+    e.g. ``settings={"alpha": 0.3}``; or in the spec itself, ``"opcm(alpha=0.3)"``).
     """
 
     def __init__(
@@ -104,10 +105,9 @@ class Merger:
         read_only: bool = False,
         verify_base: bool = False,
         settings: Mapping[str, Any] | None = None,
-        **hparams: Any,
     ) -> None:
-        # the strategy's hyper-parameters: ``settings`` (``MergerOptions``), or as keywords
-        hparams = {**(settings or {}), **hparams}
+        # the strategy's hyper-parameters, apart from the Merger's own options
+        hparams = dict(settings or {})
         self.device = _compute_device(device)
         self.threads = resolve_threads(threads, workers)
         self.base = open_checkpoint(base)
@@ -189,17 +189,17 @@ class Merger:
         if not os.path.lexists(directory / MANIFEST):
             return
         manifest = read_manifest(directory)[0]
-        if manifest["globals"]["count"] != 0 or manifest["generation"] != 0:
+        if manifest.count != 0 or manifest.generation != 0:
             return
         wanted = parse_strategy(strategy, **hparams).spec()
-        if wanted == manifest["strategy"] and linear == manifest.get("linear_pattern"):
+        if wanted == manifest.strategy and linear == manifest.linear_pattern:
             return
         # the manifest goes first: its generation-0 file is then a leftover the creation clears
         with writing(directory / MANIFEST):
             os.unlink(directory / MANIFEST)
             fsync_dir(directory)
         warnings.warn(
-            f"{directory}: the state had folded nothing yet ({manifest['strategy']}); "
+            f"{directory}: the state had folded nothing yet ({manifest.strategy}); "
             f"starting it anew with {wanted}",
             Notice,
             stacklevel=3,
@@ -210,86 +210,79 @@ class Merger:
             raise StateError("a strategy is needed to start a new merge state")
         return parse_strategy(strategy, **hparams)
 
-    def _new_manifest(self, linear: str | None) -> dict[str, Any]:
-        fingerprint = self.base_tensors.fingerprint(self.infos)
-        return {
-            "format": FORMAT,
-            "strategy": self.strategy.spec(),
-            "linear_pattern": linear,
-            "base": {
-                "source": self._base_source or self.base.source,
-                "fingerprint": fingerprint,
-                "tensors": len(self.infos),
-                "linear_weights": sum(i.is_linear for i in self.infos.values()),
-                **self._base_record(),
-            },
-            "globals": {**self.strategy.init_globals(), "count": 0},
-            "arrivals": [],
-            "generation": 0,
-            "created": now(),
-        }
+    def _new_manifest(self, linear: str | None) -> Manifest:
+        base = BaseRecord(
+            source=self._base_source or self.base.source,
+            fingerprint=self.base_tensors.fingerprint(self.infos),
+            tensors=len(self.infos),
+            linear_weights=sum(i.is_linear for i in self.infos.values()),
+            record=self._base_record(),
+        )
+        return Manifest(
+            strategy=self.strategy.spec(),
+            base=base,
+            globals={**self.strategy.init_globals(), "count": 0},
+            arrivals=(),
+            generation=0,
+            linear_pattern=linear,
+            created=now(),
+        )
 
     def _resume(
         self, strategy: str | Strategy | None, hparams: dict[str, Any], linear: str | None
     ) -> Strategy:
         manifest = self.store.manifest
-        saved = parse_strategy(manifest["strategy"])
+        saved = parse_strategy(manifest.strategy)
         if strategy is not None:
             wanted = parse_strategy(strategy, **hparams)
             if wanted.spec() != saved.spec():
                 raise StateError(
                     f"{self.store.path}: state was made with {saved.spec()}, not {wanted.spec()}"
                 )
-        pattern = manifest.get("linear_pattern")
-        recorded = manifest["base"]
+        pattern = manifest.linear_pattern
+        recorded = manifest.base
         record = None if self.verify_base else self._recorded_base(recorded)
         if record is not None:  # the very base the state last read, unchanged
-            self.infos = tensor_infos(self.base, pattern, record["linear"])
-            self.base_tensors.sum_sq = dict(record["sum_sq"])
+            self.infos = tensor_infos(self.base, pattern, list(record.linear))
+            self.base_tensors.sum_sq = dict(record.sum_sq)
         else:
             self.infos = tensor_infos(self.base, pattern)
             fingerprint = self.base_tensors.fingerprint(self.infos)
-            if fingerprint != recorded["fingerprint"]:
+            if fingerprint != recorded.fingerprint:
                 raise StateError(
                     f"{self.store.path}: base {self.base.source} is not the base this state was "
-                    f"started from ({recorded['source']}): its fingerprint is {fingerprint[:16]}…, "
-                    f"the state's {recorded['fingerprint'][:16]}… (give --base the base it was "
+                    f"started from ({recorded.source}): its fingerprint is {fingerprint[:16]}…, "
+                    f"the state's {recorded.fingerprint[:16]}… (give --base the base it was "
                     "started from)"
                 )
-            if not self.read_only:  # recorded by the next commit
-                manifest["base"] = {**recorded, **self._base_record()}
+            known = self._base_record()
+            if not self.read_only and known is not None:  # recorded by the next commit
+                self.store.manifest = replace(manifest, base=replace(recorded, record=known))
         assert isinstance(self.store, DiskStore)
         if self.store.slot_metas != self.slot_metas(saved):
             raise StateError(
-                f"{self.store.path}/{manifest['state_file']}: its state tensors are not those "
+                f"{self.store.path}/{manifest.state_file}: its state tensors are not those "
                 f"{saved.spec()} keeps for this base; nothing was changed"
             )
         return saved
 
-    def _base_record(self) -> dict[str, Any]:
+    def _base_record(self) -> KnownBase | None:
         """What a later open of this unchanged base takes instead of reading it (``record``);
-        nothing for a base that is not files, or whose norms JSON cannot hold."""
+        None for a base that is not files, or whose norms JSON cannot hold."""
         if self._base_identity is None or not all(map(math.isfinite, self.base_sq.values())):
-            return {}
-        linear = sorted(n for n, i in self.infos.items() if i.is_linear)
-        return {
-            "record": {"identity": self._base_identity, "linear": linear, "sum_sq": self.base_sq}
-        }
-
-    def _recorded_base(self, base: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The state's record of its base if it is of this base's files as they are now, and
-        well formed (a hand-edited or older manifest has none: the base is read)."""
-        record = base.get("record")
-        if self._base_identity is None or not isinstance(record, dict):
             return None
-        linear, sum_sq = record.get("linear"), record.get("sum_sq")
+        linear = tuple(sorted(n for n, i in self.infos.items() if i.is_linear))
+        return KnownBase(self._base_identity, linear, dict(self.base_sq))
+
+    def _recorded_base(self, base: BaseRecord) -> KnownBase | None:
+        """The state's record of its base if it is of this base's files as they are now (a
+        hand-edited, malformed or older manifest has none: the base is read)."""
+        record = base.record
         if (
-            record.get("identity") != self._base_identity
-            or not isinstance(linear, list)
-            or not all(isinstance(n, str) for n in linear)
-            or not isinstance(sum_sq, dict)
-            or sum_sq.keys() != set(self._float_names)
-            or not all(type(v) in (int, float) for v in sum_sq.values())
+            self._base_identity is None
+            or record is None
+            or record.identity != self._base_identity
+            or record.sum_sq.keys() != set(self._float_names)
         ):
             return None
         return record
@@ -304,16 +297,16 @@ class Merger:
 
     # --- inspection -----------------------------------------------------------------------
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         return self.store.manifest
 
     @property
     def count(self) -> int:
-        return int(self.manifest["globals"]["count"])
+        return self.manifest.count
 
     @property
-    def arrivals(self) -> list[dict[str, Any]]:
-        return list(self.manifest["arrivals"])
+    def arrivals(self) -> list[ArrivalRecord]:
+        return list(self.manifest.arrivals)
 
     @property
     def base_sq(self) -> dict[str, float]:
@@ -365,7 +358,7 @@ class Merger:
 
     def _known_file(self, identity: str | None, label: str, started: float) -> FoldResult | None:
         """The very same file, unchanged, was folded before: its result, with no reading."""
-        for record in arrival_records(self.manifest) if identity is not None else ():
+        for record in self.manifest.arrivals if identity is not None else ():
             if record.file == identity:
                 seconds = time.perf_counter() - started
                 return FoldResult("duplicate", record.index, record.hash, label, seconds)
@@ -380,7 +373,7 @@ class Merger:
         """The ``FoldContext`` of the arrival folded ``index``-th."""
         return FoldContext(
             index=index,
-            globals=dict(self.manifest["globals"]),
+            globals=dict(self.manifest.globals),
             extras=extras or {},
             numel=sum(self.infos[n].meta.numel for n in self._float_names),
             float64=any(self.infos[n].compute_dtype == torch.float64 for n in self._float_names),
@@ -461,7 +454,7 @@ class Merger:
         StateError, after the last tensor at the latest, if a merged tensor is not finite or
         the state read does not match its checksum (``emit`` then writes nothing)."""
         dtype = parse_out_dtype(out_dtype)
-        globals_ = self.manifest["globals"]
+        globals_ = self.manifest.globals
         self.store.begin_check()
         for name, info in self.infos.items():
             base = self.base.read(name)

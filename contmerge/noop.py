@@ -16,10 +16,10 @@ from pathlib import Path
 from .dirlock import DirectoryLock
 from .errors import ContmergeError
 from .identity import base_identity, file_identity
-from .manifest import FORMAT, MANIFEST, read_manifest
+from .manifest import MANIFEST, Manifest, read_manifest
 
 
-def already_folded(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]]] | None:
+def already_folded(args: argparse.Namespace) -> tuple[Manifest, list[tuple[str, int]]] | None:
     """The manifest and (checkpoint, its index) for every checkpoint of a ``merge`` invocation
     when each is the very file folded before and nothing else was asked; None when the Merger
     must decide.
@@ -33,19 +33,19 @@ def already_folded(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]
         return _answer(args)
 
 
-def _answer(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]]] | None:
+def _answer(args: argparse.Namespace) -> tuple[Manifest, list[tuple[str, int]]] | None:
     try:
         manifest, _ = read_manifest(args.state)
     except ContmergeError:
         return None
-    if args.strategy is not None and args.strategy != manifest["strategy"]:
+    if args.strategy is not None and args.strategy != manifest.strategy:
         return None  # perhaps the same rule written another way: the Merger compares specs
-    record = manifest["base"].get("record")
-    if not isinstance(record, dict) or record.get("identity") != base_identity(args.base):
+    record = manifest.base.record
+    if record is None or record.identity != base_identity(args.base):
         return None
     if not _state_file_in_place(Path(args.state), manifest):
         return None  # the Merger names what is wrong with it
-    index_of = {a.get("file"): a["index"] for a in manifest["arrivals"] if a.get("file")}
+    index_of = {a.file: a.index for a in manifest.arrivals if a.file}
     found = []
     for checkpoint in args.checkpoints:
         index = index_of.get(file_identity(checkpoint))
@@ -55,10 +55,11 @@ def _answer(args: argparse.Namespace) -> tuple[dict, list[tuple[str, int]]] | No
     return manifest, found
 
 
-def _state_file_in_place(directory: Path, manifest: dict) -> bool:
+def _state_file_in_place(directory: Path, manifest: Manifest) -> bool:
     """The generation's file is there with the recorded size (a cheap look, as opening does)."""
+    assert manifest.state_file is not None  # read from a directory: always named
     try:
-        size = os.stat(directory / manifest["state_file"]).st_size
+        size = os.stat(directory / manifest.state_file).st_size
     except OSError:
         return False
-    return manifest["format"] != FORMAT or size == manifest["checksum"]["bytes"]
+    return manifest.checksum is None or size == manifest.checksum.bytes

@@ -21,7 +21,7 @@ def recorded_base(state: str | Path) -> tuple[str, bool]:
     A relative path (an older state) is resolved against the current directory, with a
     :class:`Notice` saying so.
     """
-    source = str(read_manifest(state)[0]["base"]["source"])
+    source = read_manifest(state)[0].base.source
     if source.startswith("<"):  # "<memory>": a state dict or module, not a file
         return source, False
     path = Path(source)

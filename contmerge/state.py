@@ -26,6 +26,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,16 @@ from .atomic import NamedWrites, atomic_write_bytes, fsync_dir, writing
 from .dirlock import BUSY, DirectoryLock
 from .errors import CheckpointError, StateError
 from .hashing import ALGORITHM, LEAF_BYTES, ContentHash, leaf_digest, tensor_leaves
-from .manifest import FORMAT, MANIFEST, dump_manifest, is_state_file, read_manifest, state_file_name
+from .manifest import (
+    FORMAT,
+    MANIFEST,
+    Checksum,
+    Manifest,
+    dump_manifest,
+    is_state_file,
+    read_manifest,
+    state_file_name,
+)
 from .strategy import State
 from .tensorfile import SafetensorsReader, SafetensorsWriter, TensorMeta
 
@@ -79,7 +89,7 @@ class MemoryStore:
     than the fold itself). Memory is two states, whatever the number of folds.
     """
 
-    def __init__(self, manifest: dict[str, Any], tensors: dict[str, State]) -> None:
+    def __init__(self, manifest: Manifest, tensors: dict[str, State]) -> None:
         self.manifest = manifest
         self._tensors = tensors
         self._spare: dict[str, State] = {}
@@ -107,7 +117,7 @@ class MemoryStore:
     def end_check(self) -> None:
         pass
 
-    def commit(self, staging: _MemoryStaging, manifest: dict[str, Any]) -> None:
+    def commit(self, staging: _MemoryStaging, manifest: Manifest) -> None:
         old, self._tensors = self._tensors, staging.tensors
         # a rule's fold may hand back a tensor of its old state as the new one: never reuse those
         # (a new state written into the buffers handed out for it cannot be one)
@@ -159,7 +169,7 @@ class DiskStore:
         self,
         path: Path,
         lock: DirectoryLock,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         raw: bytes,
         *,
         writable: bool,
@@ -170,7 +180,7 @@ class DiskStore:
         self._lock = lock
         self._raw = raw  # the manifest's bytes on disk as last read or written: compare-and-swap
         # a format-2 state gets its run id (recorded in each generation's file) at its next commit
-        self._run = str(manifest.get("run") or uuid.uuid4().hex)
+        self._run = manifest.run or uuid.uuid4().hex
         self._reader: SafetensorsReader | None = None
         self._checked: dict[str, list[bytes]] | None = None
         # a batch's new state is computed here, then written out: reused across folds
@@ -202,7 +212,7 @@ class DiskStore:
         cls,
         path: Path,
         lock: DirectoryLock,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         initial: Mapping[str, State],
         metas: Mapping[str, TensorMeta],
     ) -> DiskStore:
@@ -212,7 +222,7 @@ class DiskStore:
             if os.path.lexists(path / MANIFEST):
                 raise StateError(f"{path}: a merge state already exists here")
             _clear_for_creation(path)
-            manifest = {**manifest, "format": FORMAT, "run": uuid.uuid4().hex, "generation": 0}
+            manifest = replace(manifest, format=FORMAT, run=uuid.uuid4().hex, generation=0)
             staging = _DiskStaging(path, metas, manifest, _Scratch())
             raw = None
             try:
@@ -235,7 +245,8 @@ class DiskStore:
 
     def _open_generation(self) -> SafetensorsReader:
         """The file the manifest names, checked cheaply against the recorded checksum."""
-        path = self.path / self.manifest["state_file"]  # a plain name: read_manifest checked it
+        assert self.manifest.state_file is not None  # read_manifest checked it is a plain name
+        path = self.path / self.manifest.state_file
         try:
             reader = SafetensorsReader(path)
         except CheckpointError as exc:
@@ -296,14 +307,14 @@ class DiskStore:
         """If every state tensor was read since ``begin_check``, check them against the
         generation's checksum (an emit reads them all anyway)."""
         checked, self._checked = self._checked, None
-        checksum = self.manifest.get("checksum")
+        checksum = self.manifest.checksum
         assert self._reader is not None
         if checksum is None or checked is None or checked.keys() != self._reader.meta.keys():
             return
         content = ContentHash()
         for key, meta in self._reader.meta.items():
             content.add(key, meta.dtype, meta.shape, checked[key])
-        if content.hexdigest() != checksum["content"]:
+        if content.hexdigest() != checksum.content:
             raise _corrupt_data(self._reader.path)
 
     def verify(self) -> str:
@@ -311,10 +322,10 @@ class DiskStore:
         manifest; a line saying what was checked (StateError on a mismatch)."""
         reader = self._reader
         assert reader is not None
-        checksum = self.manifest.get("checksum")
+        checksum = self.manifest.checksum
         if checksum is None:
             return (
-                f"{reader.path}: readable, but no checksum is recorded (a {self.manifest['format']}"
+                f"{reader.path}: readable, but no checksum is recorded (a {self.manifest.format}"
                 " state): the next fold records one"
             )
         content, buffer = ContentHash(), np.empty(LEAF_BYTES, dtype=np.uint8)
@@ -324,27 +335,30 @@ class DiskStore:
                 piece = buffer[: min(LEAF_BYTES, meta.nbytes - offset)]
                 leaves.append(leaf_digest(reader.read_bytes(key, offset, piece)))
             content.add(key, meta.dtype, meta.shape, leaves)
-        if content.hexdigest() != checksum["content"]:
+        if content.hexdigest() != checksum.content:
             raise _corrupt_data(reader.path)
         return (
-            f"{reader.path}: {len(reader.meta)} state tensors, {checksum['bytes']} bytes, match "
-            f"the checksum of generation {self.manifest['generation']}"
+            f"{reader.path}: {len(reader.meta)} state tensors, {checksum.bytes} bytes, match "
+            f"the checksum of generation {self.manifest.generation}"
         )
 
     # --- committing -----------------------------------------------------------------------
     def begin(self, metas: Mapping[str, TensorMeta]) -> _DiskStaging:
         self._require_writable()
         self._checked = None  # a fold's reads are not an emit's (one left unfinished)
-        generation = int(self.manifest["generation"]) + 1
-        next_manifest = {**self.manifest, "run": self._run, "generation": generation}
+        next_manifest = replace(
+            self.manifest, run=self._run, generation=self.manifest.generation + 1
+        )
         return _DiskStaging(self.path, metas, next_manifest, self._scratch, self.path / SPARE)
 
-    def commit(self, staging: _DiskStaging, manifest: dict[str, Any]) -> None:
+    def commit(self, staging: _DiskStaging, manifest: Manifest) -> None:
         """Make ``manifest`` (naming ``staging``'s file) the state, or raise and change nothing:
         StateError if another process committed or took the lock since this one opened it."""
         self._require_writable()
-        manifest = staging.seal({**manifest, "format": FORMAT, "run": self._run})
-        old = self.manifest["state_file"]
+        # a format-2 state is upgraded here: format 3, with its run and checksum
+        manifest = staging.seal(replace(manifest, format=FORMAT, run=self._run))
+        old = self.manifest.state_file
+        assert old is not None and manifest.state_file is not None
         self._check_still_ours()
         _remove_leftovers(self.path, keep={old, staging.tmp.name, SPARE})
         staging.publish()
@@ -357,7 +371,7 @@ class DiskStore:
             raise
         staging.committed = True
         self.manifest, self._raw = manifest, raw
-        self._set_reader(SafetensorsReader(self.path / manifest["state_file"]))
+        self._set_reader(SafetensorsReader(self.path / manifest.state_file))
         # the old generation is no longer named by the manifest: the next fold overwrites it in
         # place, several times faster than writing a new file (no block allocation, no unlink)
         with contextlib.suppress(FileNotFoundError):
@@ -426,12 +440,12 @@ class _DiskStaging:
         self,
         directory: Path,
         metas: Mapping[str, TensorMeta],
-        manifest: Mapping[str, Any],
+        manifest: Manifest,
         scratch: _Scratch,
         spare: Path | None = None,
     ) -> None:
         self.directory = directory
-        generation = int(manifest["generation"])
+        generation = manifest.generation
         self.final_name = state_file_name(generation)
         self.final = directory / self.final_name
         self.committed = False  # set by the store once the manifest names this file
@@ -448,9 +462,9 @@ class _DiskStaging:
         self._pending: set[str] = set()
         metadata = {
             "format": FORMAT,
-            "contmerge_run": str(manifest["run"]),
+            "contmerge_run": str(manifest.run),
             "contmerge_generation": str(generation),
-            "contmerge_base": str(manifest["base"]["fingerprint"]),
+            "contmerge_base": manifest.base.fingerprint,
         }
         self._writer = SafetensorsWriter(self._hashing, metas, metadata)  # type: ignore[arg-type]
         self._flusher = _EarlyWriteback(fd)
@@ -471,7 +485,7 @@ class _DiskStaging:
         if not self._pending:
             self._scratch.reset()
 
-    def seal(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    def seal(self, manifest: Manifest) -> Manifest:
         """Finish and sync the file; ``manifest`` naming it, with its checksum."""
         self._writer.finish()
         self._file.flush()
@@ -484,13 +498,8 @@ class _DiskStaging:
         self._file.sync()  # only what the early writeback has not yet done
         header = _header_digest(fd)
         self._file.close()
-        checksum = {
-            "algorithm": ALGORITHM,
-            "bytes": size,
-            "header": header,
-            "content": self._content.hexdigest(),
-        }
-        return {**manifest, "state_file": self.final_name, "checksum": checksum}
+        checksum = Checksum(ALGORITHM, size, header, self._content.hexdigest())
+        return replace(manifest, state_file=self.final_name, checksum=checksum)
 
     def publish(self) -> None:
         """Give the file its generation's name, never over an existing file: two writers that
@@ -639,12 +648,10 @@ def _header_digest(fd: int) -> str:
     return xxhash.xxh3_128_hexdigest(os.pread(fd, 8 + length, 0))
 
 
-def _check_generation_file(
-    path: Path, reader: SafetensorsReader, manifest: Mapping[str, Any]
-) -> None:
+def _check_generation_file(path: Path, reader: SafetensorsReader, manifest: Manifest) -> None:
     """The cheap checks on open: the file is the one the manifest's checksum describes (its
     run, generation, base, size and header), without reading its data."""
-    checksum = manifest.get("checksum")
+    checksum = manifest.checksum
     if checksum is None:  # format 2: nothing recorded yet
         return
     metadata = reader.metadata
@@ -653,27 +660,27 @@ def _check_generation_file(
         "generation": metadata.get("contmerge_generation"),
         "base": metadata.get("contmerge_base"),
     }
-    if found["run"] != manifest["run"]:
+    if found["run"] != manifest.run:
         raise StateError(
             f"{path}: belongs to another merge state (run {found['run']}, this state's is "
-            f"{manifest['run']}): the file was replaced; nothing was changed"
+            f"{manifest.run}): the file was replaced; nothing was changed"
         )
-    if found["generation"] != str(manifest["generation"]):
+    if found["generation"] != str(manifest.generation):
         raise StateError(
             f"{path}: holds generation {found['generation']}, the manifest is at generation "
-            f"{manifest['generation']}: the file was replaced; nothing was changed"
+            f"{manifest.generation}: the file was replaced; nothing was changed"
         )
-    if found["base"] != manifest["base"]["fingerprint"]:
+    if found["base"] != manifest.base.fingerprint:
         raise StateError(f"{path}: belongs to another base than the manifest's; nothing changed")
     size = path.stat().st_size
-    if size != checksum["bytes"]:
+    if size != checksum.bytes:
         raise StateError(
-            f"{path}: {size} bytes, the manifest records {checksum['bytes']}: the file was "
+            f"{path}: {size} bytes, the manifest records {checksum.bytes}: the file was "
             "truncated or altered; nothing was changed"
         )
     with open(path, "rb") as handle:
         header = _header_digest(handle.fileno())
-    if header != checksum["header"]:
+    if header != checksum.header:
         raise StateError(
             f"{path}: its header does not match the manifest's checksum: the file was altered; "
             "nothing was changed"

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .manifest import Manifest
 from .strategy import State
 from .tensorfile import TensorMeta
 
@@ -39,8 +40,8 @@ class Store(Protocol):
 
     #: the state's directory (None in memory)
     path: Path | None
-    #: the committed manifest (see ``contmerge.manifest``)
-    manifest: dict[str, Any]
+    #: the committed manifest
+    manifest: Manifest
 
     def read(self, name: str) -> State: ...
 
@@ -56,7 +57,7 @@ class Store(Protocol):
 
     def begin(self, metas: Mapping[str, TensorMeta]) -> Staging: ...
 
-    def commit(self, staging: Any, manifest: dict[str, Any]) -> None:
+    def commit(self, staging: Any, manifest: Manifest) -> None:
         """Make ``staging`` the current state and ``manifest`` the manifest, in one step."""
         ...
 

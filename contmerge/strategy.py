@@ -181,6 +181,10 @@ class FoldContext:
     #: where a rule's heavy per-tensor work runs (``Merger(device=...)``); None: where the
     #: tensors are (the CPU). State, inputs and results stay on the CPU
     device: torch.device | None = None
+    #: the engine will fold with the rule's ``deferred_fold`` if it gives one (the rule
+    #: ``defers``, the state is in memory, every tensor is chunked): its passes may leave the
+    #: whole-model statistics that fold settles unfinished
+    defer: bool = False
 
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """The tensors on ``device`` for the work (unchanged when none is set); the caller hands
@@ -212,6 +216,28 @@ class FoldContext:
 
     def add_stat(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + float(value)
+
+
+#: ``chunk(start, arrival, base, old, out) -> Σ (arrival − base)²`` (NaN or Inf if any δ or
+#: decided entry is): one flat chunk of a tensor, in the compute dtype, folded into ``out``
+ChunkFold = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], float]
+
+
+class DeferredFold:
+    """An elementwise fold that starts before its whole-model statistics are known: every
+    entry they cannot change is folded at once, the few others wait, and ``settle`` folds
+    those when the last chunk is done (TIES: the entries near its thresholds). One per fold;
+    ``chunk`` is called from several threads at once."""
+
+    def chunk(self, info: TensorInfo) -> ChunkFold:
+        raise NotImplementedError
+
+    def settle(self, ctx: FoldContext) -> list[str] | None:
+        """Fold the waiting entries into the ``out`` arrays they came from; the names of the
+        tensors whose new state is not finite (empty if none), or None when the statistics
+        could not be settled from what waited: the engine then folds the arrival again, with
+        ``ctx.defer`` off."""
+        raise NotImplementedError
 
 
 class Pass:
@@ -309,6 +335,14 @@ class Strategy:
     def entry_fold(self, info: TensorInfo, ctx: FoldContext) -> EntryFold | None:
         """How one entry folds, for an elementwise rule with a single state slot whose new
         value depends only on the entry's δ and old value; None (the default) otherwise."""
+        return None
+
+    #: the rule has a ``deferred_fold`` (the engine then sets ``ctx.defer`` where it can use it)
+    defers: ClassVar[bool] = False
+
+    def deferred_fold(self, ctx: FoldContext) -> DeferredFold | None:
+        """This arrival's fold as a ``DeferredFold`` (single state slot, after the passes run
+        with ``ctx.defer`` on), or None for the ordinary fold."""
         return None
 
     #: ``fold`` of one tensor is heavy and depends on that tensor alone: the engine may fold

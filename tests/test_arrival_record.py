@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from contmerge import Merger
-from contmerge.manifest import ArrivalRecord, arrival_records, read_manifest
+from contmerge.manifest import ArrivalRecord, read_manifest
 
 from helpers import write_models
 
@@ -17,12 +17,12 @@ DATA = Path(__file__).parent / "data"
 
 def test_a_format_2_states_records_read_and_write_back_unchanged(tmp_path) -> None:
     shutil.copytree(DATA / "state-v2", tmp_path / "v2")
-    manifest, _ = read_manifest(tmp_path / "v2" / "state")
-    assert manifest["format"] == "contmerge-state/2"
-    records = arrival_records(manifest)
+    manifest, raw_bytes = read_manifest(tmp_path / "v2" / "state")
+    assert manifest.format == "contmerge-state/2"
+    records = manifest.arrivals
     assert [r.index for r in records] == [1, 2]
     assert records[0].source == "ft0.safetensors" and records[0].dtype is None  # v2 had none
-    for record, raw in zip(records, manifest["arrivals"]):
+    for record, raw in zip(records, json.loads(raw_bytes)["arrivals"]):
         assert list(record.to_json().items()) == list(raw.items())  # keys in the same order
 
 

@@ -214,7 +214,7 @@ class Campaign:
         with Merger(self.base, state_dir=state, read_only=True) as merger:
             assert isinstance(merger.store, contmerge.state.DiskStore)
             merger.store.verify()
-            folded = [Path(a["source"]) for a in merger.arrivals]
+            folded = [Path(a.source) for a in merger.arrivals]
         count = len(folded)
         assert folded == self.paths[:count], (strategy, folded)
         assert count >= before and (not done or count >= done[-1] + 1), (strategy, events)

@@ -169,8 +169,8 @@ def test_weights_of_average_and_task_arithmetic_and_their_record(elementwise: bo
         for model, weight in zip(models, weights):
             average.fold(model, weight=weight)
             ta.fold(model, weight=weight)
-        assert [a["weight"] for a in average.arrivals] == weights
-        assert average.manifest["globals"]["weight_sum"] == sum(weights)
+        assert [a.weight for a in average.arrivals] == weights
+        assert average.manifest.globals["weight_sum"] == sum(weights)
         got_average, got_ta = average.emit_state_dict(), ta.emit_state_dict()
     for name, value in base.items():
         if not value.is_floating_point():

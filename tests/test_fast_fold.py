@@ -168,7 +168,7 @@ def test_chunked_path_equals_the_per_tensor_path(
     for (key, a), (_, b) in zip(fast.iter_merged(), slow.iter_merged()):
         assert torch.equal(bits(a), bits(b)), key
     for record_fast, record_slow in zip(fast.arrivals, slow.arrivals):
-        assert record_fast["relative_delta"] == pytest.approx(record_slow["relative_delta"])
+        assert record_fast.relative_delta == pytest.approx(record_slow.relative_delta)
 
 
 def as_dtype(model: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -211,7 +211,7 @@ def test_an_arrival_in_another_dtype_folds_chunked_as_per_tensor_and_as_its_valu
         assert a.dtype == base[key].dtype, key  # emitted in the base's dtype
         assert torch.equal(bits(a), bits(b)), key
         assert torch.equal(bits(a), bits(c)), key
-    assert {r["dtype"] for r in fast.arrivals} == {CODE_BY_DTYPE[arrival_dtype]}
+    assert {r.dtype for r in fast.arrivals} == {CODE_BY_DTYPE[arrival_dtype]}
 
 
 @pytest.mark.parametrize("durable", [False, True])
@@ -328,12 +328,12 @@ def test_durable_state_reuses_the_previous_generation_file(tmp_path) -> None:
         for path in paths[:3]:
             merger.fold(path)
         names = sorted(p.name for p in state.iterdir())
-        assert names == [".lock", SPARE, "manifest.json", merger.manifest["state_file"]]
+        assert names == [".lock", SPARE, "manifest.json", merger.manifest.state_file]
     spare = (state / SPARE).stat().st_ino
     with Merger(base_path, state_dir=state) as merger:  # reopening deletes nothing
         assert SPARE in {p.name for p in state.iterdir()}
         merger.fold(paths[3])
-        assert (state / merger.manifest["state_file"]).stat().st_ino == spare  # overwritten
+        assert (state / merger.manifest.state_file).stat().st_ino == spare  # overwritten
         durable = merger.emit_state_dict()
     memory = Merger(base_path, "task_arithmetic")
     for path in paths:

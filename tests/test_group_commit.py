@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from contmerge import Merger
 from contmerge.cli import main
+from contmerge.manifest import Manifest
 
 from helpers import assert_same, fine_tuned, random_base, write_models
 
@@ -28,8 +29,8 @@ def one_by_one(base, paths, strategy, state):
         return results, merger.emit_state_dict(), merger.manifest
 
 
-def comparable(manifest: dict) -> list[tuple]:
-    return [(a["index"], a["hash"], a["file"], a["source"]) for a in manifest["arrivals"]]
+def comparable(manifest: Manifest) -> list[tuple]:
+    return [(a.index, a.hash, a.file, a.source) for a in manifest.arrivals]
 
 
 @pytest.mark.parametrize("strategy", GROUPED)
@@ -41,9 +42,9 @@ def test_a_group_folds_as_one_by_one_in_one_commit(tmp_path, strategy):
         assert results is not None
         assert [(r.status, r.index) for r in results] == [("folded", i) for i in (1, 2, 3, 4)]
         assert_same(merger.emit_state_dict(), expected)
-        assert merger.manifest["generation"] == 1  # one commit for the four
+        assert merger.manifest.generation == 1  # one commit for the four
         assert comparable(merger.manifest) == comparable(manifest)
-        assert merger.manifest["globals"] == manifest["globals"]
+        assert merger.manifest.globals == manifest.globals
     with Merger(base, state_dir=tmp_path / "group", read_only=True) as merger:
         assert_same(merger.emit_state_dict(), expected)  # as committed on disk
 
@@ -53,7 +54,7 @@ def test_rules_with_passes_or_whole_model_values_are_not_grouped(tmp_path, strat
     base, ft = write_models(tmp_path, 3)
     with Merger(base, strategy, state_dir=tmp_path / "state") as merger:
         assert merger.fold_group(ft) is None
-        assert merger.count == 0 and merger.manifest["generation"] == 0
+        assert merger.count == 0 and merger.manifest.generation == 0
 
 
 def test_files_folded_before_are_skipped_and_the_rest_grouped(tmp_path):
@@ -69,7 +70,7 @@ def test_files_folded_before_are_skipped_and_the_rest_grouped(tmp_path):
             ("folded", 3),
             ("folded", 4),
         ]
-        assert merger.manifest["generation"] == 2
+        assert merger.manifest.generation == 2
         # average is order-dependent only in rounding: compare with the same order
         _, same_order, _ = one_by_one(
             base, [ft[1], ft[0], ft[2], ft[3]], "average", tmp_path / "seq2"
@@ -86,7 +87,7 @@ def test_a_group_with_a_refused_or_repeated_arrival_changes_nothing(tmp_path):
     with Merger(base, "average", state_dir=tmp_path / "state") as merger:
         assert merger.fold_group([ft[0], foreign, ft[1]]) is None
         assert merger.fold_group([ft[0], ft[1], copy]) is None
-        assert merger.count == 0 and merger.manifest["generation"] == 0
+        assert merger.count == 0 and merger.manifest.generation == 0
 
 
 def test_merge_of_several_groups_them_and_keep_going_still_reports_each(tmp_path, capsys):

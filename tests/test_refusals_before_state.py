@@ -34,7 +34,7 @@ def test_arrival_sources_are_recorded_absolute_and_shown_as_typed(models, tmp_pa
         result = merger.fold("ft0.safetensors")
         merger.fold("ft1.safetensors", name="client 7")
         assert result.source == "ft0.safetensors"
-        recorded = [a["source"] for a in merger.arrivals]
+        recorded = [a.source for a in merger.arrivals]
         assert recorded == [str(tmp_path / "ft0.safetensors"), "client 7"]
 
 
@@ -59,5 +59,5 @@ def test_a_refused_new_state_leaves_nothing_behind(models, tmp_path, capsys, opt
 
 def test_the_python_api_refuses_before_making_the_directory(models, tmp_path):
     with pytest.raises(ContmergeError, match="no setting 'bogus'"):
-        Merger("base.safetensors", "opcm", tmp_path / "new", bogus=1)
+        Merger("base.safetensors", "opcm", tmp_path / "new", settings={"bogus": 1})
     assert not os.path.lexists(tmp_path / "new")

@@ -110,6 +110,10 @@ def test_upload_fold_download_equals_a_direct_sequential_fold(served: Served) ->
     status = served.client.status()
     assert status["state"]["count"] == len(folded_ids)
     assert status["queue"]["depth"] == 0
+    # both are built from the writer's typed manifest: the state's manifest.json as committed
+    assert manifest == json.loads((served.state / "manifest.json").read_bytes())
+    assert status["folded"] == manifest["arrivals"][::-1][:20]
+    assert status["state"]["generation"] == manifest["generation"]
     metrics = served.client.metrics()
     assert f"contmerge_state_count {len(folded_ids)}" in metrics
     assert 'contmerge_duplicates_total{origin="http"} 1' in metrics

@@ -170,7 +170,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_state(tmp_path):
         proc.wait()
         with Merger(base, state_dir=state) as merger:
             count = merger.count
-            order = [Path(a["source"]) for a in merger.arrivals]
+            order = [Path(a.source) for a in merger.arrivals]
             assert order == paths[:count]
             assert_same(merger.emit_state_dict(), merged_after(base, paths[:count], "opcm"))
         seen_counts.add(count)
@@ -217,7 +217,7 @@ def test_an_unchanged_file_is_recognised_without_reading_it(tmp_path):
     with Merger(base, "opcm", tmp_path / "state") as merger:
         merger.fold(paths[0])
         record = merger.arrivals[0]
-        assert record["file"] is not None and record["median_matrix_delta"] > 0
+        assert record.file is not None and record.median_matrix_delta > 0
         # same inode, size and mtime, other bytes: recognised by identity, so never parsed
         stat = paths[0].stat()
         with open(paths[0], "r+b") as handle:
@@ -292,7 +292,7 @@ def test_two_merges_creating_one_state_at_once_lose_no_fold(tmp_path):
         go.touch()
         results = [proc.communicate(timeout=600) for proc in procs]
         with Merger(base, state_dir=state) as merger:
-            folded = [Path(a["source"]) for a in merger.arrivals]
+            folded = [Path(a.source) for a in merger.arrivals]
             emitted = merger.emit_state_dict()
         assert len(set(folded)) == len(folded)
         for proc, (_, err), ckpts in zip(procs, results, mine):
@@ -318,7 +318,7 @@ def test_a_writer_that_lost_its_lock_cannot_overwrite_another_fold(tmp_path):
         first.fold(paths[2])
     first.close()
     with Merger(base, state_dir=state) as merger:
-        assert [Path(a["source"]) for a in merger.arrivals] == paths[:2]
+        assert [Path(a.source) for a in merger.arrivals] == paths[:2]
         assert_same(merger.emit_state_dict(), merged_after(base, paths[:2], "average"))
 
 
@@ -335,7 +335,7 @@ def test_a_lost_lock_is_noticed_before_the_other_writer_commits(tmp_path):
     second.fold(paths[2])  # the holder of the directory's lock folds as usual
     second.close()
     with Merger(base, state_dir=state) as merger:
-        assert [Path(a["source"]) for a in merger.arrivals] == [paths[0], paths[2]]
+        assert [Path(a.source) for a in merger.arrivals] == [paths[0], paths[2]]
 
 
 def test_a_commit_over_a_manifest_changed_behind_its_back_is_refused(tmp_path):

@@ -301,7 +301,7 @@ def snapshot(merger: Merger) -> tuple[dict[str, bytes], dict, dict[str, bytes]]:
         name: value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         for name, value in merger.emit_state_dict().items()
     }
-    return files, json.loads(json.dumps(merger.manifest)), emitted
+    return files, json.loads(json.dumps(merger.manifest.to_json())), emitted
 
 
 SETUPS = [
@@ -356,7 +356,7 @@ def test_bad_input_is_refused_and_leaves_the_state_untouched(folded_once, case: 
     # the next good checkpoint folds, and the result is as if the bad one never came
     result = merger.fold(good_file)
     assert (result.status, result.index, merger.count) == ("folded", 2, 2)
-    reference = Merger(base_path, merger.manifest["strategy"])
+    reference = Merger(base_path, merger.manifest.strategy)
     reference.fold(work.parent / "good1.safetensors")
     reference.fold(good_file)
     assert snapshot(merger)[2] == snapshot(reference)[2]

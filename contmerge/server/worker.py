@@ -26,8 +26,9 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -97,6 +98,45 @@ def describe(exc: Exception, item: WorkItem) -> str:
     return f"fold failed: {type(exc).__name__}: {exc}".replace(str(item.path), name)
 
 
+class _Recorded(Protocol):
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def source(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class _Sourced(Protocol):
+    @property
+    def source(self) -> str: ...
+
+
+class StateView(Protocol):
+    """What the server reads of the manifest of the state it serves: a ``manifest.Manifest``,
+    or for an FW state ``fw_served.FwManifest``, which has the same attributes."""
+
+    @property
+    def strategy(self) -> str: ...
+
+    @property
+    def base(self) -> _Sourced: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def arrivals(self) -> Sequence[_Recorded]: ...
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of ``GET /manifest``."""
+        ...
+
+
 class Writer(threading.Thread):
     def __init__(
         self,
@@ -122,7 +162,7 @@ class Writer(threading.Thread):
         for leftover in emit_dir.glob(".*.tmp"):  # an emit cut short by a crash
             leftover.unlink()
         # the manifest as of the last commit; other threads read this, never the Merger
-        self.manifest: dict[str, Any] = merger.manifest
+        self.manifest: StateView = merger.manifest
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -221,13 +261,14 @@ class Writer(threading.Thread):
         event: FinalEvent = "folded"
         reason, recovered = None, False
         if result.status != "folded":
-            earlier = next((a for a in self.merger.arrivals if a["index"] == result.index), {})
-            if earlier.get("source") == arrival.label:
+            earlier = next((a for a in self.merger.arrivals if a.index == result.index), None)
+            source = None if earlier is None else earlier.source
+            if source == arrival.label:
                 # committed before a crash, not yet journaled: the same arrival, not a copy
                 recovered = True
             else:
                 event = "duplicate"
-                reason = f"same content as #{result.index} ({earlier.get('source')})"
+                reason = f"same content as #{result.index} ({source})"
         return JournalRecord(
             event,
             arrival,
@@ -254,7 +295,7 @@ class Writer(threading.Thread):
     def open_merged(self) -> tuple[IO[bytes], dict[str, int]]:
         """The merged model of the current generation as an open file (emitted once per
         generation; the handle stays readable after a newer generation replaces the file)."""
-        generation = int(self.merger.manifest["generation"])
+        generation = self.merger.manifest.generation
         # the dtype is in the name: a restart with another --out-dtype must not serve the old
         dtype = "base" if self.out_dtype is None else CODE_BY_DTYPE[self.out_dtype].lower()
         path = self.emit_dir / f"{MERGED_PREFIX}{generation:08d}-{dtype}.safetensors"
