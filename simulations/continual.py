@@ -742,11 +742,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 #: measured full-run times on this 2-core machine (shared), shown as the demo's next step
 REAL_RUN_TIMES = {
-    "minilm": "31 fine-tunes × 20 steps at ≈ 2.5 s/step under load, then merge + evaluation; "
-    "see docs/continual.md",
+    "minilm": "31 fine-tunes × 20 steps at ≈ 2.5 s/step under load (estimate), then merge + "
+    "evaluation (measured with cached fine-tunes: 12 min); see docs/continual.md",
     "vit-s": "31 fine-tunes × 20 steps at ≈ 2.7 s/step under load, then merge + evaluation "
     "(measured: 50 min wall, 10 min CPU); see docs/continual.md",
-    "smollm2-lora": "not measured in full yet; see docs/continual.md",
+    "smollm2-lora": "frozen layers once, then 31 fine-tunes × 20 steps, then merge + evaluation "
+    "(measured: 29 min + 14 min at 1.4 s/step + the merges, at a load of 5-14); see "
+    "docs/continual.md",
 }
 
 

@@ -57,8 +57,13 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # vs 80 %). Kept, so its cached checkpoints stay valid.
     "vit-s": {"domain": "vision", "tasks": VISION_DEFAULT_TASKS, "trained_blocks": 3,
               "steps": 20, "lr": 1e-4},
-    "smollm2-lora": {"domain": "text", "tasks": TEXT_DEFAULT_TASKS, "trained_blocks": 4,
-                     "steps": 20, "lr": 1e-4},
+    # Budget (docs/continual.md): on 2 cores shared by ~7 jobs the run gets ~0.3 of a core, and
+    # with 4 LoRA layers at 32 tokens training and evaluation alone exceed the session (~10 h
+    # estimated from the measured prefix speed). 2 layers at 16 tokens cut both ~4×. "resolved"
+    # writes these into the config, so the cache key holds them.
+    "smollm2-lora": {"domain": "text", "tasks": TEXT_DEFAULT_TASKS, "trained_blocks": 2,
+                     "steps": 20, "lr": 1e-4,
+                     "resolved": {"trained_blocks": 2, "builder_kwargs": {"max_tokens": 16}}},
 }  # fmt: skip
 RECIPE_FIELDS = ("steps", "lr")
 
@@ -89,6 +94,13 @@ class RealConfig:
         for name in RECIPE_FIELDS:  # resolved here, so the cache key holds the values used
             if getattr(self, name) is None:
                 object.__setattr__(self, name, MODEL_DEFAULTS[self.model][name])
+        # Defaults that changed after a model's first checkpoints were cached go into the key
+        # too; only models that declare them, so the other models' cache keys stay valid.
+        resolved = MODEL_DEFAULTS[self.model].get("resolved", {})
+        if self.trained_blocks is None and "trained_blocks" in resolved:
+            object.__setattr__(self, "trained_blocks", resolved["trained_blocks"])
+        kwargs = {**resolved.get("builder_kwargs", {}), **dict(self.builder_kwargs)}
+        object.__setattr__(self, "builder_kwargs", kwargs)
 
     @property
     def lora(self) -> bool:
@@ -253,6 +265,12 @@ class RealScenario:
         else:
             tasks = load_tasks(self.config)
             tensors, meta = {}, {}
+            count = sum(len(t.x_train) + len(t.x_test) for t in tasks)
+            per = EXPECTED_PREFIX_SECONDS_PER_INPUT.get(self.config.model)
+            eta = f"; expected ≈ {count * per / 60:.0f} min on 2 shared cores" if per else ""
+            # for SmolLM2 this pass, not the training, is the long part of a first run
+            print(f"{self.config.model}: frozen blocks over {count} inputs, once (first run; "
+                  f"cached in {self.root}){eta}", flush=True)  # fmt: skip
             bar = tqdm(tasks, desc=f"{self.config.model}: frozen blocks", disable=not self.progress)
             for task in bar:
                 h_tr, m_tr = self.model.prefix_hidden(task.x_train)
@@ -427,6 +445,11 @@ class RealScenario:
         return {n: self._eval_memo[(key, n)] for n in names}
 
 
-#: fine-tuning seconds per step measured on this 2-core machine under a load average of 15-18
-#: (wall clock; minilm: 2 trained layers, vit-s: 3 blocks at 56 px), for the first-run ETA
-EXPECTED_SECONDS_PER_STEP: dict[str, float] = {"minilm": 2.5, "vit-s": 2.7, "smollm2-lora": 10.0}
+#: fine-tuning seconds per step measured on this 2-core machine, wall clock, for the first-run
+#: ETA (minilm: 2 trained layers, vit-s: 3 blocks at 56 px, at a load average of 15-18;
+#: smollm2-lora: LoRA on 2 layers at 16 tokens, mean over its first full run's 620 steps,
+#: load 5-14)
+EXPECTED_SECONDS_PER_STEP: dict[str, float] = {"minilm": 2.5, "vit-s": 2.7, "smollm2-lora": 1.4}
+#: seconds per input of the frozen-prefix pass (SmolLM2: 28 of 30 layers at 16 tokens, load
+#: 8-14), measured the same way; only where it was measured
+EXPECTED_PREFIX_SECONDS_PER_INPUT: dict[str, float] = {"smollm2-lora": 0.47}

@@ -267,7 +267,7 @@ def tiny_llama():  # -> (tokenizer, LlamaModel)
     return tokenizer, transformers.LlamaModel(config).eval()
 
 
-def smollm2(trained_blocks: int = 4, max_tokens: int = 32, tiny: bool = False) -> SplitModel:
+def smollm2(trained_blocks: int = 2, max_tokens: int = 16, tiny: bool = False) -> SplitModel:
     tokenizer, model = tiny_llama() if tiny else load_smollm2()
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:

@@ -54,6 +54,32 @@ def test_recipe_defaults_are_per_model_and_explicit_values_win(
     assert ContinualConfig(model="vit-s", steps=3).real_config().steps == 3
 
 
+def test_smollm2_budget_defaults_are_in_the_cache_key_and_other_keys_stay() -> None:
+    lora = RealConfig(model="smollm2-lora")
+    # the budget defaults are written into the config, so they reach the cache key
+    assert lora.to_dict()["trained_blocks"] == 2
+    assert lora.to_dict()["builder_kwargs"] == {"max_tokens": 16}
+    assert "last 2 blocks" in lora.recipe()["trained"]
+    # given values win over them, and an unrelated builder setting keeps the default beside it
+    given = RealConfig(model="smollm2-lora", trained_blocks=4,
+                       builder_kwargs={"max_tokens": 32, "tiny": True})  # fmt: skip
+    assert given.blocks() == 4 and given.builder_kwargs == {"max_tokens": 32, "tiny": True}
+    assert RealConfig(model="smollm2-lora", builder_kwargs={"tiny": True}).builder_kwargs == {
+        "max_tokens": 16, "tiny": True}  # fmt: skip
+    # models without such defaults keep the config (hence the cache key) they had
+    for model in ("minilm", "vit-s"):
+        d = RealConfig(model=model).to_dict()
+        assert d["trained_blocks"] is None and d["builder_kwargs"] == {}
+
+
+def test_demo_points_to_every_real_scenario_with_a_measured_time() -> None:
+    from contmerge.simulations.continual import MODELS, REAL_RUN_TIMES
+
+    assert set(REAL_RUN_TIMES) == set(MODELS) - {"mlp"}
+    for model, took in REAL_RUN_TIMES.items():
+        assert "measured" in took and "not measured" not in took, model
+
+
 def test_balanced_split_is_disjoint_and_keeps_every_class() -> None:
     labels = np.array([0] * 100 + [1] * 10 + [2] * 3)
     train, test = balanced_split(labels, 30, 12, np.random.default_rng(0))
@@ -230,13 +256,20 @@ def test_vit_tiny_run(tmp_path: Path) -> None:
 
 
 @needs_text
-def test_lora_tiny_run_folds_adapter_directories(tmp_path: Path) -> None:
+def test_lora_tiny_run_folds_adapter_directories(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     overrides = {"trained_blocks": 1, "builder_kwargs": {"tiny": True}}
     results = _run(tmp_path, "smollm2-lora", TEXT_TASKS, **overrides)
+    first = capsys.readouterr().out
+    # the frozen-prefix pass and the training each announce their expected time before starting
+    assert "frozen blocks over" in first and "expected ≈" in first
+    assert first.index("frozen blocks over") < first.index("fine-tuning 4 models")
     _check_results(results, TEXT_TASKS)
     assert results["trained_now"] == 2 + 2  # 2 independent + one sequential step per order
     again = _run(tmp_path, "smollm2-lora", TEXT_TASKS, **overrides)
     assert again["trained_now"] == 0  # every adapter and prefix output came from the cache
+    assert "frozen blocks over" not in capsys.readouterr().out
     assert again["summary"] == results["summary"]
     adapters = list(Path(results["cache_dir"]).glob("*/*/adapter_config.json"))
     assert len(adapters) == 4  # real PEFT adapter directories are what arrived
