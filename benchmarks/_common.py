@@ -107,11 +107,15 @@ def base_tensor(name: str, meta: TensorMeta) -> torch.Tensor:
 
 def arrival_tensor(name: str, meta: TensorMeta, index: int) -> torch.Tensor:
     """θ0 + a small deterministic perturbation (index 0 is the base itself)."""
-    value = base_tensor(name, meta)
-    if index and meta.is_float:
-        g = torch.Generator().manual_seed(_seed("arrival", index, name))
-        value.add_(torch.randn(meta.shape, generator=g), alpha=0.002)
-    return value
+    return variant(base_tensor(name, meta), name, meta, index)
+
+
+def variant(base: torch.Tensor, name: str, meta: TensorMeta, index: int) -> torch.Tensor:
+    """Arrival ``index`` of tensor ``name`` from its base value (a new tensor; base unchanged)."""
+    if not index or not meta.is_float:
+        return base
+    g = torch.Generator().manual_seed(_seed("arrival", index, name))
+    return torch.add(base, torch.randn(meta.shape, generator=g), alpha=0.002)
 
 
 def write_model(path: Path, metas: dict[str, TensorMeta], tensors: Iterator[torch.Tensor]) -> Path:

@@ -11,11 +11,16 @@ then writes the same figures as a PNG plot (``--plot``, needs matplotlib).
 
     python benchmarks/scaling.py --quick                 # 2 small shapes, < 2 min
     nice -n 10 python benchmarks/scaling.py --sizes 250M,1B --plot benchmarks/results/scaling.png
+    # rows kept as they come (--results), a later run adds its sizes to the same plot (--merge)
+    nice -n 10 python benchmarks/scaling.py --sizes 3B --results 3b.jsonl --merge earlier.jsonl \
+        --workdir /work/cm-scaling --plot benchmarks/results/scaling.png
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _common import human
-from _llama import LlamaShape, write_llama
+from _llama import LlamaShape, write_llamas
 from _process import timed
 
 #: LLaMA-architecture shapes by nominal size (hidden, layers, intermediate, vocab, heads)
@@ -59,14 +64,26 @@ def merge_command(
     return command + (["--workers", str(workers)] if workers else [])
 
 
+def load_rows(path: Path) -> list[Row]:
+    """Rows saved by an earlier ``--results`` run, one JSON object a line."""
+    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_row(row: Row, path: Path | None) -> None:
+    # appended as soon as measured: a run stopped at its deadline keeps the rows it finished
+    if path is not None:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(dataclasses.asdict(row)) + "\n")
+
+
 def measure(
     size: str, shape: LlamaShape, rules: list[str], work: Path, args: argparse.Namespace
 ) -> list[Row]:
     models = work / size
     paths = [models / ("base" if i == 0 else f"a{i}") for i in range(3)]
-    for i, path in enumerate(paths):
-        if not (path / "config.json").exists():  # a kept --workdir is reused
-            write_llama(path, shape, i)
+    missing = {i: p for i, p in enumerate(paths) if not (p / "config.json").exists()}
+    if missing:  # a kept --workdir is reused
+        write_llamas(missing, shape)
     rows = []
     for rule in rules:
         state = work / f"state-{size}-{rule}"
@@ -80,6 +97,7 @@ def measure(
         shutil.rmtree(state)
         row = Row(size, shape.parameters, shape.nbytes, rule, first.wall, fold.wall, fold.peak_rss)
         print_row(row)
+        save_row(row, args.results)
         rows.append(row)
     return rows
 
@@ -147,19 +165,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", default=None, help="where the models go (kept, and reused by a rerun)"
     )
     parser.add_argument("--timeout", type=float, default=7200.0, help="per process (s)")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="append each measured row here (JSON lines)"
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="earlier --results file(s) to print and plot with this run's rows (a row measured "
+        "now replaces an earlier one of the same size and rule); --sizes '' measures nothing",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    chosen = args.sizes or ",".join(QUICK_SHAPES if args.quick else ("250M", "1B"))
-    sizes = [s.strip() for s in chosen.split(",")]
+    default = ",".join(QUICK_SHAPES if args.quick else ("250M", "1B"))
+    chosen = default if args.sizes is None else args.sizes
+    sizes = [s.strip() for s in chosen.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in shapes]
     if unknown:
         print(f"unknown size(s) {unknown}; choose from {', '.join(shapes)}", file=sys.stderr)
         return 2
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    earlier = [row for path in args.merge for row in load_rows(path)]
+    if not sizes:
+        print(HEADER)
+        for row in earlier:
+            print_row(row)
+        if args.plot:
+            plot(earlier, args.plot)
+        return 0
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cm-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"models in {work}; each fold a fresh `contmerge merge --state` process")
@@ -171,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    measured = {(r.size, r.rule) for r in rows}
+    kept = [r for r in earlier if (r.size, r.rule) not in measured]
+    if kept:
+        print("earlier rows (--merge):")
+        for row in kept:
+            print_row(row)
     if args.plot:
-        plot(rows, args.plot)
+        plot(kept + rows, args.plot)
     return 0
 
 
