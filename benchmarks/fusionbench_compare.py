@@ -65,6 +65,11 @@ TRANSFORMERS_PIN = "transformers<5"
 PROBE_IMPORTS = "fusion_bench.method.opcm.opcm_general, fusion_bench.method.magmax"
 QUICK_MODELS = 4  # 1 initial + 3 projected folds: still exercises OPCM's SVD path
 SIZES = ("scenario", "vit-b32")
+# FusionBench's SVDs run on torch's OpenMP team. Spinning team members wait for a descheduled
+# one at each of LAPACK's many small parallel regions: on this 2-core machine at load 7-10 a
+# 768x768 SVD took 12-21 s on 2 threads against 1.3 s on 1 (and 1.2-1.6 s on 2 threads with
+# passive waiting). Ours folds on 1 torch thread per layer, so no team waits on our side.
+TEAM_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # no hub, no telemetry: the runner must work offline (and say so if it does not)
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -263,10 +268,13 @@ def run_theirs(
     args: argparse.Namespace,
     layout: dict[str, Any],
     workdir: Path,
+    threads: int | None = None,
 ) -> list[SideResult]:
-    """All of FusionBench's runs in one subprocess (its imports take ~20 s)."""
+    """All of FusionBench's runs in one subprocess (its imports take ~20 s), on ``threads``
+    torch threads (default ``--threads``)."""
+    threads = threads or args.threads
     job = {
-        "threads": args.threads,
+        "threads": threads,
         "alpha": args.alpha,
         "scaling_factor": args.scaling_factor,
         "layout": layout,
@@ -287,8 +295,9 @@ def run_theirs(
     env = {
         **os.environ,
         **OFFLINE_ENV,
-        "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        **TEAM_ENV,
         "CUDA_VISIBLE_DEVICES": "",  # CPU only, as ours
     }
     step = "run FusionBench's OPCM/MagMax in its venv"
@@ -393,7 +402,7 @@ def run_ours(ex: Exported, method: str, args: argparse.Namespace, repeat: int) -
             folds: list[float] = []
             splits: list[dict[str, float]] = []
             with Merger(
-                str(ex.base), method, None, linear=linear, workers=args.threads, **hparams
+                str(ex.base), method, None, linear=linear, workers=args.threads, settings=hparams
             ) as merger:
                 for _, path in ex.models:
                     before = dict(clock.spent)
@@ -436,7 +445,7 @@ def sensitivity(ex64: Exported, method: str, args: argparse.Namespace) -> dict[s
             for k, v in state.items()
         }
 
-    with Merger(str(ex64.base), method, None, linear=linear, **hparams) as merger:
+    with Merger(str(ex64.base), method, None, linear=linear, settings=hparams) as merger:
         for _, path in ex64.models:
             merger.fold(nudged(path))
         return merger.emit_state_dict()
@@ -491,6 +500,8 @@ class MethodResult:
     ours64: SideResult | None
     theirs64: SideResult | None
     nudged64: dict[str, torch.Tensor] | None
+    #: FusionBench's float32 run on ``--self-threads`` threads: its own float32 spread
+    theirs_other: SideResult | None = None
 
 
 def report_method(
@@ -505,6 +516,16 @@ def report_method(
     print(_row("  (scale: max |merged − base|)", scale, "{:>16.3g}"))
     print(_row("  relative (÷ scale)", relative(gap, scale)))
     verdicts = []
+    if res.theirs_other is not None:
+        # MKL's SVD rounds differently on another thread count: FusionBench against itself
+        own = max_abs_diff(res.theirs_other.merged, res.theirs.merged, linear)
+        print(_row("FusionBench vs itself, other threads", own))
+        own_rel, rel_gap = relative(own, scale)["all"], relative(gap, scale)["all"]
+        verdicts.append(
+            f"relative to the update: ours vs FusionBench {rel_gap:.2e}, FusionBench float32 vs "
+            f"itself on another thread count {own_rel:.2e}: "
+            f"{'within' if rel_gap <= own_rel else 'ABOVE'}"
+        )
     if res.ours64 is not None and res.theirs64 is not None:
         agree = max_abs_diff(res.ours64.merged, res.theirs64.merged, linear)
         print(_row("same, both in float64", agree))
@@ -654,6 +675,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "that tell an algorithmic difference from float32 rounding",
     )
     parser.add_argument(
+        "--self-threads",
+        type=int,
+        default=None,
+        help="also run FusionBench's float32 on this many threads: how far it is from itself "
+        "(MKL's SVD rounds differently per thread count); with --no-float64, the cheap tolerance",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -751,10 +779,33 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except TheirFailure as exc:
                 return _unavailable(exc)
-            for method in methods:
+            for i, method in enumerate(methods):
                 ours_rounds[method].append(run_ours(ex, method, args, 1))
-            print(f"  round {round_}: done")
+                # as soon as known: a long run stopped later still leaves its figures
+                theirs_folds = " ".join(f"{t:.2f}" for t in theirs_rounds[-1][i].folds)
+                ours_folds = " ".join(f"{t:.2f}" for t in ours_rounds[method][-1].folds)
+                print(
+                    f"  round {round_}, {method}: folds (s) FusionBench {theirs_folds}; ours "
+                    f"{ours_folds}",
+                    flush=True,
+                )
         print("[4/4] float64 reference runs, FusionBench then ours" if ex64 else "[4/4] -")
+        theirs_other: list[SideResult | None] = [None] * len(methods)
+        if args.self_threads:
+            print(f"  FusionBench's float32 again on {args.self_threads} thread(s): its own spread")
+            try:
+                theirs_other = list(
+                    run_theirs(
+                        python,
+                        [(m, ex, 1) for m in methods],
+                        args,
+                        layout,
+                        workdir,
+                        args.self_threads,
+                    )
+                )
+            except TheirFailure as exc:
+                return _unavailable(exc)
         theirs64: list[SideResult | None] = [None] * len(methods)
         if ex64 is not None:
             try:
@@ -771,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours64=None if ex64 is None else run_ours(ex64, method, args, 1),
                 theirs64=theirs64[i],
                 nudged64=None if ex64 is None or vit else sensitivity(ex64, method, args),
+                theirs_other=theirs_other[i],
             )
 
         print(f"\nFusionBench {versions['fusion_bench']} (torch {versions['torch']}) vs contmerge")

@@ -1,11 +1,12 @@
 """What an arrival must pass to be folded, and what is measured of it on the way.
 
-Before anything is read (``check_weight``, ``check_layout``): the per-arrival weight, and names,
-shapes and dtypes against the base's layout, from headers only. While it folds: every δ and
-every new state finite (``why_not_finite`` says which of the two went wrong). After its tensors
-went past: ``ArrivalStats`` (content hash, distance from the base) and ``check_same_base``, which
-refuses a model fine-tuned from another base. Refusals are ``CheckpointError``s naming file,
-tensor and reason; the state is untouched.
+Before anything is read (``check_weight``, ``check_layout``, ``check_full_weights``): the
+per-arrival weight, and names, shapes and dtypes against the base's layout, from headers only
+(the Merger's arrivals, FW-Merging's pool, DIMAT's neighbours against the anchor). While it
+folds: every δ and every new state finite (``why_not_finite`` says which of the two went
+wrong). After its tensors went past: ``ArrivalStats`` (content hash, distance from the base)
+and ``check_same_base``, which refuses a model fine-tuned from another base. Refusals are
+``CheckpointError``s naming file, tensor and reason; the state is untouched.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .dtypes import arrival_dtype_problem, dtype_summary
 from .errors import CheckpointError, SettingError
 from .hashing import ContentHash, tensor_leaves
 from .kernels import all_finite, sum_sq
-from .sources import Checkpoint
+from .sources import Checkpoint, Recognised
 from .strategy import State, Strategy, TensorInfo
 
 #: what the content hash takes of one tensor: dtype, shape and its leaves' digests
@@ -58,10 +59,25 @@ def check_weight(strategy: Strategy, weight: float | None) -> None:
         raise SettingError(f"weight {weight!r} must be a finite number > 0")
 
 
+def check_full_weights(arrival: Checkpoint | Recognised, rule: str) -> None:
+    """For the rules that read whole models (DIMAT, FW-Merging): an adapter is refused."""
+    if isinstance(arrival, Recognised):
+        full, source = arrival.full_weights, str(arrival.path)
+    else:
+        full, source = arrival.carries_full_weights, arrival.source
+    if not full:
+        raise CheckpointError(
+            source,
+            f"{rule} reads whole models' weights and a LoRA adapter carries only a change: "
+            "merge the adapter into its base first",
+        )
+
+
 def check_layout(
     arrival: Checkpoint, infos: Mapping[str, TensorInfo], float_names: Sequence[str]
 ) -> None:
-    """Names, shapes and dtypes against the base, from headers only (no tensor data)."""
+    """Names, shapes and dtypes against the base, from headers only (no tensor data): the one
+    rule of the Merger's folds, FW-Merging's pool and DIMAT's neighbours."""
     if arrival.carries_full_weights:
         # integer buffers are not merged (the base's are emitted), and transformers no
         # longer saves non-persistent ones such as BERT's ``position_ids``: only floats count

@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO
 
 from .data_cli import add_merge_options as add_data_options
 from .errors import (
@@ -25,17 +25,21 @@ from .errors import (
     SettingError,
     StorageError,
 )
-from .limits import DEFAULT_MAX_RELATIVE_DELTA, MAX_HEADER_ENV, parse_size, using_header_limit
+from .limits import using_header_limit
 from .manifest import read_manifest
-from .merger_options import MergerOptions
+from .merger_options import (
+    MergerOptions,
+    add_max_header_bytes_option,
+    add_merger_arguments,
+    add_out_dtype_option,
+    add_threads_option,
+    size_type,
+)
 from .noop import already_folded
 from .recorded_base import base_for, missing_base, recorded_base
-from .threads import THREADS_ENV, parse_threads
 
 if TYPE_CHECKING:
     from .merger import FoldResult
-
-T = TypeVar("T")
 
 #: command -> (module, function adding its parser, one-line help). The module is imported only
 #: when its command is the one being run, so ``contmerge merge`` never imports Flower or Ray.
@@ -267,41 +271,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="base model: .safetensors, .bin, sharded index, or model directory (required; "
         "dimat has none: its first CKPT is the anchor)",
     )
-    merge.add_argument(
-        "--strategy",
-        help="strategy spec, e.g. opcm, 'opcm(alpha=0.3)', "
-        "'chain(dare(p=0.9), ties())' (needed only when creating the state)",
-    )
-    merge.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a hyper-parameter of the strategy (repeatable)",
-    )
-    merge.add_argument("--state", required=True, help="state directory")
-    merge.add_argument(
-        "--linear",
-        help="regex of tensor names to treat as nn.Linear weights "
-        "(default: exact from a module/model directory, else 2-D *.weight)",
-    )
-    merge.add_argument(
-        "--max-relative-delta",
-        type=float,
-        default=DEFAULT_MAX_RELATIVE_DELTA,
-        help="refuse a checkpoint whose weight matrices moved, in the median, by more than this "
-        "fraction of their norm in the base: fine-tuned from another base (default %(default)s)",
-    )
-    add_threads_option(merge, "--workers")
+    add_merger_arguments(merge, "--workers")
     merge.add_argument(
         "--device",
         help="torch device for the strategy's per-tensor work, e.g. cuda or cuda:1 (OPCM's "
         "SVDs and products); default: the CPU",
-    )
-    merge.add_argument(
-        "--any-base",
-        action="store_true",
-        help="do not refuse checkpoints that look fine-tuned from another base",
     )
     merge.add_argument(
         "--keep-going", action="store_true", help="report a bad checkpoint and go on with the next"
@@ -317,8 +291,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     merge.add_argument("--out", help="also write the merged model here after folding")
     _add_verify_base(merge)
-    _add_out_options(merge)
-    _add_max_header_bytes(merge)
+    _add_out_shard_size(merge)
     merge.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
                        help="hide progress bars")  # fmt: skip
     merge.add_argument("checkpoints", nargs="+", metavar="CKPT")
@@ -340,14 +313,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="a .safetensors file, or a directory "
         "(gets the base's config files when the base was a model directory)",
     )
-    _add_out_options(emit)
+    add_out_dtype_option(emit)
+    _add_out_shard_size(emit)
     emit.add_argument(
         "--base",
         help="base model, if it moved since the state was created (default: the path the state "
         "recorded; its fingerprint is checked either way)",
     )
     _add_verify_base(emit)
-    _add_max_header_bytes(emit)
+    add_max_header_bytes_option(emit)
     add_threads_option(emit)
     emit.set_defaults(func=cmd_emit)
 
@@ -394,22 +368,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-#: what --threads means, for every command that folds or emits (``contmerge.threads``)
-THREADS_HELP = (
-    "compute threads a fold or emit may use, in all: our fold threads (chunks, or whole tensors "
-    "for OPCM) with torch single-threaded in each, or torch's pool where we do not split the "
-    f"work (default: ${THREADS_ENV}, else $OMP_NUM_THREADS, else one per usable core, at most "
-    "4; on a busy shared machine fewer keeps folds from slowing down), e.g. --threads 1"
-)
-
-
-def add_threads_option(parser: argparse.ArgumentParser, *names: str) -> None:
-    """``--threads N`` (plus any older ``names`` of it, e.g. merge's ``--workers``)."""
-    parser.add_argument(
-        "--threads", *names, dest="threads", type=_threads, metavar="N", help=THREADS_HELP
-    )
-
-
 def _add_verify_base(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify-base",
@@ -419,56 +377,15 @@ def _add_verify_base(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_out_options(parser: argparse.ArgumentParser) -> None:
-    """The options of what an emit writes (``merge --out`` and ``emit``)."""
-    dtype_help = (
-        "dtype of the merged float tensors: base (the default: the base's dtype), float32, "
-        "bfloat16, float16 or float64"
-    )
-    shard_help = (
-        "shards of at most SIZE bytes, e.g. 2G, with model.safetensors.index.json (directory "
-        "--out only; default: sharded as the base is)"
-    )
-    for flag, kind, metavar, text in (
-        ("--out-dtype", _out_dtype, "DTYPE", dtype_help),
-        ("--out-shard-size", _size, "SIZE", shard_help),
-    ):
-        parser.add_argument(flag, type=kind, metavar=metavar, help=text)
-
-
-def _add_max_header_bytes(parser: argparse.ArgumentParser) -> None:
+def _add_out_shard_size(parser: argparse.ArgumentParser) -> None:
+    """How an emit shards (``merge --out`` and ``emit``); ``--out-dtype`` is the shared layer's."""
     parser.add_argument(
-        "--max-header-bytes",
-        type=_size,
+        "--out-shard-size",
+        type=size_type,
         metavar="SIZE",
-        help="refuse safetensors headers and shard indexes larger than this, e.g. 64M "
-        f"(default: ${MAX_HEADER_ENV}, else 16M)",
+        help="shards of at most SIZE bytes, e.g. 2G, with model.safetensors.index.json "
+        "(directory --out only; default: sharded as the base is)",
     )
-
-
-def _option_type(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """``parse`` as an argparse type: its SettingError becomes argparse's one-line usage error."""
-
-    def convert(text: str) -> T:
-        try:
-            return parse(text)
-        except SettingError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return convert
-
-
-_size = _option_type(parse_size)
-_threads = _option_type(parse_threads)
-
-
-def _parse_out_dtype(text: str) -> object:
-    from .dtypes import parse_out_dtype  # imports torch: only when the option is given
-
-    return parse_out_dtype(text)
-
-
-_out_dtype = _option_type(_parse_out_dtype)
 
 
 def _add_external(sub: argparse._SubParsersAction, name: str, module: str, function: str) -> None:

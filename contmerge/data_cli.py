@@ -17,24 +17,28 @@ from .errors import SettingError, StateError
 KIND_OF_STRATEGY = {"fw": "fw", "dimat": "dimat"}
 
 
-def add_merge_options(parser: argparse.ArgumentParser) -> None:
-    """The options only the data-informed strategies read."""
+def add_merge_options(parser: argparse.ArgumentParser, calibration: bool = True) -> None:
+    """The options only the data-informed strategies read (``merge``: fw and dimat; ``serve``,
+    ``calibration=False``: fw)."""
     parser.add_argument(
         "--objective",
         metavar="DATA",
         help="fw: the objective, a labelled .safetensors dataset (x.TASK, y.TASK; metadata "
-        "'model') or module:function returning an Objective (docs/frank_wolfe.md)",
+        "'model') or module:function returning an Objective (docs/frank_wolfe.md); each "
+        "arrival joins the pool and FW iterations run",
     )
-    parser.add_argument(
-        "--calibration",
-        metavar="DATA",
-        help="dimat: calibration inputs, a .safetensors file (x; metadata 'model') or "
-        "module:function returning contmerge.objectives.Calibration (docs/dimat.md)",
-    )
+    if calibration:
+        parser.add_argument(
+            "--calibration",
+            metavar="DATA",
+            help="dimat: calibration inputs, a .safetensors file (x; metadata 'model') or "
+            "module:function returning contmerge.objectives.Calibration (docs/dimat.md)",
+        )
     parser.add_argument(
         "--model",
         metavar="MODULE:FUNCTION",
-        help="fw/dimat: the model the checkpoints hold, overriding the dataset's 'model'",
+        help="fw (and dimat, under merge): the model the checkpoints hold, overriding the "
+        "dataset's 'model'",
     )
 
 

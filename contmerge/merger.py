@@ -84,8 +84,8 @@ class Merger:
     Resuming a state, a base whose files are unchanged since the state last read it (path,
     size, mtime, inode, safetensors headers) is not read again: its fingerprint, linear weights
     and norms come from the state's record; ``verify_base`` reads and fingerprints it anyway.
-    ``settings`` are the strategy's hyper-parameters when ``strategy`` is a name (``--set``;
-    also accepted as extra keyword arguments, the older spelling).
+    ``settings`` are the strategy's hyper-parameters when ``strategy`` is a name (``--set``,
+    e.g. ``settings={"alpha": 0.3}``; or in the spec itself, ``"opcm(alpha=0.3)"``).
     """
 
     def __init__(
@@ -105,10 +105,9 @@ class Merger:
         read_only: bool = False,
         verify_base: bool = False,
         settings: Mapping[str, Any] | None = None,
-        **hparams: Any,
     ) -> None:
-        # the strategy's hyper-parameters: ``settings`` (``MergerOptions``), or as keywords
-        hparams = {**(settings or {}), **hparams}
+        # the strategy's hyper-parameters, apart from the Merger's own options
+        hparams = dict(settings or {})
         self.device = _compute_device(device)
         self.threads = resolve_threads(threads, workers)
         self.base = open_checkpoint(base)

@@ -9,9 +9,13 @@ Nothing here holds more than one tensor of the checkpoint in memory at a time.
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,13 +24,27 @@ from torch import nn
 from . import jsonfile
 from .errors import CheckpointError, clip
 from .lora_config import CONFIG_FILE, read_lora_config
-from .tensorfile import CODE_BY_DTYPE, SafetensorsReader, TensorMeta, header_limit
+from .tensorfile import (
+    CODE_BY_DTYPE,
+    SafetensorsReader,
+    TensorMeta,
+    header_limit,
+    prefix_problem,
+)
 from .torchfile import load_torch_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
-CONFIG_FILES_TO_SKIP = set(WEIGHT_FILES) | {"adapter_model.safetensors", "adapter_model.bin"}
+#: what a model directory holds its weights in, in the order they are looked for: safetensors
+#: before torch (Hugging Face repositories often ship the same weights in both)
+MODEL_WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
+#: what a PEFT adapter directory (one with ``adapter_config.json``) holds its weights in
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+#: every weight-file name of a directory (the one list: sources, the inbox, the emit's copy)
+WEIGHT_FILES = MODEL_WEIGHT_FILES + ADAPTER_WEIGHT_FILES
+CONFIG_FILES_TO_SKIP = frozenset(WEIGHT_FILES)
+#: files read by torch's (weights-only) unpickler; any other file is read as safetensors
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 #: ``reader(start, stop, buffer)``: the bytes of entries ``start:stop`` of a flattened tensor, as
 #: uint8, read into ``buffer`` or a view of memory already holding them; never to be written
 ChunkReader = Callable[[int, int, np.ndarray], np.ndarray]
@@ -311,13 +329,13 @@ class LoraCheckpoint(Checkpoint):
         self.source = str(directory)
         self._config = read_lora_config(directory)
         self.fan_in_fan_out = self._config.fan_in_fan_out
-        weights = directory / "adapter_model.safetensors"
-        if weights.exists():
-            self._inner: Checkpoint = SafetensorsCheckpoint(weights, max_header_bytes)
-        elif (directory / "adapter_model.bin").exists():
-            self._inner = TorchFileCheckpoint(directory / "adapter_model.bin")
+        found = recognise(directory, max_header_bytes)
+        if found.kind != "lora":
+            raise CheckpointError(str(directory), f"not a LoRA adapter: {found.describe()}")
+        if found.weights.name.endswith(TORCH_SUFFIXES):
+            self._inner: Checkpoint = TorchFileCheckpoint(found.weights)
         else:
-            raise CheckpointError(str(directory), "no adapter_model.safetensors or .bin inside")
+            self._inner = SafetensorsCheckpoint(found.weights, max_header_bytes)
         try:
             self._pair_up(base_meta)
         except BaseException:
@@ -451,12 +469,167 @@ def sidecar_name(name: str, kind: str) -> str:
     return f"{stem}.{kind}.safetensors"
 
 
+Kind = Literal["safetensors", "sharded", "torch", "lora"]
+KIND_NAMES: dict[Kind, str] = {
+    "safetensors": "safetensors file",
+    "sharded": "sharded safetensors checkpoint",
+    "torch": "torch.save file",
+    "lora": "PEFT LoRA adapter",
+}
+
+
+@dataclass(frozen=True)
+class Recognised:
+    """What a path holds, told from names, a shard index and at most the first 8 bytes of a
+    weight file; no tensor is read. ``open_checkpoint`` opens it as this says."""
+
+    path: Path
+    kind: Kind
+    #: the file the weights come from: the path itself, a directory's weight file, the index
+    weights: Path
+    #: the path is a directory (a model or adapter directory), not a file
+    directory: bool = False
+    #: a sharded checkpoint's shard files, each inside its directory and each there
+    shards: tuple[Path, ...] = ()
+    #: a model directory with a ``config.json``: its config files travel with an emitted model
+    config_dir: Path | None = None
+
+    @property
+    def full_weights(self) -> bool:
+        """A full model's weights (an adapter only carries a change to the base's)."""
+        return self.kind != "lora"
+
+    def describe(self) -> str:
+        what = KIND_NAMES[self.kind]
+        if self.config_dir is not None:
+            return f"a model directory ({what})"
+        if self.directory and self.kind != "lora":
+            return f"a directory holding a {what}"
+        return f"a {what}"
+
+
+class Incomplete(CheckpointError):
+    """A directory that is not a checkpoint yet but may become one: its weights, or some of
+    its shards, are not there (the server's inbox waits; everyone else refuses)."""
+
+
+def recognise(path: str | Path, max_header_bytes: int | None = None) -> Recognised:
+    """What ``path`` is: a safetensors file, a sharded checkpoint (its index, or a directory
+    holding one), a ``torch.save`` file, a PEFT LoRA adapter directory or a model directory
+    holding one of those; else a ``CheckpointError`` naming the path and why (``Incomplete``
+    for a directory whose weights are missing). The one rule of every door: the CLI and API
+    (``open_checkpoint``), the server's inbox, DIMAT and FW-Merging.
+
+    A directory with two kinds (an adapter config beside a model's weights, a shard index
+    beside a single ``model.safetensors``) is refused: which one is meant cannot be told. A
+    model's weights in both safetensors and torch form are the same model: safetensors is read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _recognise_directory(path, max_header_bytes)
+    if not path.exists():
+        what = "a dangling or looping symlink" if path.is_symlink() else "no such file or directory"
+        raise CheckpointError(str(path), what)
+    if path.name == TORCH_INDEX:
+        raise CheckpointError(str(path), _TORCH_SHARDS)
+    if path.name.endswith(".index.json"):
+        return _recognise_sharded(path, path, False, max_header_bytes)
+    if not read_as_safetensors(path.name):
+        return Recognised(path, "torch", path)
+    _check_prefix(path, max_header_bytes)
+    return Recognised(path, "safetensors", path)
+
+
+def read_as_safetensors(name: str) -> bool:
+    """Whether a file of this name is read as safetensors: all but torch files and indexes."""
+    return not name.endswith((*TORCH_SUFFIXES, ".index.json"))
+
+
+_TORCH_SHARDS = "sharded .bin checkpoints are not supported; convert them to safetensors"
+
+
+def _recognise_directory(path: Path, max_header_bytes: int | None) -> Recognised:
+    present = [name for name in (CONFIG_FILE, *WEIGHT_FILES) if os.path.lexists(path / name)]
+    for name in present:
+        if (path / name).is_dir():
+            raise CheckpointError(str(path / name), "not a regular file (a directory)")
+    model = [name for name in MODEL_WEIGHT_FILES if name in present]
+    if CONFIG_FILE in present:
+        if model:
+            raise CheckpointError(
+                str(path),
+                f"two kinds in one directory: a LoRA adapter ({CONFIG_FILE}) and a model's "
+                f"weights ({model[0]}); put each in its own directory",
+            )
+        for name in ADAPTER_WEIGHT_FILES:
+            if name in present:
+                if not name.endswith(TORCH_SUFFIXES):
+                    _check_prefix(path / name, max_header_bytes)
+                return Recognised(path, "lora", path / name, directory=True)
+        raise Incomplete(str(path), f"{CONFIG_FILE} without {' or '.join(ADAPTER_WEIGHT_FILES)}")
+    if "model.safetensors" in model and SAFETENSORS_INDEX in model:
+        raise CheckpointError(
+            str(path),
+            f"two kinds in one directory: model.safetensors and a shard index "
+            f"({SAFETENSORS_INDEX}); keep the one that is the model",
+        )
+    if not model:
+        stray = [name for name in ADAPTER_WEIGHT_FILES if name in present]
+        if stray:
+            raise Incomplete(str(path), f"{stray[0]} without its {CONFIG_FILE}")
+        raise Incomplete(str(path), f"directory holds none of {', '.join(MODEL_WEIGHT_FILES)}")
+    config_dir = path if (path / "config.json").is_file() else None
+    name = model[0]
+    if name == SAFETENSORS_INDEX:
+        return _recognise_sharded(path, path / name, True, max_header_bytes, config_dir)
+    if name == TORCH_INDEX:
+        raise CheckpointError(str(path), _TORCH_SHARDS)
+    if name.endswith(TORCH_SUFFIXES):
+        return Recognised(path, "torch", path / name, directory=True, config_dir=config_dir)
+    _check_prefix(path / name, max_header_bytes)
+    return Recognised(path, "safetensors", path / name, directory=True, config_dir=config_dir)
+
+
+def _recognise_sharded(
+    path: Path,
+    index: Path,
+    directory: bool,
+    max_header_bytes: int | None,
+    config_dir: Path | None = None,
+) -> Recognised:
+    shards = shard_files(index, max_header_bytes)
+    missing = [shard for shard in shards if not shard.is_file()]
+    if missing:
+        # named by the first: waiting would be the inbox's answer, a refusal everyone else's
+        where = "" if len(missing) == 1 else f" ({len(missing)} of {len(shards)} are not there)"
+        raise Incomplete(str(missing[0]), f"shard listed in the index is missing{where}")
+    return Recognised(path, "sharded", index, directory, tuple(shards), config_dir)
+
+
+def _check_prefix(path: Path, max_header_bytes: int | None) -> None:
+    """A regular file that is to be read as safetensors must start like one (the reader's
+    first check, ``tensorfile.prefix_problem``): a pickle or a truncated file is named here.
+    Anything else (a FIFO, a device) is left to the reader, which refuses it without blocking."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return  # unreadable: opening it says why
+    problem = prefix_problem(prefix, size, header_limit(max_header_bytes))
+    if problem is not None:
+        raise CheckpointError(str(path), problem)
+
+
 def open_checkpoint(
-    source: str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint,
+    source: str | Path | Mapping[str, torch.Tensor] | nn.Module | Checkpoint | Recognised,
     base_meta: Mapping[str, TensorMeta] | None = None,
     max_header_bytes: int | None = None,
 ) -> Checkpoint:
-    """Open any supported checkpoint: a file, a model/adapter directory, a state dict or module.
+    """Open any supported checkpoint: a file, a model/adapter directory (what ``recognise``
+    tells), a state dict or module.
 
     ``max_header_bytes`` bounds a safetensors header or shard index (default
     ``tensorfile.header_limit()``: $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB).
@@ -465,42 +638,22 @@ def open_checkpoint(
         return source
     if isinstance(source, (Mapping, nn.Module)):
         return StateDictCheckpoint(source)
-    path = Path(source)
-    if path.is_dir():
-        return _open_directory(path, base_meta, max_header_bytes)
-    if not path.exists():
-        what = "a dangling or looping symlink" if path.is_symlink() else "no such file or directory"
-        raise CheckpointError(str(path), what)
-    if path.name.endswith(".index.json"):
-        return ShardedCheckpoint(path, max_header_bytes)
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        return TorchFileCheckpoint(path)
-    return SafetensorsCheckpoint(path, max_header_bytes)
-
-
-def _open_directory(
-    path: Path, base_meta: Mapping[str, TensorMeta] | None, max_header_bytes: int | None
-) -> Checkpoint:
-    if (path / CONFIG_FILE).exists():
+    found = source if isinstance(source, Recognised) else recognise(source, max_header_bytes)
+    checkpoint: Checkpoint
+    if found.kind == "lora":
         if base_meta is None:
-            raise CheckpointError(str(path), "a LoRA adapter can only be read against a base")
-        return LoraCheckpoint(path, base_meta, max_header_bytes)
-    for name in WEIGHT_FILES:
-        candidate = path / name
-        if not candidate.exists():
-            continue
-        if candidate.is_dir():
-            raise CheckpointError(str(candidate), "not a regular file (a directory)")
-        if name == TORCH_INDEX:
-            raise CheckpointError(
-                str(path), "sharded .bin checkpoints are not supported; convert them to safetensors"
-            )
-        checkpoint = open_checkpoint(candidate, max_header_bytes=max_header_bytes)
-        checkpoint.source = str(path)
-        if (path / "config.json").is_file():
-            checkpoint.config_dir = path  # its linear names are learnt when first asked for
-        return checkpoint
-    raise CheckpointError(str(path), f"directory holds none of {', '.join(WEIGHT_FILES)}")
+            raise CheckpointError(str(found.path), "a LoRA adapter can only be read against a base")
+        return LoraCheckpoint(found.path, base_meta, max_header_bytes)
+    if found.kind == "sharded":
+        checkpoint = ShardedCheckpoint(found.weights, max_header_bytes)
+    elif found.kind == "torch":
+        checkpoint = TorchFileCheckpoint(found.weights)
+    else:
+        checkpoint = SafetensorsCheckpoint(found.weights, max_header_bytes)
+    if found.directory:
+        checkpoint.source = str(found.path)
+    checkpoint.config_dir = found.config_dir  # its linear names are learnt when first asked for
+    return checkpoint
 
 
 def _linear_names_from_config(path: Path, meta: Mapping[str, TensorMeta]) -> frozenset[str] | None:

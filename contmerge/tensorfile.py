@@ -137,6 +137,30 @@ def _quoted(value: object) -> str:
     return clip(repr(value), 60)
 
 
+def prefix_problem(prefix: bytes, size: int, limit: int) -> str | None:
+    """Why a file of ``size`` bytes starting with ``prefix`` (its first 8 bytes) cannot be a
+    safetensors file with a header of at most ``limit`` bytes, or None: the reader's first check,
+    and ``sources.recognise``'s look at a weight file."""
+    if len(prefix) < 8:
+        return f"truncated: {size} bytes is too short for a safetensors file"
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    # the length is the file's first 8 bytes: for a file that is not safetensors it is
+    # content, so no message quotes it
+    if prefix.startswith(FOREIGN_SIGNATURES) and header_len > min(size - 8, limit):
+        return "this is a pickle/zip (torch.save) file, not safetensors"
+    if header_len > size - 8:
+        return (
+            "truncated, or not a safetensors file: the header length in its first 8 bytes "
+            f"is larger than the file ({size} bytes)"
+        )
+    if header_len > limit:
+        return (
+            f"the header is larger than the {limit}-byte limit: not a safetensors file, or "
+            f"raise the limit (--max-header-bytes, ${MAX_HEADER_ENV})"
+        )
+    return None
+
+
 class SafetensorsReader:
     """Lazy reader of one ``.safetensors`` file: the header is parsed and checked up front,
     as strictly as the format's reference reader, with a bound on its size (see
@@ -163,26 +187,11 @@ class SafetensorsReader:
     def _parse_header(self, limit: int) -> None:
         size = os.fstat(self._handle.fileno()).st_size
         prefix = self._handle.read(8)
-        if len(prefix) < 8:
-            raise _fail(self.path, f"truncated: {size} bytes is too short for a safetensors file")
+        problem = prefix_problem(prefix, size, limit)
+        if problem is not None:
+            raise _fail(self.path, problem)
         (header_len,) = struct.unpack("<Q", prefix)
-        # the length is the file's first 8 bytes: for a file that is not safetensors it is
-        # content, so no message quotes it
         foreign = prefix.startswith(FOREIGN_SIGNATURES)
-        if foreign and header_len > min(size - 8, limit):
-            raise _fail(self.path, "this is a pickle/zip (torch.save) file, not safetensors")
-        if header_len > size - 8:
-            raise _fail(
-                self.path,
-                "truncated, or not a safetensors file: the header length in its first 8 bytes "
-                f"is larger than the file ({size} bytes)",
-            )
-        if header_len > limit:
-            raise _fail(
-                self.path,
-                f"the header is larger than the {limit}-byte limit: not a safetensors file, or "
-                f"raise the limit (--max-header-bytes, ${MAX_HEADER_ENV})",
-            )
         raw = self._handle.read(header_len)
         if len(raw) < header_len:
             raise _fail(self.path, "truncated while reading the header")

@@ -47,10 +47,11 @@ MergeFn = Callable[[StateDict, str, Mapping[str, Any]], MergerLike]
 
 
 def engine_merge_fn(base: StateDict, strategy: str, hparams: Mapping[str, Any]) -> MergerLike:
-    """The real engine, state kept in memory: ``contmerge.Merger(base, strategy, None, **hp)``."""
+    """The real engine, state kept in memory: ``contmerge.Merger(base, strategy, None,
+    settings=hparams)``."""
     from contmerge import Merger  # lazy: the data/training half must import without the engine
 
-    return Merger(base=base, strategy=strategy, state_dir=None, **dict(hparams))
+    return Merger(base=base, strategy=strategy, state_dir=None, settings=dict(hparams))
 
 
 class _Latest:

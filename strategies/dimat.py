@@ -36,6 +36,11 @@ import scipy.optimize
 import torch
 from torch import nn
 
+from contmerge.checks import check_full_weights, check_layout
+from contmerge.layout import tensor_infos
+from contmerge.sources import StateDictCheckpoint, open_checkpoint, recognise
+from contmerge.strategy import TensorInfo
+
 StateDict = dict[str, torch.Tensor]
 #: a model's weights: a state dict, a file (.safetensors or torch), or a loader called once
 Source = Mapping[str, torch.Tensor] | str | Path | Callable[[], Mapping[str, torch.Tensor]]
@@ -255,23 +260,45 @@ def sequential_spec(model: nn.Sequential) -> PermutationSpec:
 # Models, BatchNorm reset, activation statistics
 
 
-def load_source(source: Source) -> StateDict:
-    """Weights from a state dict (copied), a .safetensors/torch file, or a loader callable."""
-    if isinstance(source, Mapping):
-        return {k: v.detach().clone() for k, v in source.items()}
+@dataclass(frozen=True)
+class Layout:
+    """An anchor's tensors (names, shapes, dtypes), which every neighbour's must match."""
+
+    infos: Mapping[str, TensorInfo]
+    float_names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor]) -> Layout:
+        infos = tensor_infos(StateDictCheckpoint(state), resolved=())
+        return cls(infos, tuple(n for n, info in infos.items() if info.meta.is_float))
+
+
+def load_source(source: Source, layout: Layout | None = None, label: str = "<memory>") -> StateDict:
+    """Weights from a state dict (copied), a checkpoint path (what ``contmerge.sources.recognise``
+    tells: a .safetensors or torch file, a model directory; not an adapter), or a loader
+    callable. With ``layout`` its names, shapes and dtypes are checked against it first
+    (``contmerge.checks``, from headers for a path), so a neighbour that does not fit the
+    anchor is refused naming file, tensor and reason."""
     if isinstance(source, str | Path):
-        path = Path(source)
-        if path.suffix == ".safetensors":
-            import safetensors.torch
+        found = recognise(source)
+        check_full_weights(found, "DIMAT")
+        with open_checkpoint(found) as checkpoint:
+            if layout is not None:
+                check_layout(checkpoint, layout.infos, layout.float_names)
+            return {name: checkpoint.read(name) for name in checkpoint.meta}
+    state = dict(source) if isinstance(source, Mapping) else dict(source())
+    if layout is not None:
+        check_layout(StateDictCheckpoint(state, label), layout.infos, layout.float_names)
+    # copied: the module built on these tensors resets its BatchNorm statistics in place
+    return (
+        {k: v.detach().clone() for k, v in state.items()} if isinstance(source, Mapping) else state
+    )
 
-            return dict(safetensors.torch.load_file(str(path)))
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
-    return dict(source())
 
-
-def build_model(factory: ModelFactory, source: Source) -> nn.Module:
-    """A module holding ``source``'s weights without an extra copy (``assign=True``)."""
-    state = load_source(source)
+def build_model(factory: ModelFactory, source: Source, layout: Layout | None = None) -> nn.Module:
+    """A module holding ``source``'s weights without an extra copy (``assign=True``); with
+    ``layout``, checked against it first (``load_source``)."""
+    state = load_source(source, layout)
     with torch.device("meta"):
         module = factory()
     module.load_state_dict(state, strict=True, assign=True)
@@ -471,6 +498,7 @@ class DimatFold:
         self.factory, self.spec, self.calibration = model_factory, spec, calibration
         self.anchor = reset_bn(build_model(model_factory, anchor), calibration)
         state = self.anchor.state_dict()
+        self.layout = Layout.of(state)  # every neighbour's must match (contmerge.checks)
         self.sizes = spec.sizes(state)
         self.moves = spec.by_key()
         self.total_weight = float(self_weight)
@@ -486,7 +514,7 @@ class DimatFold:
         """Fold one neighbour with mixing weight ``weight``; returns its permutations."""
         if self.acc is None:
             raise RuntimeError("this fold is finished")
-        model = reset_bn(build_model(self.factory, neighbour), self.calibration)
+        model = reset_bn(build_model(self.factory, neighbour, self.layout), self.calibration)
         diagnostics: dict[str, MatchDiagnostics] = {}
         perms = match_permutations(
             pair_statistics(self.anchor, model, self.spec, self.calibration), diagnostics

@@ -48,8 +48,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from contmerge.atomic import atomic_open
+from contmerge.checks import check_full_weights, check_layout
 from contmerge.errors import CheckpointError
-from contmerge.layout import compute_dtype
+from contmerge.layout import compute_dtype, tensor_infos
 from contmerge.sources import Checkpoint, open_checkpoint
 from contmerge.tensorfile import write_safetensors
 
@@ -269,6 +270,8 @@ class FrankWolfeMerger:
         self.base = open_checkpoint(base) if self._own_base else base
         self.names = [n for n, m in self.base.meta.items() if m.is_float]
         self.dtypes = {n: compute_dtype(self.base.meta[n].dtype) for n in self.names}
+        # the layout arrivals are checked against (which weights are linear does not matter)
+        self.infos = tensor_infos(self.base, resolved=())
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fw-merge-"))
         self.pool: list[_Entry] = []
@@ -316,22 +319,9 @@ class FrankWolfeMerger:
         return out
 
     def _check_layout(self, ckpt: Checkpoint) -> None:
-        if not ckpt.carries_full_weights:
-            raise CheckpointError(
-                ckpt.source, "FW-Merging scores raw weights: adapters need merging"
-            )
-        for name in self.names:
-            if name not in ckpt.meta:
-                raise CheckpointError(ckpt.source, "tensor of the base is missing", name)
-            if ckpt.meta[name].shape != self.base.meta[name].shape:
-                raise CheckpointError(
-                    ckpt.source,
-                    f"shape {list(ckpt.meta[name].shape)}, the base has "
-                    f"{list(self.base.meta[name].shape)}",
-                    name,
-                )
-            if not ckpt.meta[name].is_float:
-                raise CheckpointError(ckpt.source, "not a float tensor", name)
+        # the Merger's rule (contmerge.checks), so both refuse the same checkpoints alike
+        check_full_weights(ckpt, "FW-Merging")
+        check_layout(ckpt, self.infos, self.names)
 
     @contextmanager
     def _open(self, entry: _Entry) -> Iterator[Checkpoint]:

@@ -136,7 +136,14 @@ class OPCM(Strategy):
         self, info: TensorInfo, state: State, delta: Tensor, base: Tensor, ctx: FoldContext
     ) -> State:
         merged = state["value"]
-        if ctx.index > 1 and info.is_linear and len(info.shape) == 2 and merged.any():
+        # a frozen layer (δ = 0, e.g. outside a LoRA's targets) projects to 0: no SVD for it
+        if (
+            ctx.index > 1
+            and info.is_linear
+            and len(info.shape) == 2
+            and merged.any()
+            and delta.any()
+        ):
             on_device = ctx.to_device(merged, delta)  # the SVD and products, on --device
             delta_kept = project_out_fast(*on_device, self.alpha).to(delta.device)
         else:

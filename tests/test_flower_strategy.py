@@ -14,6 +14,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -120,7 +121,13 @@ class Recording(ContmergeStrategy):
         self.calls.append(("reply", server_round, reply.metadata.src_node_id, status))
 
     def on_round_end(self, report: RoundReport) -> None:
-        self.calls.append(("round_end", report.server_round, sorted(report.folded),
+        # a failed client's reason is Ray's text (pids, colours): who failed is what must agree;
+        # a rejection's, with its figures masked (client 4's other base is unseeded noise)
+        rejected = sorted(
+            (n, re.sub(r"\d+(\.\d+)?", "#", why)) for n, why in report.rejected.items()
+        )
+        self.calls.append(("round_end", report.server_round, sorted(report.folded), rejected,
+                           sorted(report.failed),
                            sorted(report.missing), report.updated))  # fmt: skip
         super().on_round_end(report)
 
@@ -145,8 +152,11 @@ class Recording(ContmergeStrategy):
         return MetricRecord({"norm": sum(float(v.double().square().sum()) for v in model.values())})
 
 
-def _both_ways(grid: Grid, initial: ArrayRecord, rounds: int, **kwargs: Any) -> dict[str, Any]:
-    """The same strategy, inputs and clients through Flower's ``start`` and ``start_streaming``."""
+def _both_ways(
+    grid: Grid, initial: ArrayRecord, rounds: int, mode: str = "good", **kwargs: Any
+) -> dict[str, Any]:
+    """The same strategy, inputs and clients through Flower's ``start`` and ``start_streaming``
+    (``mode="faulty"``: bad replies and a crashing client, none hanging)."""
     runs = {}
     for way in ("start", "start_streaming"):
         strategy = Recording("average", **kwargs)
@@ -155,7 +165,7 @@ def _both_ways(grid: Grid, initial: ArrayRecord, rounds: int, **kwargs: Any) -> 
             initial,
             num_rounds=rounds,
             timeout=300,
-            train_config=ConfigRecord({"mode": "good"}),
+            train_config=ConfigRecord({"mode": mode, "hang": 0.0}),
             evaluate_config=ConfigRecord({"probe": 2.5}),
             evaluate_fn=strategy.evaluate_fn,
         )
@@ -200,6 +210,9 @@ def _scenarios(grid: Grid, out: dict[str, Any], state_dir: Path) -> None:
     out["both ways"] = _both_ways(grid, initial, rounds=2, **everyone)
     out["both ways, unchanged"] = _both_ways(grid, initial, rounds=1, min_replies=NODES + 1,
                                              **sampling)  # fmt: skip
+    # failures both ways: 3 replies rejected, 1 client crashed, and exactly min_replies accepted
+    out["both ways, faulty"] = _both_ways(grid, initial, rounds=2, mode="faulty", min_replies=3,
+                                          **everyone)  # fmt: skip
 
     # Last, as the hanging client keeps one simulated CPU busy after its round timed out.
     faulty = ContmergeStrategy("average", **sampling)
@@ -364,11 +377,12 @@ def _metrics(by_round: dict[int, MetricRecord]) -> dict[int, dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["both ways", "both ways, unchanged"])
+@pytest.mark.parametrize("case", ["both ways", "both ways, unchanged", "both ways, faulty"])
 def test_start_streaming_keeps_flowers_round_semantics(sim: dict[str, Any], case: str) -> None:
     """``start_streaming`` against Flower's own ``Strategy.start`` on the same inputs: the same
     rounds, the same models and configs sent, the same replies folded, the same evaluations in
-    the same order, the same Result."""
+    the same order, the same Result; the same replies rejected (with the same reasons), the
+    same clients failed, the same rounds kept or moved by ``min_replies``."""
     (flower, flower_calls, flower_reports), (ours, our_calls, our_reports) = (
         sim[case]["start"],
         sim[case]["start_streaming"],
@@ -389,6 +403,13 @@ def test_start_streaming_keeps_flowers_round_semantics(sim: dict[str, Any], case
         assert flower.evaluate_metrics_clientapp[2]["probe"] == pytest.approx(2.5)
         assert [c[0] for c in expected].count("evaluate_fn") == 3
         assert all(r.updated for r in flower_reports)
+    elif case == "both ways, faulty":  # what this one covers: every kind of failure, each round
+        pid = sim["pid"]
+        for report in flower_reports:
+            assert sorted(pid[n] for n in report.folded) == [0, 1, 6]
+            assert sorted(pid[n] for n in report.rejected) == [2, 3, 4]
+            assert [pid[n] for n in report.failed] == [5]
+            assert report.updated and not report.missing
     else:
         assert not any(r.updated for r in flower_reports)
         assert len(flower.arrays) == 0  # Flower's start keeps no global model it did not make

@@ -183,3 +183,63 @@ def test_the_http_layer_uses_only_the_services_public_methods() -> None:
         )
     }
     assert not reached, f"app.py reaches into MergeService: {sorted(reached)}"
+
+
+#: what app.py may import of the server: the service, its upload handle's answer, the HTTP-side
+#: helpers (auth, refusals as HTTP answers, the metrics' content type)
+APP_MAY_IMPORT = {
+    "contmerge.errors",
+    "contmerge.server.auth",
+    "contmerge.server.bodycheck",
+    "contmerge.server.metrics",
+    "contmerge.server.service",
+    "contmerge.server.upload",
+}
+
+
+def test_the_http_layer_imports_no_internal_of_the_service() -> None:
+    """No spool, queue, journal, status board, writer or inbox in app.py: only the door."""
+    path = ROOT / "contmerge" / "server" / "app.py"
+    ours = {m for m in imports_in(path, "contmerge.server") if m.startswith("contmerge")}
+    assert ours <= APP_MAY_IMPORT, f"app.py imports {sorted(ours - APP_MAY_IMPORT)}"
+    tree = ast.parse(path.read_text())
+    from_upload = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "upload"
+        for alias in node.names
+    }
+    assert from_upload <= {"Accepted"}, from_upload  # the 202's content, not the machinery
+
+
+def test_the_http_layer_drives_an_upload_through_its_handle_only() -> None:
+    """What app.py does with the handle ``begin_upload`` returns: ``receive`` the body, then
+    ``finish`` or ``abort`` (and name it in a log line); nothing of its insides (temp file,
+    spool, limits, checks)."""
+    pytest.importorskip("fastapi")
+    from contmerge.server.upload import Upload
+
+    tree = ast.parse((ROOT / "contmerge" / "server" / "app.py").read_text())
+    handles = {
+        target.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and "service.begin_upload" in ast.unparse(node.value)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    assert handles, "app.py no longer takes an upload handle from service.begin_upload"
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in handles
+    }
+    assert {"receive", "finish", "abort"} <= used, used
+    methods = {
+        name
+        for name in used
+        if not name.startswith("_")
+        and isinstance(inspect.getattr_static(Upload, name, None), (property, types.FunctionType))
+    }
+    assert used - methods <= {"id"}, f"app.py reaches into the upload: {sorted(used - methods)}"

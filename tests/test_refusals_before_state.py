@@ -59,5 +59,5 @@ def test_a_refused_new_state_leaves_nothing_behind(models, tmp_path, capsys, opt
 
 def test_the_python_api_refuses_before_making_the_directory(models, tmp_path):
     with pytest.raises(ContmergeError, match="no setting 'bogus'"):
-        Merger("base.safetensors", "opcm", tmp_path / "new", bogus=1)
+        Merger("base.safetensors", "opcm", tmp_path / "new", settings={"bogus": 1})
     assert not os.path.lexists(tmp_path / "new")

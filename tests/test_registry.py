@@ -59,7 +59,7 @@ def test_a_wrong_setting_lists_the_valid_ones_with_the_closest_match():
     with pytest.raises(StrategyError, match="did you mean 'p'"):
         parse_strategy("chain(dare(P=0.5), magmax())")  # inside a chain, case aside
     with pytest.raises(StrategyError, match="did you mean 'scaling_factor'"):
-        Merger(random_base(), "magmax", lam=0.1)  # keyword settings of the Python API
+        Merger(random_base(), "magmax", settings={"lam": 0.1})  # the Python API's settings
     with pytest.raises(StrategyError, match="no setting 'beta'. Its settings: alpha"):
         parse_strategy("opcm(beta=1)")  # nothing close: the valid ones still listed
 

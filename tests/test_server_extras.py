@@ -84,6 +84,8 @@ def test_serve_refuses_an_unknown_out_dtype_in_one_line(tmp_path: Path) -> None:
          "--port", "0", "--out-dtype", "int4"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown out dtype 'int4'")
+    # a usage error, as merge's: refused while the options are parsed, before any port or state
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("contmerge serve: error: argument --out-dtype: unknown out dtype 'int4'")
     assert not (tmp_path / "s").exists()

@@ -395,7 +395,9 @@ def test_lora_delta_equals_merge_and_unload(tmp_path: Path, case: str, safe: boo
 
 def test_lora_adapter_folds_into_the_base_like_merge_and_unload(tmp_path: Path) -> None:
     directory, base, merged = make_adapter(tmp_path, **LORA_CASES["modules_to_save"])
-    with Merger(base, "task_arithmetic", tmp_path / "state", scaling_factor=1.0) as merger:
+    with Merger(
+        base, "task_arithmetic", tmp_path / "state", settings={"scaling_factor": 1.0}
+    ) as merger:
         merger.fold(directory)
         out = merger.emit_state_dict()
     for name in base:

@@ -3,6 +3,8 @@ memory, on random models with non-square linears, biases, norms, embeddings and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,8 +25,19 @@ from helpers import Model, fine_tuned, float_names, random_base, whole_norm
 LINEAR = ("encoder.0.weight", "encoder.1.weight")
 
 
-def run(strategy: str, base: Model, models: list[Model], **kwargs) -> Model:
-    merger = Merger(base, strategy, **kwargs)
+def run(
+    strategy: str,
+    base: Model,
+    models: list[Model],
+    linear: str | None = None,
+    workers: int | None = None,
+    state_dir: Path | None = None,
+    device: str | None = None,
+    **settings: object,
+) -> Model:
+    """The Merger's own options by name; every other keyword is a setting of the strategy."""
+    options = {"linear": linear, "workers": workers, "device": device}
+    merger = Merger(base, strategy, state_dir, settings=settings, **options)
     for model in models:
         assert merger.fold(model).status == "folded"
     return merger.emit_state_dict()
@@ -176,7 +189,7 @@ def test_split_rank_edges():
     assert split_rank(sigma, 0.8) == 2
     assert split_rank(sigma, 0.99) == 2
     with pytest.raises(ValueError, match="alpha"):
-        Merger(random_base(), "opcm", alpha=1.0)
+        Merger(random_base(), "opcm", settings={"alpha": 1.0})
 
 
 def test_opcm_adds_unprojected_where_the_merged_layer_is_all_zero():
@@ -190,6 +203,34 @@ def test_opcm_adds_unprojected_where_the_merged_layer_is_all_zero():
     state = merger.store.read("encoder.1.weight")["value"]
     expected = second["encoder.1.weight"] - base["encoder.1.weight"]
     torch.testing.assert_close(state, expected)
+
+
+def test_opcm_skips_the_svd_of_a_layer_the_arrival_leaves_unchanged(setup, monkeypatch):
+    # δ = 0 on a linear layer (frozen in that fine-tune) projects to 0 whatever the basis: the
+    # fold adds nothing there and takes no SVD, and the merge equals the authors' loop
+    from contmerge.strategies import opcm
+
+    base, models = setup
+    second = dict(models[1])
+    second["encoder.1.weight"] = base["encoder.1.weight"].clone()
+    bases: list[tuple[int, ...]] = []
+    real = opcm.singular_basis
+
+    def spy(tall):
+        bases.append(tuple(tall.shape))
+        return real(tall)
+
+    monkeypatch.setattr(opcm, "singular_basis", spy)
+    merger = Merger(base, "opcm", linear=r"^encoder\.\d\.weight$", workers=1)
+    merger.fold(models[0])
+    before = merger.store.read("encoder.1.weight")["value"].clone()
+    merger.fold(second)
+    assert torch.equal(merger.store.read("encoder.1.weight")["value"], before)
+    shape0 = tuple(base["encoder.0.weight"].shape)
+    assert bases == [shape0 if shape0[0] >= shape0[1] else shape0[::-1]]  # encoder.0's only
+    merger.fold(models[2])
+    expected = reference_opcm(base, [models[0], second, models[2]], 0.5)
+    assert_close(merger.emit_state_dict(), expected, base, tol=2e-4)
 
 
 def _layer_pair(shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:

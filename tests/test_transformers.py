@@ -137,7 +137,9 @@ def test_lora_adapter_on_minilm_folds_like_merge_and_unload(
             delta = adapter.delta(name, base_state[name])
             torch.testing.assert_close(delta, merged[name] - base_state[name])
 
-    with Merger(minilm_dir, "task_arithmetic", tmp_path / "state", scaling_factor=1.0) as merger:
+    with Merger(
+        minilm_dir, "task_arithmetic", tmp_path / "state", settings={"scaling_factor": 1.0}
+    ) as merger:
         merger.fold(tmp_path / "adapter")
         merger.emit(tmp_path / "merged")
     loaded = transformers.AutoModel.from_pretrained(tmp_path / "merged").state_dict()

@@ -10,7 +10,6 @@ than ``upload_min_rate`` once that long has passed, is cut with 408. Everything 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -26,10 +25,9 @@ from .auth import bearer_check
 from .bodycheck import Refusal, storage_refusal
 from .metrics import CONTENT_TYPE
 from .service import MergeService
-from .upload import Accepted, Upload
+from .upload import Accepted
 
 log = logging.getLogger("contmerge.server")
-WRITE_BLOCK = 1 << 20  # gather the body into ~1 MiB writes, done off the event loop
 READ_BLOCK = 1 << 20
 
 
@@ -62,27 +60,16 @@ def _queued(accepted: Accepted) -> JSONResponse:
     )
 
 
-async def _receive(request: Request, upload: Upload) -> None:
-    """Stream the body into the upload; Refusal (408) for a client too slow to wait for."""
-    pending = bytearray()
+async def _body(request: Request) -> AsyncIterator[tuple[bytes, bool]]:
+    """The request's body as ``(chunk, more to come)``; ClientDisconnect when the client goes."""
     while True:
-        try:
-            message = await asyncio.wait_for(request.receive(), timeout=upload.idle_timeout)
-        except asyncio.TimeoutError:
-            raise upload.stalled() from None
+        message = await request.receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        if chunk:
-            upload.check(chunk)
-            pending += chunk
-            if len(pending) >= WRITE_BLOCK:
-                data, pending = pending, bytearray()
-                await run_in_threadpool(upload.write, data)
-        if not message.get("more_body", False):
-            break
-        upload.pace()
-    await run_in_threadpool(upload.write, pending)
+        more = bool(message.get("more_body", False))
+        yield message.get("body", b""), more
+        if not more:
+            return
 
 
 def create_app(service: MergeService, token: str | None) -> FastAPI:
@@ -127,7 +114,7 @@ def create_app(service: MergeService, token: str | None) -> FastAPI:
         except Refusal as refusal:
             return _refused(refusal)
         try:
-            await _receive(request, receiving)
+            await receiving.receive(_body(request))
             client = request.client.host if request.client else None
             return _queued(await run_in_threadpool(receiving.finish, client))
         except Refusal as refusal:

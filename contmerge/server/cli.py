@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from contmerge.cli import add_threads_option
-from contmerge.merger import DEFAULT_MAX_RELATIVE_DELTA
+from contmerge.data_cli import add_merge_options as add_data_options
+from contmerge.merger_options import add_merger_arguments
 
 DEFAULT_PORT = 8470
 
@@ -29,41 +29,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "was pending. Needs a token (--token-file or $CONTMERGE_TOKEN) unless "
         "--insecure-no-auth on a loopback host.",
     )
-    serve.add_argument("--state", required=True, help="state directory (created or resumed)")
+    add_merger_arguments(serve)
     serve.add_argument("--base", required=True, help="base model (file, sharded index or dir)")
-    serve.add_argument("--strategy", help="strategy spec, e.g. opcm (needed to create the state)")
-    serve.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a hyper-parameter of the strategy (repeatable)",
-    )
-    serve.add_argument("--linear", help="regex of tensor names to treat as nn.Linear weights")
-    serve.add_argument(
-        "--objective",
-        metavar="DATA",
-        help="fw: the objective, a labelled .safetensors dataset or module:function "
-        "(docs/frank_wolfe.md); each arrival joins the pool and FW iterations run",
-    )
-    serve.add_argument("--model", metavar="MODULE:FUNCTION", help="fw: the model, overriding "
-                       "the objective file's 'model'")  # fmt: skip
-    serve.add_argument(
-        "--max-relative-delta",
-        type=float,
-        default=DEFAULT_MAX_RELATIVE_DELTA,
-        help="reject a checkpoint whose weight matrices moved, in the median, by more than this "
-        "fraction of their norm in the base: fine-tuned from another base (default %(default)s)",
-    )
-    serve.add_argument(
-        "--any-base", action="store_true", help="do not reject checkpoints far from the base"
-    )
-    serve.add_argument(
-        "--out-dtype",
-        metavar="DTYPE",
-        help="dtype of the merged float tensors GET /model serves: base (the default: the "
-        "base's dtype), float32, bfloat16, float16 or float64",
-    )
+    add_data_options(serve, calibration=False)
     serve.add_argument("--inbox", help="directory to watch for checkpoints (renamed into place)")
     serve.add_argument(
         "--poll-interval", type=float, default=1.0, help="seconds between inbox scans (default 1)"
@@ -115,20 +83,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "cut with 408 (default 16384; 0 for no floor)",
     )
     serve.add_argument(
-        "--max-header-bytes",
-        type=positive(int),
-        default=None,
-        help="largest safetensors header or shard index read, in bytes, by the upload checks, "
-        "the inbox and the folds (default $CONTMERGE_MAX_HEADER_BYTES, else 16 MiB); a larger "
-        "header gets 413 as soon as its first 8 bytes arrive",
-    )
-    serve.add_argument(
         "--max-tar-members",
         type=positive(int),
         default=None,
         help="most files and folders in a directory uploaded as a tar (default 10000)",
     )
-    add_threads_option(serve)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.set_defaults(func=run_serve)
 
@@ -173,7 +132,7 @@ def _log_to_stderr(level: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from ..cli import missing_extra
-    from ..merger_options import parse_settings
+    from ..merger_options import MergerOptions
 
     try:
         import uvicorn
@@ -212,19 +171,20 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         if (value := getattr(args, key)) is not None
     }
+    options = MergerOptions.from_args(args)  # as merge reads them
     settings = ServeSettings(
         state=Path(args.state),
         base=args.base,
-        strategy=args.strategy,
-        hparams=parse_settings(args.set),
-        linear=args.linear,
-        max_relative_delta=None if args.any_base else args.max_relative_delta,
+        strategy=options.strategy,
+        hparams=dict(options.settings),
+        linear=options.linear,
+        max_relative_delta=options.max_relative_delta,
         inbox=Path(args.inbox) if args.inbox else None,
         poll_interval=args.poll_interval,
         out_dtype=args.out_dtype,
         objective=args.objective,
         model=args.model,
-        threads=args.threads,
+        threads=options.threads,
         **limits,
     )
     sock = _bind(args.host, args.port)

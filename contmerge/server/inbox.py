@@ -5,7 +5,9 @@ Polling, no dependency. An entry is taken only when it is complete and settled:
 - a file that was renamed into place; dotfiles, ``*.tmp`` and ``*.partial`` are being written
   and are ignored;
 - a directory: a sharded checkpoint once its ``model.safetensors.index.json`` and every shard it
-  lists are there; a model or LoRA adapter directory once its weights file is there;
+  lists are there; a model or LoRA adapter directory once its weights file is there (what
+  ``sources.recognise`` tells every door; a directory it refuses for another reason, such as
+  two kinds in one, goes to the fold once settled, which refuses it with that reason);
 - and in both cases looking the same (sizes, mtimes) on two scans in a row, which also covers a
   writer that does not rename.
 
@@ -30,17 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..sources import SAFETENSORS_INDEX, ShardPathError, shard_files, sidecar_name
+from ..sources import (
+    SAFETENSORS_INDEX,
+    Incomplete,
+    ShardPathError,
+    read_as_safetensors,
+    recognise,
+    sidecar_name,
+)
 from ..tensorfile import DEFAULT_MAX_HEADER_BYTES
 from .headercheck import PREFIX_BYTES, header_problem
 
 log = logging.getLogger("contmerge.server")
 DONE, REJECTED = "done", "rejected"
 IGNORED_SUFFIXES = (".tmp", ".partial")
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-# read by torch's (weights-only) unpickler, not as safetensors: no header to check
-TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 Signature = list[Any]  # JSON-friendly, so the journal can remember it across restarts
 
@@ -70,10 +75,6 @@ def check_link(path: Path, root: Path, shown: str) -> None:
             f"{shown} is a symbolic link to outside the inbox: refused (put the checkpoint "
             "itself in the inbox)"
         )
-
-
-def read_as_safetensors(path: Path) -> bool:
-    return not path.name.endswith((*TORCH_SUFFIXES, ".index.json", ".json"))
 
 
 def header_refusal(path: Path, limit: int) -> str | None:
@@ -123,26 +124,26 @@ def inspect_entry(
         listing = [[c.name, *_size_and_mtime(c, path.name)] for c in children]
     except FileNotFoundError:
         return None, "vanished"
-    names = {row[0] for row in listing}
-    if SAFETENSORS_INDEX in names:
-        try:
-            # the CLI's rule (contmerge.sources), so that both doors refuse the same indexes
-            shards = shard_files(path / SAFETENSORS_INDEX, max_header_bytes)
-        except ShardPathError as exc:
-            raise Refused(f"{SAFETENSORS_INDEX}: {exc.reason}: refused") from None
-        except CheckpointError:
-            return listing, None  # settled yet unreadable: the fold will say why
-        missing = [s.relative_to(path) for s in shards if not s.is_file()]
-        if missing:
-            return None, f"{len(missing)} shard(s) of the index not there, e.g. {missing[0]}"
-        return listing, None
-    if "adapter_config.json" in names:
-        if names.intersection(ADAPTER_WEIGHTS):
-            return listing, None
-        return None, "adapter_config.json without adapter_model.safetensors"
-    if names.intersection(MODEL_WEIGHTS):
-        return listing, None
-    return None, f"a directory without {SAFETENSORS_INDEX} or model weights"
+    try:
+        # what a checkpoint directory looks like is the CLI's rule (sources.recognise), so that
+        # both doors take and refuse the same directories
+        recognise(path, max_header_bytes)
+    except ShardPathError as exc:
+        raise Refused(f"{SAFETENSORS_INDEX}: {exc.reason}: refused") from None
+    except Incomplete as exc:
+        return None, _still_lacking(exc, path)
+    except CheckpointError:
+        pass  # settled yet unreadable: the fold will say why
+    return listing, None
+
+
+def _still_lacking(exc: Incomplete, path: Path) -> str:
+    """The reason an incomplete directory waits, naming a file in it relative to it (the
+    inbox's status is shown to clients, who need not see the server's paths)."""
+    missing = Path(exc.source)
+    if missing == path or not missing.is_relative_to(path):
+        return exc.reason
+    return f"{exc.reason}: {missing.relative_to(path)}"
 
 
 def _size_and_mtime(child: Path, parent: str) -> list[int]:
@@ -161,7 +162,7 @@ def header_refusal_in(path: Path, limit: int) -> str | None:
     """The first header refusal among an entry's safetensors files: the entry itself, or the
     ``*.safetensors`` files of a directory (which also holds configs, READMEs...)."""
     if not path.is_dir():
-        return header_refusal(path, limit) if read_as_safetensors(path) else None
+        return header_refusal(path, limit) if read_as_safetensors(path.name) else None
     for file in sorted(path.iterdir()):
         if file.name.endswith(".safetensors") and file.is_file():
             problem = header_refusal(file, limit)

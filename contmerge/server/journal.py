@@ -14,15 +14,17 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Event = Literal["accepted", "folded", "duplicate", "rejected"]
 FinalEvent = Literal["folded", "duplicate", "rejected"]
 Origin = Literal["http", "inbox"]
-FINAL_EVENTS: frozenset[str] = frozenset({"folded", "duplicate", "rejected"})
+FINAL_EVENTS: frozenset[str] = frozenset(get_args(FinalEvent))
+EVENTS: frozenset[str] = frozenset(get_args(Event))
+ORIGINS: frozenset[str] = frozenset(get_args(Origin))
 JOURNAL_FILE = "journal.jsonl"
 
 
@@ -50,7 +52,11 @@ class Arrival:
 
 @dataclass(frozen=True)
 class JournalRecord:
-    """One journal line (the journal stamps it with the time). Every line is built here."""
+    """One journal line, written or read: every line is built and parsed here and nowhere else.
+
+    On disk a line is the JSON object of :meth:`to_json`, ``time`` first (stamped by
+    :meth:`Journal.append`); :meth:`from_json` reads it back, lines of earlier runs included.
+    """
 
     event: Event
     arrival: Arrival
@@ -61,11 +67,18 @@ class JournalRecord:
     index: int | None = None
     seconds: float | None = None
     recovered: bool = False  # re-queued from the spool, or folded before a crash cut its line
+    time: str | None = None  # ISO 8601, UTC; None until the journal appends the line
+
+    @property
+    def final(self) -> bool:
+        """The writer is done with the arrival (folded, duplicate or rejected)."""
+        return self.event in FINAL_EVENTS
 
     def to_json(self) -> dict[str, Any]:
         """The line as a JSON object: fields left unset are left out."""
         arrival = self.arrival
         fields: dict[str, Any] = {
+            "time": self.time,
             "event": self.event,
             "id": arrival.id,
             "origin": arrival.origin,
@@ -82,6 +95,42 @@ class JournalRecord:
             "signature": arrival.signature,
         }
         return {key: value for key, value in fields.items() if value is not None}
+
+    @staticmethod
+    def from_json(line: dict[str, Any]) -> JournalRecord | None:
+        """The record of a parsed line, or None for a line that is none (no id, an unknown
+        event or origin). Lines written before the records were typed (dicts built in several
+        places, ``"client": null`` kept) read the same: every key was, and is, optional but
+        these three."""
+        event, origin, checkpoint_id = line.get("event"), line.get("origin"), line.get("id")
+        if event not in EVENTS or origin not in ORIGINS or not isinstance(checkpoint_id, str):
+            return None
+        signature = line.get("signature")
+        arrival = Arrival(
+            checkpoint_id,
+            origin,
+            str(line.get("name", "")),
+            _text(line.get("label")),
+            _text(line.get("sha256")),
+            list(signature) if isinstance(signature, list) else None,
+        )
+        index, size, seconds = line.get("index"), line.get("bytes"), line.get("seconds")
+        return JournalRecord(
+            event,
+            arrival,
+            reason=_text(line.get("reason")),
+            bytes=size if isinstance(size, int) else None,
+            client=_text(line.get("client")),
+            content_hash=_text(line.get("content_hash")),
+            index=index if isinstance(index, int) else None,
+            seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+            recovered=line.get("recovered") is True,
+            time=_text(line.get("time")),
+        )
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def now_iso() -> str:
@@ -103,9 +152,10 @@ class Journal:
                 if handle.read(1) != b"\n":
                     os.write(self._fd, b"\n")
 
-    def append(self, entry: JournalRecord) -> dict[str, Any]:
-        """Write ``entry`` (stamped with the time) durably; the line as written."""
-        record = {"time": now_iso(), **entry.to_json()}
+    def append(self, entry: JournalRecord) -> JournalRecord:
+        """Write ``entry`` durably, stamped with the time; the record as written."""
+        stamped = replace(entry, time=now_iso())
+        record = stamped.to_json()
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:
             start = os.fstat(self._fd).st_size
@@ -119,9 +169,9 @@ class Journal:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, start)
                 raise
-        return record
+        return stamped
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self) -> Iterator[JournalRecord]:
         """Every well-formed record, oldest first (a torn line from a crash is skipped)."""
         if not self.path.exists():
             return
@@ -131,8 +181,9 @@ class Journal:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(record, dict):
-                    yield record
+                entry = JournalRecord.from_json(record) if isinstance(record, dict) else None
+                if entry is not None:
+                    yield entry
 
     def close(self) -> None:
         with self._lock:

@@ -1,8 +1,9 @@
 """The merge service: the Merger, its writer thread, the queue, the spool, the journal and the
 inbox wired together, with the recovery that makes a restart pick up where a crash left off.
 
-The HTTP layer (app.py) only calls the public methods of this object (and of the
-:class:`~.upload.Upload` handle that ``begin_upload`` returns); nothing here knows about HTTP.
+The HTTP layer (app.py) only calls the public methods of this object and of the
+:class:`~.upload.Upload` handle that ``begin_upload`` returns (``receive``, ``finish``,
+``abort``); tests/test_layering.py holds it to that. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..merger import DEFAULT_MAX_RELATIVE_DELTA, Merger
 from ..merger_options import MergerOptions
 from ..tensorfile import header_limit, using_header_limit
 from .inbox import InboxEntry, InboxWatcher, is_ignored
-from .journal import FINAL_EVENTS, JOURNAL_FILE, Arrival, Journal, JournalRecord
+from .journal import JOURNAL_FILE, Arrival, Journal, JournalRecord
 from .metrics import ServerMetrics
 from .spool import SPOOL_DIR, Spool, id_sequence, spooled_bytes
 from .status import StatusBoard
@@ -182,28 +183,28 @@ class MergeService:
         inbox_names = set()
         if self.settings.inbox is not None:
             inbox_names = {n for n in os.listdir(self.settings.inbox) if not is_ignored(n)}
-        last_of: dict[str, dict[str, Any]] = {}
-        self._inbox_memory: dict[str, dict[str, Any]] = {}
-        tail: deque[dict[str, Any]] = deque(maxlen=1000)
+        last_of: dict[str, JournalRecord] = {}
+        self._inbox_memory: dict[str, JournalRecord] = {}
+        tail: deque[JournalRecord] = deque(maxlen=1000)
         highest = 0
         for record in self.journal.records():
-            checkpoint_id = str(record.get("id", ""))
-            highest = max(highest, id_sequence(checkpoint_id))
-            if checkpoint_id in spool_ids:
-                last_of[checkpoint_id] = record
-            elif record.get("origin") == "inbox" and record.get("name") in inbox_names:
-                self._inbox_memory[record["name"]] = record
+            arrival = record.arrival
+            highest = max(highest, id_sequence(arrival.id))
+            if arrival.id in spool_ids:
+                last_of[arrival.id] = record
+            elif arrival.origin == "inbox" and arrival.name in inbox_names:
+                self._inbox_memory[arrival.name] = record
             tail.append(record)
         for record in tail:
             self.board.record(record)
         self.spool.continue_after(highest)
         for spooled_item in spooled:
             last = last_of.get(spooled_item.id)
-            if last is not None and last.get("event") in FINAL_EVENTS:
+            if last is not None and last.final:
                 self.spool.discard(spooled_item.path)  # journaled, then killed before clearing
                 continue
             path = spooled_item.path
-            sha256 = None if last is None else last.get("sha256")
+            sha256 = None if last is None else last.arrival.sha256
             arrival = Arrival.upload(spooled_item.id, spooled_item.name, sha256)
             if last is None:  # renamed into the spool, then killed before the journal line
                 size = spooled_bytes(path)
@@ -234,7 +235,7 @@ class MergeService:
         self.journal.close()
 
     # --- arrivals -----------------------------------------------------------------------------
-    def _journal(self, entry: JournalRecord) -> dict[str, Any]:
+    def _journal(self, entry: JournalRecord) -> JournalRecord:
         written = self.journal.append(entry)
         self.board.record(written)
         return written
@@ -258,14 +259,14 @@ class MergeService:
         assert self.inbox is not None
         inbox = self.inbox
         memory = self._inbox_memory.pop(entry.name, None)
-        if memory is not None and memory.get("signature") != entry.signature:
+        if memory is not None and memory.arrival.signature != entry.signature:
             memory = None  # same name, different file: a new arrival
-        if memory is not None and memory.get("event") in FINAL_EVENTS:
+        if memory is not None and memory.final:
             # journaled before a crash, not moved yet
-            inbox.settle(entry, memory["id"], memory["event"], memory.get("reason"))
+            inbox.settle(entry, memory.arrival.id, memory.event, memory.reason)
             return True
         if entry.refused is not None:  # rejected as it is: nothing to fold, no slot needed
-            checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
+            checkpoint_id = memory.arrival.id if memory is not None else self.spool.new_id()
             arrival = Arrival.inbox(checkpoint_id, entry.name, entry.signature)
             self._journal(JournalRecord("rejected", arrival, reason=entry.refused))
             self.metrics.rejected.inc(1, "inbox")
@@ -275,7 +276,7 @@ class MergeService:
             if memory is not None:
                 self._inbox_memory[entry.name] = memory
             return False
-        checkpoint_id = memory["id"] if memory is not None else self.spool.new_id()
+        checkpoint_id = memory.arrival.id if memory is not None else self.spool.new_id()
         arrival = Arrival.inbox(checkpoint_id, entry.name, entry.signature)
         if memory is None:
             self._journal(JournalRecord("accepted", arrival))

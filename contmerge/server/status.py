@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Literal
 
-from .journal import FINAL_EVENTS
+from .journal import JournalRecord
 
 #: what ``GET /uploads/<id>`` says of an arrival: its final event, or where it waits
 UploadStatus = Literal["queued", "folding", "retrying", "folded", "duplicate", "rejected"]
@@ -25,17 +25,18 @@ class StatusBoard:
         self._retrying: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
 
-    def record(self, record: dict[str, Any]) -> None:
-        """Note a journal record (accepted or final) under its arrival id."""
+    def record(self, entry: JournalRecord) -> None:
+        """Note a journal record (accepted or final) under its arrival id, as its JSON line."""
+        record = entry.to_json()
         with self._lock:
-            key = str(record.get("id"))
+            key = entry.arrival.id
             self._by_id[key] = record
             self._by_id.move_to_end(key)
             while len(self._by_id) > self._remember:
                 self._by_id.popitem(last=False)
-            if record.get("event") in FINAL_EVENTS:
+            if entry.final:
                 self._recent.appendleft(record)
-            if record.get("event") == "rejected":
+            if entry.event == "rejected":
                 self.last_error = record
 
     def lookup(self, checkpoint_id: str) -> dict[str, Any] | None:

@@ -1,20 +1,24 @@
 """HTTP uploads, from their first byte to queued or refused: the service's side of
-``POST /checkpoints``. The HTTP layer reads the body and hands it over; :class:`Uploads` and its
-:class:`Upload` handles name, bound, write, validate (bodycheck.py), journal and queue it.
+``POST /checkpoints``. The HTTP layer turns the request into chunks of body and hands them over;
+:class:`Uploads` and its :class:`Upload` handles name, bound, write, validate (bodycheck.py),
+journal and queue them.
 
 Two kinds of body: a safetensors file (its header length is checked as soon as its first 8
 bytes are in, its header parsed once the body is complete), or a tar of a checkpoint directory
 (unpacked safely into the spool, then recognised as the inbox recognises a directory).
 
 An upload's life: ``Uploads.begin`` (refusals before any body: bad name, too large, queue full,
-too many uploads at once) → ``check`` each chunk → ``write`` → ``finish`` (validated, made
-durable, journaled ``accepted``, queued) or ``abort`` (journaled ``rejected`` when refused, its
-temp files removed). ``check``, ``pace`` and ``stalled`` are cheap and run on the event loop;
-``begin``, ``write``, ``finish`` and ``abort`` touch the disk (fsync) and run on a worker thread.
+too many uploads at once) → ``receive`` the body (each chunk counted against the size limit, the
+header length checked at the 8th byte, the idle timeout and the rate floor applied, written in
+~1 MiB blocks off the event loop) → ``finish`` (validated, made durable, journaled ``accepted``,
+queued) or ``abort`` (journaled ``rejected`` when refused, its slot and temp files given back: a
+client that went away, a bug). ``receive`` runs on the event loop; ``begin``, ``finish`` and
+``abort`` touch the disk (fsync) and run on a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -42,12 +46,13 @@ from .tarball import TarLimits, TarRefused, unpack
 from .workqueue import WorkItem, WorkQueue
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from .service import ServeSettings
 
 log = logging.getLogger("contmerge.server")
 MAX_REFUSED_NAME = 200  # a refused name is journaled, cut to this length
+WRITE_BLOCK = 1 << 20  # the body is gathered into ~1 MiB writes, done off the event loop
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class Uploads:
             self.board.record(self.journal.append(entry))
         except OSError:  # the journal's disk is the one that is full: say it all the same
             log.warning("upload %s refused (%s), not journaled", checkpoint_id, refusal.reason)
-            self.board.record(entry.to_json())
+            self.board.record(entry)
         return refusal
 
     def accept(self, arrival: Arrival, path: Path, size: int, client: str | None) -> None:
@@ -196,12 +201,41 @@ class Upload:
         self.temp, self.handle = door.spool.open_temp(checkpoint_id)
 
     # --- on the event loop ------------------------------------------------------------------
+    async def receive(self, body: AsyncIterator[tuple[bytes, bool]]) -> None:
+        """Take the whole body, as ``(chunk, more to come)`` pairs, into the temp file.
+
+        Refusal as soon as the body cannot be taken: over the size limit (413), a header length
+        the body cannot hold or over ``max_header_bytes`` (400/413), nothing for the idle
+        timeout or slower than the rate floor (408). Whatever ``body`` raises (the client went
+        away) passes through; the caller then calls :meth:`abort`.
+        """
+        from anyio.to_thread import run_sync  # the server's thread pool, as for finish/abort
+
+        pending = bytearray()
+        while True:
+            try:
+                chunk, more = await asyncio.wait_for(anext(body), timeout=self.idle_timeout)
+            except asyncio.TimeoutError:
+                raise self._stalled() from None
+            except StopAsyncIteration:
+                break
+            if chunk:
+                self._count(chunk)
+                pending += chunk
+                if len(pending) >= WRITE_BLOCK:
+                    data, pending = pending, bytearray()
+                    await run_sync(self._write, data)
+            if not more:
+                break
+            self._pace()
+        await run_sync(self._write, pending)
+
     @property
     def idle_timeout(self) -> float:
-        """Seconds the body may send nothing before :meth:`stalled` applies."""
+        """Seconds the body may send nothing before it is cut (408)."""
         return self._door.settings.upload_idle_timeout
 
-    def check(self, chunk: bytes) -> None:
+    def _count(self, chunk: bytes) -> None:
         """Count a chunk of the body; Refusal as soon as the body cannot be taken."""
         self.size += len(chunk)
         limit = self._door.settings.max_upload_bytes
@@ -212,7 +246,7 @@ class Upload:
             if len(self.prefix) == PREFIX_BYTES:
                 self._check_prefix(self.declared)
 
-    def pace(self) -> None:
+    def _pace(self) -> None:
         """Refusal (408) for a body averaging less than the minimum rate once the idle timeout
         has passed: a client too slow to wait for."""
         idle, floor = self.idle_timeout, self._door.settings.upload_min_rate
@@ -224,7 +258,7 @@ class Upload:
                 f"minimum of {floor:g} bytes/s (--upload-min-rate)",
             )
 
-    def stalled(self) -> Refusal:
+    def _stalled(self) -> Refusal:
         """The refusal (408) of a body that sent nothing for the idle timeout."""
         return Refusal(
             408, f"upload stalled: no data for {self.idle_timeout:g} s (--upload-idle-timeout)"
@@ -234,7 +268,7 @@ class Upload:
         check_prefix(self.prefix, size, self._door.settings.max_header_bytes)
 
     # --- on a worker thread -----------------------------------------------------------------
-    def write(self, data: bytes | bytearray) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         self.digest.update(data)
         try:
             self.handle.write(data)
