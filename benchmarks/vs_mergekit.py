@@ -62,6 +62,7 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 SCALING = 0.3  # task arithmetic's λ, ours' default
+CASE_GROUPS = ("four", "fifth", "noop", "many")
 
 
 @dataclass
@@ -291,6 +292,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="where the models go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the models and print where")
     parser.add_argument("--timeout", type=float, default=1800, help="per process (s)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASE_GROUPS,
+        default=list(CASE_GROUPS),
+        help="which cases to run (default all): four (4 models, average and task arithmetic), "
+        "fifth (a 5th arriving), noop, many (--models in one process, and the last arriving)",
+    )
     args = parser.parse_args(argv)
     args.models = args.models or (6 if args.quick else 16)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -300,15 +309,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_cases(
-    work: Path, base: Path, models: list[Path], venv: Path, timeout: float, model_bytes: int
+    work: Path,
+    base: Path,
+    models: list[Path],
+    venv: Path,
+    timeout: float,
+    model_bytes: int,
+    groups: tuple[str, ...] = CASE_GROUPS,
 ) -> list[Case]:
     cases: list[Case] = []
     configs = work / "configs"
     configs.mkdir(exist_ok=True)
-    four, five, last = models[:4], models[:5], len(models)
+    four, five = models[:4], models[:5]
     for strategy, method, title in (
-        ("average", "linear", "4 models, average (mergekit: linear)"),
-        ("task_arithmetic", "task_arithmetic", "4 models, task arithmetic"),
+        (
+            ("average", "linear", "4 models, average (mergekit: linear)"),
+            ("task_arithmetic", "task_arithmetic", "4 models, task arithmetic"),
+        )
+        if "four" in groups
+        else ()
     ):
         state = work / f"state-{strategy}"
         config = mergekit_config(configs / f"{method}-4.yml", method, four, base)
@@ -324,6 +343,8 @@ def build_cases(
                 model_bytes,
             )
         )
+    if {"fifth", "noop"}.isdisjoint(groups):
+        return cases + _many_cases(work, base, models, venv, timeout, model_bytes, groups)
     template = prepare_state(base, work / "template-4", "average", four, timeout)
     state = work / "state-5th"
     cases.append(
@@ -347,6 +368,24 @@ def build_cases(
         ],
     )
     cases.append(Case("no-op merge of the 4 already folded", None, [noop], 0, 0))
+    cases = [c for c in cases if "5th" not in c.title or "fifth" in groups]
+    cases = [c for c in cases if "no-op" not in c.title or "noop" in groups]
+    return cases + _many_cases(work, base, models, venv, timeout, model_bytes, groups)
+
+
+def _many_cases(
+    work: Path,
+    base: Path,
+    models: list[Path],
+    venv: Path,
+    timeout: float,
+    model_bytes: int,
+    groups: tuple[str, ...],
+) -> list[Case]:
+    if "many" not in groups:
+        return []
+    cases: list[Case] = []
+    configs, last = work / "configs", len(models)
     state = work / f"state-{last}"
     config = mergekit_config(configs / f"linear-{last}.yml", "linear", models, base)
     cases.append(
@@ -405,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             models.append(path)
         print(f"  {human(shape.nbytes)} each, in {work} ({time.perf_counter() - started:.0f} s)")
         print("[3/4] preparing the states the arrival cases start from (untimed)")
-        cases = build_cases(work, base, models, args.venv, args.timeout, shape.nbytes)
+        cases = build_cases(
+            work, base, models, args.venv, args.timeout, shape.nbytes, tuple(args.cases)
+        )
         print(f"[4/4] {args.rounds} rounds, mergekit and ours alternated")
         outputs = work / "out"
         for round_ in range(args.rounds):
