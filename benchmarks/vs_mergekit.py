@@ -317,20 +317,33 @@ def build_cases(
     model_bytes: int,
     groups: tuple[str, ...] = CASE_GROUPS,
 ) -> list[Case]:
-    cases: list[Case] = []
+    """The cases of ``groups``, in this order; only what a chosen case needs is prepared."""
     configs = work / "configs"
     configs.mkdir(exist_ok=True)
-    four, five = models[:4], models[:5]
+    cases: list[Case] = []
+    if "four" in groups:
+        cases += _four_cases(work, base, models[:4], venv, model_bytes)
+    if "fifth" in groups or "noop" in groups:
+        template = prepare_state(base, work / "template-4", "average", models[:4], timeout)
+        if "fifth" in groups:
+            cases.append(_fifth_case(work, base, models[:5], venv, model_bytes, template))
+        if "noop" in groups:
+            cases.append(_noop_case(base, models[:4], template))
+    if "many" in groups:
+        cases += _many_cases(work, base, models, venv, timeout, model_bytes)
+    return cases
+
+
+def _four_cases(
+    work: Path, base: Path, four: list[Path], venv: Path, model_bytes: int
+) -> list[Case]:
+    cases = []
     for strategy, method, title in (
-        (
-            ("average", "linear", "4 models, average (mergekit: linear)"),
-            ("task_arithmetic", "task_arithmetic", "4 models, task arithmetic"),
-        )
-        if "four" in groups
-        else ()
+        ("average", "linear", "4 models, average (mergekit: linear)"),
+        ("task_arithmetic", "task_arithmetic", "4 models, task arithmetic"),
     ):
         state = work / f"state-{strategy}"
-        config = mergekit_config(configs / f"{method}-4.yml", method, four, base)
+        config = mergekit_config(work / "configs" / f"{method}-4.yml", method, four, base)
         cases.append(
             Case(
                 title,
@@ -343,22 +356,27 @@ def build_cases(
                 model_bytes,
             )
         )
-    if {"fifth", "noop"}.isdisjoint(groups):
-        return cases + _many_cases(work, base, models, venv, timeout, model_bytes, groups)
-    template = prepare_state(base, work / "template-4", "average", four, timeout)
+    return cases
+
+
+def _fifth_case(
+    work: Path, base: Path, five: list[Path], venv: Path, model_bytes: int, template: Path
+) -> Case:
     state = work / "state-5th"
-    cases.append(
-        Case(
-            "a 5th arrives, average (mergekit: re-merge 5)",
-            mergekit_side(venv, mergekit_config(configs / "linear-5.yml", "linear", five, base)),
-            [
-                fresh(two_commands(base, state, "average", five[4:]), state, template),
-                fresh(one_command(base, state, "average", five[4:]), state, template),
-            ],
-            model_bytes,  # ours reads the arrival (and the state, not counted: ours alone)
-            model_bytes,
-        )
+    config = mergekit_config(work / "configs" / "linear-5.yml", "linear", five, base)
+    return Case(
+        "a 5th arrives, average (mergekit: re-merge 5)",
+        mergekit_side(venv, config),
+        [
+            fresh(two_commands(base, state, "average", five[4:]), state, template),
+            fresh(one_command(base, state, "average", five[4:]), state, template),
+        ],
+        model_bytes,  # ours reads the arrival (and the state, not counted: ours alone)
+        model_bytes,
     )
+
+
+def _noop_case(base: Path, four: list[Path], template: Path) -> Case:
     noop = Side(
         "contmerge merge (no-op)",
         lambda out: [
@@ -367,53 +385,37 @@ def build_cases(
             )
         ],
     )
-    cases.append(Case("no-op merge of the 4 already folded", None, [noop], 0, 0))
-    cases = [c for c in cases if "5th" not in c.title or "fifth" in groups]
-    cases = [c for c in cases if "no-op" not in c.title or "noop" in groups]
-    return cases + _many_cases(work, base, models, venv, timeout, model_bytes, groups)
+    return Case("no-op merge of the 4 already folded", None, [noop], 0, 0)
 
 
 def _many_cases(
-    work: Path,
-    base: Path,
-    models: list[Path],
-    venv: Path,
-    timeout: float,
-    model_bytes: int,
-    groups: tuple[str, ...],
+    work: Path, base: Path, models: list[Path], venv: Path, timeout: float, model_bytes: int
 ) -> list[Case]:
-    if "many" not in groups:
-        return []
-    cases: list[Case] = []
-    configs, last = work / "configs", len(models)
+    last = len(models)
     state = work / f"state-{last}"
-    config = mergekit_config(configs / f"linear-{last}.yml", "linear", models, base)
-    cases.append(
-        Case(
-            f"{last} models, average, one process",
-            mergekit_side(venv, config),
-            [fresh(one_command(base, state, "average", models), state)],
-            last * model_bytes,
-            model_bytes,
-        )
+    config = mergekit_config(work / "configs" / f"linear-{last}.yml", "linear", models, base)
+    many = Case(
+        f"{last} models, average, one process",
+        mergekit_side(venv, config),
+        [fresh(one_command(base, state, "average", models), state)],
+        last * model_bytes,
+        model_bytes,
     )
     template = prepare_state(base, work / f"template-{last - 1}", "average", models[:-1], timeout)
-    cases.append(
-        Case(
-            f"the {last}th arrives (mergekit: re-merge {last})",
-            mergekit_side(venv, config),
-            [
-                fresh(
-                    one_command(base, work / "state-last", "average", models[-1:]),
-                    work / "state-last",
-                    template,
-                )
-            ],
-            model_bytes,
-            model_bytes,
-        )
+    arriving = Case(
+        f"the {last}th arrives (mergekit: re-merge {last})",
+        mergekit_side(venv, config),
+        [
+            fresh(
+                one_command(base, work / "state-last", "average", models[-1:]),
+                work / "state-last",
+                template,
+            )
+        ],
+        model_bytes,
+        model_bytes,
     )
-    return cases
+    return [many, arriving]
 
 
 def main(argv: list[str] | None = None) -> int:
