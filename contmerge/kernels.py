@@ -161,6 +161,17 @@ def _store(array: np.ndarray, index: int, value: Any) -> None:
     array[index] = value
 
 
+@kernel
+def _plain_head(out: np.ndarray, size: int) -> int:
+    """How many of the first ``size`` entries of ``out`` are stored plainly, so the streaming
+    stores after them start on ``STREAM_ALIGN``: all of them when entries off their natural
+    alignment never line up."""
+    head = min(size, (-out.ctypes.data % STREAM_ALIGN) // out.itemsize)
+    if (out.ctypes.data + head * out.itemsize) % STREAM_ALIGN:
+        head = size
+    return head
+
+
 # The loops below are built per per-entry function, so that function is inlined into them (a
 # function passed as an argument is called, not inlined, and the loop runs ~8 % slower). numba
 # cannot cache closures on disk (their key changes every process), so each is compiled once per
@@ -195,9 +206,7 @@ def fused_fold(transform: Callable[..., Any], update: Callable[..., Any]) -> Cal
 
     @numba.njit(nogil=True)
     def loop(transform_params, params, start, x, base, old, out):  # type: ignore[no-untyped-def]
-        head = min(x.size, (-out.ctypes.data % STREAM_ALIGN) // out.itemsize)
-        if (out.ctypes.data + head * out.itemsize) % STREAM_ALIGN:
-            head = x.size  # entries off their natural alignment never line up: store them all
+        head = _plain_head(out, x.size)
         total = stored(
             transform_params, params, start, x[:head], base[:head], old[:head], out[:head]
         )
@@ -267,9 +276,7 @@ def marked_fold(update: Callable[..., Any]) -> Callable[..., float]:
 
     @numba.njit(nogil=True)
     def loop(params, x, base, old, out, marks):  # type: ignore[no-untyped-def]
-        head = min(x.size, (-out.ctypes.data % STREAM_ALIGN) // out.itemsize)
-        if (out.ctypes.data + head * out.itemsize) % STREAM_ALIGN:
-            head = x.size  # as in ``fused_fold``
+        head = _plain_head(out, x.size)
         total = stored(params, x[:head], base[:head], old[:head], out[:head], marks[:head])
         total += streamed(params, x[head:], base[head:], old[head:], out[head:], marks[head:])
         _fence()
